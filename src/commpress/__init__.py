@@ -1,0 +1,37 @@
+"""commpress: compressed collectives for torch.distributed.
+
+Example::
+
+    import commpress
+    codec = commpress.get_codec("int8")
+    packet = codec.encode(tensor)
+    approx = codec.decode(packet)
+"""
+
+from __future__ import annotations
+
+from . import codecs as _codecs  # noqa: F401  (registers the built-in codecs)
+from .codec import Codec, Packet, PacketMeta
+from .errors import (
+    CodecMismatchError,
+    CollectiveError,
+    CommpressError,
+    ConfigError,
+    UnknownCodecError,
+    UnsupportedDeviceError,
+    UnsupportedDtypeError,
+    WireError,
+)
+from .feedback import ErrorFeedback
+from .registry import get_codec, list_codecs, register_codec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # codecs
+    "Codec", "Packet", "PacketMeta", "get_codec", "list_codecs", "register_codec",
+    "ErrorFeedback",
+    # errors
+    "CommpressError", "ConfigError", "UnknownCodecError", "UnsupportedDtypeError",
+    "UnsupportedDeviceError", "WireError", "CodecMismatchError", "CollectiveError",
+]

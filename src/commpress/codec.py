@@ -1,0 +1,311 @@
+"""The codec contract.
+
+A codec is a small, pure tensor transform with a written contract. It never
+talks to the network; collectives (``commpress.algorithms``) move its
+packets.
+
+Contract
+--------
+A codec is a frozen dataclass subclass of `Codec`. Its fields are its
+parameters; they are validated in ``__post_init__`` (raise
+`commpress.errors.ConfigError`, a ``ValueError``, naming the bad value and the
+allowed range). From the fields follow, without extra code:
+
+- ``config()`` -> ``{"id": codec_id, **fields}`` and ``Codec.from_config``;
+- ``spec`` -> the canonical spec string (``"int8"``, ``"int8:block=128"``;
+  parameters at their default are left out), which is also ``repr``;
+- equality and hashing (two codecs are equal when their configs are).
+
+Class-level capabilities, declared, never guessed:
+
+- ``codec_id`` -- the registry name;
+- ``lossless`` -- ``decode(encode(x))`` is bit-identical to ``x``;
+- ``summable`` -- payloads of several ranks can be summed by the backend
+  directly (the fp16/bf16 casts), so all-reduce needs no decode/re-encode hop.
+
+Per-instance capabilities:
+
+- ``supports(dtype)`` -- lossy codecs take floating dtypes only;
+- ``encoded_nbytes(numel, dtype)`` -- the exact payload size in bytes when it
+  is known in advance (then no size exchange is needed), else ``None``;
+- ``error_bound(x)`` -- elementwise bound on ``|decode(encode(x)) - x|`` for
+  finite inputs (zeros for lossless codecs). Tests hold every codec to it.
+
+Subclasses implement two methods on flat tensors:
+
+- ``_encode(x) -> tuple[Tensor, ...]``: ``x`` is 1-D, contiguous, of a
+  supported dtype (possibly empty). Return 1-D payload sections.
+- ``_decode(payload, numel, dtype) -> Tensor``: the inverse; return a 1-D
+  tensor of ``numel`` elements of ``dtype`` on the payload's device.
+
+The public ``encode``/``decode`` do validation, flattening and reshaping once
+for every codec. Payload sections are always 1-D so that ``commpress.wire``
+can ship them without shape information of their own.
+
+NaN and Inf: no codec turns a NaN into a finite number. Each lossy codec's
+docstring states what it does with non-finite values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import ConfigError, UnsupportedDeviceError, UnsupportedDtypeError
+
+__all__ = ["Codec", "Packet", "PacketMeta", "FLOAT_DTYPES", "is_float", "DTYPE_CODES", "CODE_DTYPES"]
+
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+#: Stable one-byte codes for dtypes, used by the wire header and by chains.
+#: Append only: a code, once given, never changes meaning.
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.uint8: 1,
+    torch.int8: 2,
+    torch.int16: 3,
+    torch.int32: 4,
+    torch.int64: 5,
+    torch.float16: 6,
+    torch.bfloat16: 7,
+    torch.float32: 8,
+    torch.float64: 9,
+    torch.bool: 10,
+    torch.complex64: 11,
+    torch.complex128: 12,
+    torch.float8_e4m3fn: 13,
+    torch.float8_e5m2: 14,
+    torch.uint16: 15,
+    torch.uint32: 16,
+    torch.uint64: 17,
+    torch.complex32: 18,
+}
+CODE_DTYPES: dict[int, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
+
+
+def is_float(dtype: torch.dtype) -> bool:
+    """True for the real floating dtypes lossy codecs accept."""
+    return dtype in FLOAT_DTYPES
+
+
+@dataclass(frozen=True)
+class PacketMeta:
+    """What a receiver needs besides the payload: stays local or rides in the wire header.
+
+    Attributes:
+        shape: shape of the original tensor.
+        dtype: dtype of the original tensor.
+        spec: canonical spec string of the codec that made the packet.
+    """
+
+    shape: torch.Size
+    dtype: torch.dtype
+    spec: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class Packet:
+    """An encoded tensor.
+
+    Attributes:
+        payload: the 1-D tensors that go on the wire, in a fixed order.
+        meta: shape, dtype and codec spec of the original tensor.
+    """
+
+    payload: tuple[torch.Tensor, ...]
+    meta: PacketMeta
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.meta.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.meta.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of payload (what crosses the wire, without the wire header)."""
+        return sum(t.numel() * t.element_size() for t in self.payload)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Base class of every codec; see the module docstring for the contract."""
+
+    codec_id: ClassVar[str] = ""
+    lossless: ClassVar[bool] = False
+    summable: ClassVar[bool] = False
+    #: Devices the codec can run on ("cpu", "cuda", ...); None means any.
+    devices: ClassVar[tuple[str, ...] | None] = None
+
+    # ----------------------------------------------------------------- config
+    def config(self) -> dict[str, Any]:
+        """The codec as a JSON-able dict with its ``"id"``."""
+        return {"id": self.codec_id, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Codec:
+        """Build a codec from ``config()`` output (or any dict with an ``"id"``)."""
+        from .registry import get_codec
+
+        return get_codec(config)
+
+    @property
+    def spec(self) -> str:
+        """Canonical spec string; parameters at their default are left out."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.default is not dataclasses.MISSING and value == f.default:
+                continue
+            parts.append(f"{f.name}={_format_value(value)}")
+        return self.codec_id + (":" + ",".join(parts) if parts else "")
+
+    @property
+    def config_hash(self) -> int:
+        """64-bit hash of the full config; the wire header carries it."""
+        blob = json.dumps(self.config(), sort_keys=True, default=str).encode()
+        return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little")
+
+    def __repr__(self) -> str:
+        return f"Codec({self.spec!r})"
+
+    def __str__(self) -> str:
+        return self.spec
+
+    # ----------------------------------------------------------- capabilities
+    def supports(self, dtype: torch.dtype) -> bool:
+        """Whether ``encode`` accepts tensors of ``dtype``.
+
+        Default: every dtype for lossless codecs, floating dtypes for lossy ones.
+        """
+        return True if self.lossless else is_float(dtype)
+
+    def encoded_nbytes(self, numel: int, dtype: torch.dtype) -> int | None:
+        """Exact payload bytes for a tensor of ``numel`` elements, or None if data-dependent."""
+        return None
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise bound on ``|decode(encode(x)) - x|`` for finite ``x``.
+
+        Returns a float32 tensor shaped like ``x``. Lossless codecs return zeros.
+        """
+        if self.lossless:
+            return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        raise NotImplementedError(f"{type(self).__name__} must define error_bound")
+
+    # --------------------------------------------------------------- encoding
+    def check_tensor(self, tensor: torch.Tensor) -> None:
+        """Raise a clear error when ``tensor`` cannot be encoded by this codec."""
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"{self.spec}: expected a torch.Tensor, got {type(tensor).__name__}"
+            )
+        if not self.supports(tensor.dtype):
+            allowed = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+            raise UnsupportedDtypeError(
+                f"codec {self.spec!r} cannot encode dtype {str(tensor.dtype).replace('torch.', '')}: "
+                f"it is lossy and takes floating tensors only ({allowed}); "
+                "use a lossless codec ('none', 'lz4', 'zstd') for integer, bool or complex data"
+            )
+        if self.devices is not None and tensor.device.type not in self.devices:
+            raise UnsupportedDeviceError(
+                f"codec {self.spec!r} cannot run on device {tensor.device}; "
+                f"it runs on: {', '.join(self.devices)}"
+            )
+
+    def encode(self, tensor: torch.Tensor) -> Packet:
+        """Encode ``tensor`` (any shape, contiguous or not) into a `Packet`.
+
+        Raises:
+            UnsupportedDtypeError: the codec does not take ``tensor.dtype``.
+            UnsupportedDeviceError: the codec cannot run on ``tensor.device``.
+        """
+        self.check_tensor(tensor)
+        flat = tensor.detach().contiguous().view(-1)
+        payload = tuple(self._encode(flat))
+        return Packet(payload, PacketMeta(torch.Size(tensor.shape), tensor.dtype, self.spec))
+
+    def decode(self, packet: Packet, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode ``packet`` to a tensor of its original shape and dtype.
+
+        Args:
+            packet: made by ``encode`` of an equal codec (or by ``wire.unpack``).
+            out: optional destination of the right shape and dtype; written in place
+                and returned.
+
+        Raises:
+            CodecMismatchError: the packet was made by another codec config.
+            ValueError: ``out`` has the wrong shape or dtype.
+        """
+        from .errors import CodecMismatchError
+
+        meta = packet.meta
+        if meta.spec != self.spec:
+            raise CodecMismatchError(
+                f"packet was encoded with codec {meta.spec!r} but is being decoded with "
+                f"{self.spec!r}; every side of a transfer must use the same codec spec"
+            )
+        flat = self._decode(packet.payload, meta.numel, meta.dtype)
+        result = flat.view(meta.shape)
+        if out is None:
+            return result
+        if out.shape != meta.shape or out.dtype != meta.dtype:
+            raise ValueError(
+                f"out has shape {tuple(out.shape)} and dtype {out.dtype}, expected "
+                f"{tuple(meta.shape)} and {meta.dtype}"
+            )
+        out.copy_(result)
+        return out
+
+    def roundtrip(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``decode(encode(tensor))``; handy for error feedback and tests."""
+        return self.decode(self.encode(tensor))
+
+    # ------------------------------------------------------- for subclasses
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError(f"{type(self).__name__} must implement _encode")
+
+    def _decode(
+        self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement _decode")
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def check_range(
+    codec_id: str, name: str, value: Any, lo: float, hi: float, integer: bool = False
+) -> None:
+    """Raise ConfigError unless ``lo <= value <= hi`` (and an int if ``integer``)."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(
+            f"{codec_id}: {name}={value!r} is not allowed; expected {kind} with "
+            f"{lo} <= {name} <= {hi}"
+        )
+
+
+def check_choice(codec_id: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Raise ConfigError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(
+            f"{codec_id}: {name}={value!r} is not allowed; choose one of {list(choices)}"
+        )

@@ -1,0 +1,123 @@
+"""Error feedback: remember what compression dropped and add it back next time.
+
+``ErrorFeedback(codec)`` keeps, per key, the residual ``r = x - decode(encode(x))``.
+The next call with the same key encodes ``x + r`` instead of ``x``, so errors
+do not accumulate over steps: biased codecs (``sign``, ``topk``) converge
+like the uncompressed run (Karimireddy et al., 2019).
+
+Keys name a stream of tensors that are "the same thing" over time -- a
+parameter's gradient, a DDP bucket index. Two different tensors must never
+share a key. The residual is kept in float32 on the tensor's device.
+
+Gradient accumulation: call ``compensate`` only when the gradient is actually
+communicated (once per optimizer step), not per micro-batch.
+
+Checkpoints: ``state_dict()`` returns the residuals (CPU tensors) and the
+codec spec; ``load_state_dict`` restores them and refuses a state made with
+another codec (the residual of one codec is meaningless for another).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+
+from .codec import Codec, Packet
+from .errors import CodecMismatchError, ConfigError
+from .registry import CodecLike, get_codec
+
+__all__ = ["ErrorFeedback"]
+
+
+class ErrorFeedback:
+    """Per-key residual memory around a codec.
+
+    Args:
+        codec: the codec whose error is fed back (spec, config or `Codec`).
+
+    Example::
+
+        >>> import torch, commpress
+        >>> ef = commpress.ErrorFeedback("sign")
+        >>> g = torch.randn(1000)
+        >>> packet = ef.encode(g, key="w1")   # encodes g + residual, stores new residual
+        >>> approx = ef.codec.decode(packet)
+    """
+
+    def __init__(self, codec: CodecLike) -> None:
+        self.codec: Codec = get_codec(codec)
+        self._residuals: dict[Hashable, torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"ErrorFeedback({self.codec.spec!r}, keys={len(self._residuals)})"
+
+    def __len__(self) -> int:
+        return len(self._residuals)
+
+    def compensate(self, tensor: torch.Tensor, key: Hashable) -> torch.Tensor:
+        """``tensor + residual[key]`` in float32 (the residual is zero the first time).
+
+        Raises:
+            ConfigError: the stored residual for ``key`` has another shape.
+        """
+        x = tensor.detach().float()
+        r = self._residuals.get(key)
+        if r is None:
+            return x
+        if r.shape != x.shape:
+            raise ConfigError(
+                f"error feedback key {key!r} holds a residual of shape {tuple(r.shape)} but got "
+                f"a tensor of shape {tuple(x.shape)}; use a distinct key per tensor"
+            )
+        return x + r.to(x.device)
+
+    def update(self, key: Hashable, compensated: torch.Tensor, decoded: torch.Tensor) -> None:
+        """Store ``compensated - decoded`` as the residual of ``key``.
+
+        Non-finite residuals (from NaN/Inf inputs) are stored as zeros so one bad step
+        does not poison every later one; the NaN itself still reaches the output.
+        """
+        r = compensated.float() - decoded.float()
+        self._residuals[key] = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def encode(self, tensor: torch.Tensor, key: Hashable) -> Packet:
+        """Encode ``tensor + residual`` and keep the new residual; returns the packet.
+
+        The packet decodes to ``tensor.dtype`` (the compensation is done in float32).
+        """
+        x = self.compensate(tensor, key)
+        packet = self.codec.encode(x.to(tensor.dtype) if tensor.dtype != torch.float32 else x)
+        self.update(key, x, self.codec.decode(packet))
+        return packet
+
+    def reset(self, key: Hashable | None = None) -> None:
+        """Forget the residual of ``key``, or of every key when None."""
+        if key is None:
+            self._residuals.clear()
+        else:
+            self._residuals.pop(key, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Residuals as CPU tensors plus the codec spec, for checkpoints."""
+        return {
+            "codec": self.codec.spec,
+            "residuals": {k: v.detach().cpu().clone() for k, v in self._residuals.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output.
+
+        Raises:
+            CodecMismatchError: the state was saved with another codec.
+            ConfigError: the state is malformed.
+        """
+        if not isinstance(state, dict) or "codec" not in state or "residuals" not in state:
+            raise ConfigError("error feedback state must be a dict with 'codec' and 'residuals'")
+        if state["codec"] != self.codec.spec:
+            raise CodecMismatchError(
+                f"error feedback state was saved with codec {state['codec']!r}, this one uses "
+                f"{self.codec.spec!r}; residuals do not carry over between codecs (call reset())"
+            )
+        self._residuals = {k: v.detach().float().clone() for k, v in state["residuals"].items()}

@@ -1,0 +1,257 @@
+"""The wire format: a `Packet` as one contiguous ``uint8`` tensor.
+
+Layout (little-endian), version 1::
+
+    offset  size  field
+    0       4     magic  b"CMPR"
+    4       1     format version (1)
+    5       1     flags (bit 0: a CRC32 of the payload follows the section table)
+    6       1     dtype code of the original tensor (see ``codec.DTYPE_CODES``)
+    7       1     ndim (<= 32)
+    8       2     number of payload sections (<= 1024)
+    10      2     length of the codec spec string in bytes (<= 4096)
+    12      4     total header length in bytes (multiple of 8)
+    16      8     codec config hash (``Codec.config_hash``)
+    24      8*nd  shape, int64 each
+    ..      spec  the codec's canonical spec string, UTF-8
+    ..      9*ns  per section: dtype code (1 byte) + payload bytes (8 bytes)
+    ..      4     CRC32 of the section bytes (only if flag bit 0)
+    ..      pad   zeros up to a multiple of 8
+    header  ...   the sections, each padded with zeros to a multiple of 8
+
+Sections start on 8-byte boundaries so the receiver can view them in their
+dtype without copying. ``unpack`` checks every field -- magic, version,
+limits, dtype codes, that the section sizes add up to exactly the buffer's
+length, that each section is a whole number of elements, that the shape's
+element count is sane -- before it creates any tensor. The sections it
+returns are views into the buffer (no allocation). There is no pickle here.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import torch
+
+from .codec import CODE_DTYPES, DTYPE_CODES, Codec, Packet, PacketMeta
+from .errors import CodecMismatchError, ConfigError, WireError
+
+__all__ = ["pack", "unpack", "read_spec", "MAGIC", "VERSION", "HEADER_FIXED"]
+
+MAGIC = b"CMPR"
+VERSION = 1
+_FIXED = struct.Struct("<4sBBBBHHIQ")
+HEADER_FIXED = _FIXED.size  # 24
+_SECTION = struct.Struct("<BQ")
+MAX_NDIM = 32
+MAX_SECTIONS = 1024
+MAX_SPEC = 4096
+MAX_NUMEL = 1 << 48
+FLAG_CRC = 1
+
+
+def _pad8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def _crc(sections: list[torch.Tensor]) -> int:
+    crc = 0
+    for s in sections:
+        if s.numel():
+            crc = zlib.crc32(s.detach().cpu().contiguous().view(torch.uint8).numpy(), crc)
+    return crc
+
+
+def pack(packet: Packet, checksum: bool = False) -> torch.Tensor:
+    """Serialize ``packet`` into one 1-D ``uint8`` tensor on the payload's device.
+
+    Args:
+        packet: an encoded tensor.
+        checksum: append a CRC32 of the payload to the header (costs a host copy
+            of the payload on GPU); ``unpack`` then verifies it.
+
+    Returns:
+        `uint8` tensor: header followed by the 8-byte aligned sections.
+    """
+    meta = packet.meta
+    spec = meta.spec.encode()
+    if meta.dtype not in DTYPE_CODES:
+        raise WireError(f"dtype {meta.dtype} has no wire code; supported: {list(DTYPE_CODES)}")
+    sections = [t.detach().contiguous().view(-1) for t in packet.payload]
+    for t in sections:
+        if t.dtype not in DTYPE_CODES:
+            raise WireError(f"payload section dtype {t.dtype} has no wire code")
+    if len(meta.shape) > MAX_NDIM or len(sections) > MAX_SECTIONS or len(spec) > MAX_SPEC:
+        raise WireError(
+            f"packet too complex for the wire: ndim={len(meta.shape)} (max {MAX_NDIM}), "
+            f"sections={len(sections)} (max {MAX_SECTIONS}), spec bytes={len(spec)} (max {MAX_SPEC})"
+        )
+    from .registry import get_codec
+
+    config_hash = get_codec(meta.spec).config_hash
+    flags = FLAG_CRC if checksum else 0
+    body = [struct.pack(f"<{len(meta.shape)}q", *meta.shape), spec]
+    body += [_SECTION.pack(DTYPE_CODES[t.dtype], t.numel() * t.element_size()) for t in sections]
+    if checksum:
+        body.append(struct.pack("<I", _crc(sections)))
+    raw_len = HEADER_FIXED + sum(len(b) for b in body)
+    header_len = _pad8(raw_len)
+    fixed = _FIXED.pack(
+        MAGIC, VERSION, flags, DTYPE_CODES[meta.dtype], len(meta.shape), len(sections),
+        len(spec), header_len, config_hash,
+    )
+    header = fixed + b"".join(body) + bytes(header_len - raw_len)
+    sizes = [t.numel() * t.element_size() for t in sections]
+    total = header_len + sum(_pad8(n) for n in sizes)
+    device = sections[0].device if sections else torch.device("cpu")
+    out = torch.zeros(total, dtype=torch.uint8, device=device)
+    out[:header_len].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8), non_blocking=True)
+    pos = header_len
+    for t, n in zip(sections, sizes):
+        if n:
+            out[pos : pos + n].copy_(t.view(torch.uint8))
+        pos += _pad8(n)
+    return out
+
+
+def _header_bytes(buffer: torch.Tensor) -> bytes:
+    if not isinstance(buffer, torch.Tensor):
+        raise WireError(f"wire buffer must be a torch.Tensor, got {type(buffer).__name__}")
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1:
+        raise WireError(
+            f"wire buffer must be a 1-D uint8 tensor, got dtype {buffer.dtype} with "
+            f"{buffer.dim()} dims"
+        )
+    if buffer.numel() < HEADER_FIXED:
+        raise WireError(
+            f"wire buffer is truncated: {buffer.numel()} bytes, a header needs at least "
+            f"{HEADER_FIXED}"
+        )
+    return bytes(buffer[:HEADER_FIXED].cpu().numpy())
+
+
+def read_spec(buffer: torch.Tensor) -> str:
+    """The codec spec a wire buffer was made with (validating only what that needs)."""
+    return _parse_header(buffer)[0].spec
+
+
+def _parse_header(buffer: torch.Tensor) -> tuple[PacketMeta, int, int, list[tuple[torch.dtype, int]], int | None]:
+    fixed = _header_bytes(buffer)
+    magic, version, flags, dcode, ndim, nsec, spec_len, header_len, config_hash = _FIXED.unpack(fixed)
+    if magic != MAGIC:
+        raise WireError(f"not a commpress wire buffer: magic {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise WireError(
+            f"wire format version {version} is not supported by this commpress (reads version "
+            f"{VERSION}); use the same commpress version on every rank"
+        )
+    if flags & ~FLAG_CRC:
+        raise WireError(f"wire header has unknown flag bits {flags:#x}")
+    if dcode not in CODE_DTYPES:
+        raise WireError(f"wire header names unknown dtype code {dcode}")
+    if ndim > MAX_NDIM or nsec > MAX_SECTIONS or spec_len > MAX_SPEC:
+        raise WireError(
+            f"wire header out of limits: ndim={ndim} (max {MAX_NDIM}), sections={nsec} "
+            f"(max {MAX_SECTIONS}), spec bytes={spec_len} (max {MAX_SPEC})"
+        )
+    crc_len = 4 if flags & FLAG_CRC else 0
+    raw_len = HEADER_FIXED + 8 * ndim + spec_len + _SECTION.size * nsec + crc_len
+    if header_len != _pad8(raw_len):
+        raise WireError(f"wire header length field {header_len} is inconsistent (expected {_pad8(raw_len)})")
+    if buffer.numel() < header_len:
+        raise WireError(
+            f"wire buffer is truncated: {buffer.numel()} bytes, its header alone needs {header_len}"
+        )
+    rest = bytes(buffer[HEADER_FIXED:raw_len].cpu().numpy())
+    shape = struct.unpack_from(f"<{ndim}q", rest, 0)
+    pos = 8 * ndim
+    numel = 1
+    for s in shape:
+        if s < 0:
+            raise WireError(f"wire header has a negative dimension in shape {shape}")
+        numel *= s
+        if numel > MAX_NUMEL:
+            raise WireError(f"wire header shape {shape} is absurdly large")
+    try:
+        spec = rest[pos : pos + spec_len].decode()
+    except UnicodeDecodeError:
+        raise WireError("wire header codec spec is not valid UTF-8") from None
+    pos += spec_len
+    sections = []
+    total = header_len
+    for _ in range(nsec):
+        code, nbytes = _SECTION.unpack_from(rest, pos)
+        pos += _SECTION.size
+        if code not in CODE_DTYPES:
+            raise WireError(f"wire section has unknown dtype code {code}")
+        dtype = CODE_DTYPES[code]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if nbytes % itemsize:
+            raise WireError(f"wire section of {nbytes} bytes is not a whole number of {dtype} elements")
+        sections.append((dtype, nbytes))
+        total += _pad8(nbytes)
+        if total > buffer.numel():
+            break
+    if total != buffer.numel():
+        raise WireError(
+            f"wire buffer has {buffer.numel()} bytes but its header describes {total}; "
+            "the buffer is truncated or corrupted"
+        )
+    crc = struct.unpack_from("<I", rest, pos)[0] if crc_len else None
+    meta = PacketMeta(torch.Size(shape), CODE_DTYPES[dcode], spec)
+    return meta, config_hash, header_len, sections, crc
+
+
+def unpack(buffer: torch.Tensor, codec: Codec | None = None) -> Packet:
+    """Parse a wire buffer back into a `Packet` whose sections view ``buffer``.
+
+    Args:
+        buffer: 1-D ``uint8`` tensor made by `pack`.
+        codec: the codec the receiver expects. When given, a buffer made by any other
+            codec config raises `CodecMismatchError`. When None, the codec named in the
+            header is used as is.
+
+    Raises:
+        WireError: truncated, corrupted, hostile or foreign buffer.
+        CodecMismatchError: the buffer was made by another codec config than ``codec``.
+    """
+    meta, config_hash, header_len, sections, crc = _parse_header(buffer)
+    if codec is not None:
+        if meta.spec != codec.spec or config_hash != codec.config_hash:
+            detail = "" if meta.spec != codec.spec else " (same spec, different config hash: mixed commpress versions?)"
+            raise CodecMismatchError(
+                f"codec mismatch: the buffer was encoded with {meta.spec!r} but the receiver "
+                f"expects {codec.spec!r}{detail}; every rank must use the same codec spec"
+            )
+    else:
+        from .registry import get_codec
+
+        try:
+            codec = get_codec(meta.spec)
+        except ConfigError as exc:
+            raise WireError(f"wire header names a codec this process cannot build: {exc}") from None
+        if config_hash != codec.config_hash:
+            raise WireError(f"wire header config hash does not match its spec {meta.spec!r}")
+    views = []
+    pos = header_len
+    for dtype, nbytes in sections:
+        views.append(buffer[pos : pos + nbytes].view(dtype))
+        pos += _pad8(nbytes)
+    if crc is not None and _crc(views) != crc:
+        raise WireError("wire buffer checksum mismatch: the payload was corrupted in transit")
+    return Packet(tuple(views), meta)
+
+
+def packed_nbytes(packet: Packet, checksum: bool = False) -> int:
+    """Length of ``pack(packet)`` without building it."""
+    ns = len(packet.payload)
+    raw = HEADER_FIXED + 8 * len(packet.shape) + len(packet.meta.spec.encode()) + _SECTION.size * ns
+    raw += 4 if checksum else 0
+    return _pad8(raw) + sum(_pad8(t.numel() * t.element_size()) for t in packet.payload)
+
+
+def as_numpy_bytes(t: torch.Tensor) -> np.ndarray:
+    """A CPU ``uint8`` numpy view (or copy, from another device) of tensor ``t``'s bytes."""
+    return t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
