@@ -1,0 +1,23 @@
+"""Test helpers that ship with commpress: codec checks and a multi-process gloo runner.
+
+``commpress.testing`` is public so that third-party codecs can be held to the
+same contract as the built-in ones.
+"""
+
+from .checks import (
+    SHAPES,
+    check_bad_input,
+    check_config,
+    check_golden,
+    check_nonfinite,
+    check_roundtrip,
+    gaussian,
+    golden_digest,
+    heavy_tailed,
+    zeros,
+)
+
+__all__ = [
+    "SHAPES", "check_bad_input", "check_config", "check_golden", "check_nonfinite",
+    "check_roundtrip", "gaussian", "golden_digest", "heavy_tailed", "zeros",
+]
