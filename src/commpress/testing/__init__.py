@@ -21,3 +21,7 @@ __all__ = [
     "SHAPES", "check_bad_input", "check_config", "check_golden", "check_nonfinite",
     "check_roundtrip", "gaussian", "golden_digest", "heavy_tailed", "zeros",
 ]
+
+from .dist import DistPool, RankDied, RemoteError, free_port  # noqa: E402
+
+__all__ += ["DistPool", "RankDied", "RemoteError", "free_port"]
