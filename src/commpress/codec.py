@@ -22,6 +22,8 @@ Class-level capabilities, declared, never guessed:
 - ``lossless`` -- ``decode(encode(x))`` is bit-identical to ``x``;
 - ``summable`` -- payloads of several ranks can be summed by the backend
   directly (the fp16/bf16 casts), so all-reduce needs no decode/re-encode hop.
+- ``algorithm`` -- name of the reduction algorithm the codec requires
+  (``"powersgd"``), or None to let the policy choose from the capabilities.
 
 Per-instance capabilities:
 
@@ -147,6 +149,8 @@ class Codec:
     codec_id: ClassVar[str] = ""
     lossless: ClassVar[bool] = False
     summable: ClassVar[bool] = False
+    #: Reduction algorithm this codec requires (e.g. "powersgd"); None: chosen by capabilities.
+    algorithm: ClassVar[str | None] = None
     #: Devices the codec can run on ("cpu", "cuda", ...); None means any.
     devices: ClassVar[tuple[str, ...] | None] = None
 
