@@ -1,3 +1,3 @@
 """Built-in codecs. Importing this package registers them all."""
 
-from . import cast, chain  # noqa: F401
+from . import cast, chain, lossless  # noqa: F401
