@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 from . import codecs as _codecs  # noqa: F401  (registers the built-in codecs)
+from . import wire
 from .codec import Codec, Packet, PacketMeta
 from .errors import (
     CodecMismatchError,
@@ -30,7 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     # codecs
     "Codec", "Packet", "PacketMeta", "get_codec", "list_codecs", "register_codec",
-    "ErrorFeedback",
+    "ErrorFeedback", "wire",
     # errors
     "CommpressError", "ConfigError", "UnknownCodecError", "UnsupportedDtypeError",
     "UnsupportedDeviceError", "WireError", "CodecMismatchError", "CollectiveError",
