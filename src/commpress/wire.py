@@ -24,7 +24,9 @@ dtype without copying. ``unpack`` checks every field -- magic, version,
 limits, dtype codes, that the section sizes add up to exactly the buffer's
 length, that each section is a whole number of elements, that the shape's
 element count is sane -- before it creates any tensor. The sections it
-returns are views into the buffer (no allocation). There is no pickle here.
+returns are views into the buffer (no allocation), except where an element is wider
+than the alignment allows (complex128, or a buffer that starts at an odd offset):
+those sections are copied. There is no pickle here.
 """
 
 from __future__ import annotations
@@ -237,7 +239,12 @@ def unpack(buffer: torch.Tensor, codec: Codec | None = None) -> Packet:
     views = []
     pos = header_len
     for dtype, nbytes in sections:
-        views.append(buffer[pos : pos + nbytes].view(dtype))
+        chunk = buffer[pos : pos + nbytes]
+        if (buffer.storage_offset() + pos) % dtype.itemsize:
+            # Sections are 8-byte aligned; wider elements (complex128) or a buffer that is
+            # itself an odd slice need a copy, because torch views only aligned bytes.
+            chunk = chunk.clone()
+        views.append(chunk.view(dtype))
         pos += _pad8(nbytes)
     if crc is not None and _crc(views) != crc:
         raise WireError("wire buffer checksum mismatch: the payload was corrupted in transit")

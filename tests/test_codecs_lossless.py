@@ -1,0 +1,378 @@
+"""Lossless codecs (``none``, ``lz4``, ``zstd``) and chains that end in them.
+
+Regenerate the golden file (only when an encoding change is intended)::
+
+    python tests/test_codecs_lossless.py --regen
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import zstandard
+
+import commpress
+from commpress.codecs.lossless import shuffle_bytes, unshuffle_bytes
+from commpress.errors import ConfigError, UnsupportedDeviceError, WireError
+from commpress.testing import (
+    SHAPES,
+    check_bad_input,
+    check_config,
+    check_golden,
+    check_roundtrip,
+    gaussian,
+)
+from commpress.wire import pack, unpack
+
+GOLDEN = Path(__file__).parent / "golden" / "lossless.json"
+
+ALL_DTYPES = (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64,
+    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.uint16, torch.uint32, torch.uint64,
+    torch.bool, torch.complex64, torch.complex128,
+    torch.float8_e4m3fn, torch.float8_e5m2,
+)
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+LOSSLESS = ("none", "lz4", "zstd", "lz4:acceleration=16", "zstd:level=19", "zstd:shuffle=0")
+
+
+def _needs(*names: str):
+    missing = [n for n in names if n not in commpress.list_codecs()]
+    return pytest.mark.skipif(bool(missing), reason=f"codec(s) {missing} not registered yet")
+
+
+CHAINS = [
+    pytest.param("bf16+lz4"),
+    pytest.param("fp16+zstd"),
+    pytest.param("int8+zstd", marks=_needs("int8")),
+    pytest.param("int8+lz4", marks=_needs("int8")),
+]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def structured(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Small repeating values: compressible, exact in every dtype."""
+    base = torch.arange(_numel(shape)) % 13
+    if dtype == torch.bool:
+        return (base % 3 == 0).reshape(shape)
+    if dtype.is_signed or dtype.is_floating_point or dtype.is_complex:
+        base = base - 6
+    return base.to(dtype).reshape(shape)
+
+
+def random_bits(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Every bit pattern (NaN payloads, subnormals, -0.0): incompressible."""
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    n = _numel(shape) * dtype.itemsize
+    return torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+# ------------------------------------------------------------------ round trip
+@pytest.mark.parametrize("spec", LOSSLESS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_exact_roundtrip_every_dtype_and_shape(spec, dtype):
+    codec = commpress.get_codec(spec)
+    assert codec.lossless and codec.supports(dtype)
+    for shape in SHAPES:
+        check_roundtrip(codec, structured(shape, dtype))
+        check_roundtrip(codec, random_bits(shape, dtype))
+
+
+@pytest.mark.parametrize("spec", LOSSLESS)
+def test_non_contiguous_inputs(spec):
+    codec = commpress.get_codec(spec)
+    base = structured((40, 30), torch.float32)
+    for view in (base.t(), base[:, ::3], base[::2, 1::4], base.expand(2, 40, 30)):
+        assert not view.is_contiguous()
+        check_roundtrip(codec, view)
+
+
+@pytest.mark.parametrize("spec", CHAINS)
+@pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: str(d).replace("torch.", ""))
+def test_chains_roundtrip_and_equal_their_first_stage(spec, dtype):
+    chain = commpress.get_codec(spec)
+    first = commpress.get_codec(spec.split("+")[0])
+    check_config(chain)
+    for shape in SHAPES:
+        x = gaussian(shape, dtype, seed=1)
+        decoded = check_roundtrip(chain, x)
+        # Lossless stages after the first change the bytes on the wire, never the values.
+        assert torch.equal(decoded, first.decode(first.encode(x)))
+
+
+def test_chain_of_lossless_stages_is_lossless():
+    chain = commpress.get_codec("zstd+lz4")
+    assert chain.lossless
+    for dtype in (torch.int64, torch.bool, torch.complex64):
+        check_roundtrip(chain, structured((257,), dtype))
+
+
+def test_chain_refuses_gpu_like_device():
+    assert commpress.get_codec("bf16+lz4").devices == ("cpu",)
+
+
+# ------------------------------------------------------------------ size
+@pytest.mark.parametrize("spec", ["lz4", "zstd", "zstd:level=22", "lz4:acceleration=65537"])
+@pytest.mark.parametrize("nbytes", [1, 7, 64, 4097, 1 << 18])
+def test_incompressible_input_grows_by_one_byte_at_most(spec, nbytes):
+    codec = commpress.get_codec(spec)
+    x = random_bits((nbytes,), torch.uint8, seed=nbytes)
+    packet = codec.encode(x)
+    assert len(packet.payload) == 1 and packet.payload[0].dtype == torch.uint8
+    assert packet.nbytes <= nbytes + 1
+    assert int(packet.payload[0][0]) == 0  # stored raw
+    check_roundtrip(codec, x)
+
+
+@pytest.mark.parametrize("spec", ["lz4", "zstd"])
+def test_compressible_input_compresses(spec):
+    codec = commpress.get_codec(spec)
+    x = torch.zeros(1 << 18, dtype=torch.float32)
+    packet = codec.encode(x)
+    assert int(packet.payload[0][0]) == 1
+    assert x.numel() * 4 / packet.nbytes > 100
+
+
+@pytest.mark.parametrize("name", ["lz4", "zstd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_byte_shuffle_raises_the_ratio(name, dtype):
+    x = gaussian(1 << 16, dtype, seed=0)
+    nbytes = x.numel() * x.element_size()
+    shuffled = commpress.get_codec(f"{name}:shuffle=1").encode(x).nbytes
+    plain = commpress.get_codec(f"{name}:shuffle=0").encode(x).nbytes
+    assert nbytes / shuffled > nbytes / plain * 1.03, (nbytes / shuffled, nbytes / plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.uint8])
+def test_shuffle_layout(dtype):
+    x = random_bits((5,), dtype)
+    planes = shuffle_bytes(x)
+    k = dtype.itemsize
+    raw = x.view(torch.uint8)
+    for i in range(5):
+        for j in range(k):
+            assert planes[j * 5 + i] == raw[i * k + j]
+    assert torch.equal(unshuffle_bytes(planes, k), raw)
+
+
+def test_encoded_nbytes_is_data_dependent():
+    for spec in ("lz4", "zstd"):
+        assert commpress.get_codec(spec).encoded_nbytes(100, torch.float32) is None
+
+
+# ------------------------------------------------------------------ config
+@pytest.mark.parametrize("spec", [*LOSSLESS, "lz4:shuffle=0", "zstd:level=1,shuffle=0"])
+def test_config_round_trip(spec):
+    codec = commpress.get_codec(spec)
+    check_config(codec)
+    check_bad_input(codec)
+
+
+def test_canonical_specs():
+    assert commpress.get_codec("zstd:level=3").spec == "zstd"
+    assert commpress.get_codec("zstd:shuffle=false,level=9").spec == "zstd:level=9,shuffle=0"
+    assert commpress.get_codec({"id": "lz4", "shuffle": 1}) == commpress.get_codec("lz4")
+    assert commpress.get_codec("lz4").config() == {"id": "lz4", "acceleration": 1, "shuffle": True}
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("zstd:level=99", "99"),
+        ("zstd:level=0", "1 <= level <= 22"),
+        ("zstd:level=-5", "1 <= level <= 22"),
+        ("zstd:level=2.5", "level"),
+        ("lz4:acceleration=0", "1 <= acceleration <= 65537"),
+        ("lz4:acceleration=70000", "70000"),
+        ("lz4:shuffle=2", "shuffle"),
+        ("zstd:shuffle=maybe", "shuffle"),
+    ],
+)
+def test_bad_config_raises(spec, needle):
+    with pytest.raises(ConfigError, match=needle):
+        commpress.get_codec(spec)
+
+
+def test_level_99_message_names_value_and_range():
+    with pytest.raises(ConfigError) as info:
+        commpress.get_codec("zstd:level=99")
+    assert "99" in str(info.value) and "1 <= level <= 22" in str(info.value)
+
+
+def test_bad_config_from_dict():
+    with pytest.raises(ConfigError):
+        commpress.get_codec({"id": "lz4", "acceleration": True})
+    with pytest.raises(ConfigError):
+        commpress.get_codec({"id": "zstd", "level": 3.0})
+
+
+# ------------------------------------------------------------------ devices
+@pytest.mark.parametrize("spec", ["lz4", "zstd", "bf16+zstd"])
+def test_non_cpu_tensor_is_refused_with_a_clear_message(spec):
+    codec = commpress.get_codec(spec)
+    x = torch.empty(16, device="meta")
+    with pytest.raises(UnsupportedDeviceError, match="cpu|CPU"):
+        codec.encode(x)
+
+
+def test_non_cpu_payload_is_refused():
+    codec = commpress.get_codec("zstd")
+    with pytest.raises(UnsupportedDeviceError, match="host"):
+        codec._decode((torch.empty(9, dtype=torch.uint8, device="meta"),), 2, torch.float32)
+
+
+# ------------------------------------------------------------------ hostile input
+def _compressed_section(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x = structured((2000,), torch.float32)
+    section = commpress.get_codec(spec).encode(x).payload[0]
+    assert int(section[0]) == 1
+    return x, section
+
+
+@pytest.mark.parametrize("spec", ["lz4", "zstd", "zstd:shuffle=0"])
+def test_truncated_stream_raises_wire_error_at_every_length(spec):
+    x, section = _compressed_section(spec)
+    codec = commpress.get_codec(spec)
+    for n in range(section.numel()):
+        with pytest.raises(WireError):
+            codec._decode((section[:n].clone(),), x.numel(), x.dtype)
+
+
+@pytest.mark.parametrize("spec", ["lz4", "zstd"])
+def test_corrupted_stream_never_crashes(spec):
+    x, section = _compressed_section(spec)
+    codec = commpress.get_codec(spec)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        bad = section.clone()
+        pos = torch.randint(1, bad.numel(), (3,), generator=g)
+        bad[pos] = torch.randint(0, 256, (3,), generator=g, dtype=torch.uint8)
+        try:
+            y = codec._decode((bad,), x.numel(), x.dtype)
+        except WireError:
+            continue
+        # Some corruptions still form a valid stream; only the wire CRC can catch those.
+        assert y.shape == x.shape and y.dtype == x.dtype
+
+
+@pytest.mark.parametrize("spec", ["lz4", "zstd"])
+def test_hostile_sizes_are_refused_before_allocating(spec):
+    x, section = _compressed_section(spec)
+    codec = commpress.get_codec(spec)
+    with pytest.raises(WireError, match="cannot expand"):
+        codec._decode((section,), 1 << 40, torch.float64)
+    with pytest.raises(WireError):
+        codec._decode((section,), x.numel() + 1, x.dtype)
+    with pytest.raises(WireError):
+        codec._decode((section,), x.numel() - 1, x.dtype)
+    raw = torch.zeros(9, dtype=torch.uint8)
+    with pytest.raises(WireError, match="raw payload"):
+        codec._decode((raw,), 1 << 40, torch.float32)
+
+
+@pytest.mark.parametrize("spec", ["lz4", "zstd"])
+def test_malformed_payload_structure(spec):
+    codec = commpress.get_codec(spec)
+    ok = codec.encode(torch.zeros(4)).payload[0]
+    bad_mode = ok.clone()
+    bad_mode[0] = 7
+    cases = [
+        (),
+        (ok, ok),
+        (torch.empty(0, dtype=torch.uint8),),
+        (ok.view(-1, 1),),
+        (torch.zeros(4, dtype=torch.int32),),
+        (bad_mode,),
+    ]
+    for payload in cases:
+        with pytest.raises(WireError):
+            codec._decode(payload, 4, torch.float32)
+
+
+def test_wrong_codec_on_decode_is_a_mismatch():
+    packet = commpress.get_codec("zstd:level=5").encode(torch.zeros(8))
+    with pytest.raises(commpress.CodecMismatchError, match="zstd:level=5"):
+        commpress.get_codec("zstd").decode(packet)
+
+
+# ------------------------------------------------------------------ golden bytes
+def _golden_cases() -> list[tuple[str, str, torch.Tensor]]:
+    return [
+        ("lz4", "structured int32 (64,)", structured((64,), torch.int32)),
+        ("lz4", "gaussian float32 (48,) seed 0", gaussian(48, torch.float32)),
+        ("lz4:shuffle=0", "structured bfloat16 (8, 8)", structured((8, 8), torch.bfloat16)),
+        ("lz4", "structured bool (37,)", structured((37,), torch.bool)),
+        ("zstd", "structured int64 (3, 21)", structured((3, 21), torch.int64)),
+        ("zstd", "gaussian bfloat16 (64,) seed 0", gaussian(64, torch.bfloat16)),
+        ("zstd:level=19", "structured float8_e4m3fn (100,)",
+         structured((100,), torch.float8_e4m3fn)),
+        ("zstd", "structured complex64 ()", structured((), torch.complex64)),
+        ("zstd", "structured float32 (0,)", structured((0,), torch.float32)),
+        ("bf16+zstd", "gaussian float32 (40,) seed 0", gaussian(40, torch.float32)),
+    ]
+
+
+def _load_golden() -> dict:
+    return json.loads(GOLDEN.read_text())
+
+
+def test_golden_file_covers_every_case():
+    stored = {(c["spec"], c["input"]) for c in _load_golden()["cases"]}
+    assert stored == {(spec, desc) for spec, desc, _ in _golden_cases()}
+
+
+@pytest.mark.parametrize("case", _golden_cases(), ids=lambda c: f"{c[0]}-{c[1]}")
+def test_golden_bytes(case):
+    spec, desc, x = case
+    golden = _load_golden()
+    hexes = {(c["spec"], c["input"]): c["hex"] for c in golden["cases"]}
+    expected = hexes[(spec, desc)]
+    codec = commpress.get_codec(spec)
+    # Old buffers must always decode: this holds whatever the compression library version.
+    buffer = torch.frombuffer(bytearray.fromhex(expected), dtype=torch.uint8)
+    decoded = codec.decode(unpack(buffer, codec))
+    want = x if codec.lossless else codec.roundtrip(x)
+    assert decoded.shape == x.shape and decoded.dtype == x.dtype
+    assert torch.equal(decoded.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
+    # The encoder's exact output is pinned for the library versions that made the file.
+    if "zstd" in spec and list(zstandard.ZSTD_VERSION) != golden["zstd_version"]:
+        pytest.skip(f"golden zstd bytes were made with libzstd {golden['zstd_version']}")
+    check_golden(codec, x, expected)
+
+
+def _regenerate() -> None:
+    import lz4
+
+    cases = []
+    for spec, desc, x in _golden_cases():
+        buffer = pack(commpress.get_codec(spec).encode(x))
+        cases.append({"spec": spec, "input": desc, "hex": buffer.numpy().tobytes().hex()})
+    doc = {
+        "_comment": "Wire buffers (hex) of lossless codecs; regenerate with "
+        "'python tests/test_codecs_lossless.py --regen' only for an intended format change.",
+        "zstd_version": list(zstandard.ZSTD_VERSION),
+        "lz4_version": lz4.library_version_string(),
+        "cases": cases,
+    }
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--regen"]:
+        _regenerate()
+        print(f"wrote {GOLDEN}")
+    else:
+        sys.exit("usage: python tests/test_codecs_lossless.py --regen")
