@@ -252,9 +252,10 @@ class Codec:
 
         Raises:
             CodecMismatchError: the packet was made by another codec config.
+            WireError: the payload does not match the packet's shape and dtype.
             ValueError: ``out`` has the wrong shape or dtype.
         """
-        from .errors import CodecMismatchError
+        from .errors import CodecMismatchError, WireError
 
         meta = packet.meta
         if meta.spec != self.spec:
@@ -262,7 +263,18 @@ class Codec:
                 f"packet was encoded with codec {meta.spec!r} but is being decoded with "
                 f"{self.spec!r}; every side of a transfer must use the same codec spec"
             )
+        # A packet from the wire carries a header that may be corrupted: check what the
+        # codec is asked to produce, and what it produced, against the header.
+        if not self.supports(meta.dtype):
+            raise WireError(
+                f"packet header names dtype {meta.dtype}, which {self.spec!r} cannot produce"
+            )
         flat = self._decode(packet.payload, meta.numel, meta.dtype)
+        if flat.numel() != meta.numel or flat.dtype != meta.dtype:
+            raise WireError(
+                f"{self.spec!r} decoded {flat.numel()} elements of {flat.dtype} but the packet "
+                f"header says shape {tuple(meta.shape)} of {meta.dtype}; the packet is corrupted"
+            )
         result = flat.view(meta.shape)
         if out is None:
             return result
