@@ -1,0 +1,447 @@
+"""Compressed-collective benchmark rows, nccl-tests style.
+
+One function per measurement, each returning rows (plain dicts); printing,
+JSON, CSV and plots are `commpress.bench.report`'s job.
+
+Definitions (nccl-tests' conventions, on UNCOMPRESSED bytes):
+
+- ``size`` is the bytes of float32 data the op is about: the tensor of
+  ``all_reduce`` and ``broadcast``, the gathered output of ``all_gather``, the
+  input of ``reduce_scatter`` and of ``all_to_all``.
+- ``algbw = size / time``; ``busbw = algbw * factor(n)`` with ``factor`` from
+  `BUS_FACTORS` (all_reduce ``2(n-1)/n``, all_gather and reduce_scatter and
+  all_to_all ``(n-1)/n``, broadcast 1). A compressed op that moves fewer bytes
+  therefore shows a *higher* busbw than the link could carry: that is the point.
+- ``time`` is per iteration the slowest rank's wall time (ranks start together
+  after a barrier); the row gives the median and the 10th/90th percentiles.
+- ``wire_bytes`` and ``ratio`` come from `commpress.stats` for codecs, and are
+  computed for the plain baselines; ``encode_share``/``decode_share`` are the
+  fractions of the median time spent encoding/decoding (also from stats).
+- ``rel_err`` is ``||y - y_plain|| / ||y_plain||`` against plain fp32 on the
+  same inputs, the largest over ranks.
+- ``speedup_fp32`` / ``speedup_bf16`` are the plain fp32 / plain bf16 median
+  time divided by this row's median time, same op and size, same invocation.
+
+Baselines ``fp32`` and ``bf16`` are plain ``torch.distributed`` calls on a
+float32 / bfloat16 tensor that already is in that dtype (the bf16 baseline is
+what a run that keeps its gradients in bf16 pays; it does not include a cast).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "OPS",
+    "BASELINES",
+    "BUS_FACTORS",
+    "Case",
+    "SweepConfig",
+    "parse_size",
+    "format_size",
+    "size_range",
+    "bus_factor",
+    "run_case",
+    "sweep",
+    "add_speedups",
+]
+
+OPS: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
+#: Plain torch.distributed baselines, always measured next to the codecs.
+BASELINES: tuple[str, ...] = ("fp32", "bf16")
+
+BUS_FACTORS: dict[str, Callable[[int], float]] = {
+    "all_reduce": lambda n: 2.0 * (n - 1) / n,
+    "all_gather": lambda n: (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "broadcast": lambda n: 1.0,
+    "all_to_all": lambda n: (n - 1) / n,
+}
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def bus_factor(op: str, world_size: int) -> float:
+    """nccl-tests' bus-bandwidth factor of ``op`` on ``world_size`` ranks."""
+    if op not in BUS_FACTORS:
+        raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+    return BUS_FACTORS[op](world_size)
+
+
+def parse_size(text: str) -> int:
+    """``"8K"`` -> 8192, ``"256M"`` -> 268435456, ``"1G"``, ``"4096"`` (bytes, powers of 1024).
+
+    Raises:
+        ValueError: not a positive whole number of bytes with an optional K/M/G suffix.
+    """
+    s = str(text).strip().upper().removesuffix("IB").removesuffix("B") or "0"
+    unit = s[-1] if s[-1] in "KMG" else ""
+    number = s[: len(s) - len(unit)]
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise ValueError(
+            f"size {text!r} is not understood; write bytes with an optional K, M or G "
+            "suffix (powers of 1024), e.g. 8K, 256M, 1G"
+        ) from None
+    if value <= 0 or value != int(value):
+        raise ValueError(f"size {text!r} must be a positive whole number of bytes")
+    return int(value)
+
+
+def format_size(nbytes: int) -> str:
+    """The inverse of `parse_size` where exact: 8192 -> ``"8K"``, 1.5 MiB -> ``"1536K"``."""
+    for unit in ("G", "M", "K"):
+        if nbytes % _UNITS[unit] == 0:
+            return f"{nbytes // _UNITS[unit]}{unit}"
+    return f"{nbytes}B"
+
+
+def size_range(begin: int, end: int, factor: int) -> list[int]:
+    """``begin, begin*factor, ...`` up to ``end`` inclusive (nccl-tests' ``-b -e -f``).
+
+    Raises:
+        ValueError: ``begin > end`` or ``factor < 2``.
+    """
+    if begin > end:
+        raise ValueError(f"min size {begin} is larger than max size {end}")
+    if factor < 2:
+        raise ValueError(f"size factor must be >= 2, got {factor}")
+    sizes = []
+    s = begin
+    while s <= end:
+        sizes.append(s)
+        s *= factor
+    return sizes
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: ``op`` of ``size`` bytes (float32) with ``codec`` (or a baseline)."""
+
+    op: str
+    size: int
+    codec: str
+    shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What ``commpress bench`` measures.
+
+    Attributes:
+        ops: collective names from `OPS`.
+        codecs: codec spec strings (baselines are added, not listed here).
+        sizes: bytes of float32 data per case.
+        world_size: local gloo ranks.
+        warmup: untimed iterations per case.
+        iters: timed iterations per case.
+        link: link label for the rows (``"none"`` or a rate like ``"1gbit"``).
+        shape: optional 2-D shape for every tensor (PowerSGD needs matrices); the
+            size then follows from it.
+    """
+
+    ops: tuple[str, ...] = ("all_reduce",)
+    codecs: tuple[str, ...] = ("bf16", "int8", "int4")
+    sizes: tuple[int, ...] = (1 << 20, 4 << 20, 16 << 20)
+    world_size: int = 2
+    warmup: int = 2
+    iters: int = 5
+    link: str = "none"
+    shape: tuple[int, ...] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for op in self.ops:
+            if op not in OPS:
+                raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        if self.iters < 1 or self.warmup < 0:
+            raise ValueError(f"need iters >= 1 and warmup >= 0, got {self.iters}, {self.warmup}")
+
+    def cases(self) -> list[Case]:
+        """Every (op, size, baseline-or-codec) case, baselines first within a size."""
+        names = list(BASELINES) + [c for c in self.codecs if c not in BASELINES]
+        sizes = self.sizes
+        if self.shape is not None:
+            sizes = (4 * math.prod(self.shape),)
+        return [
+            Case(op, size, name, self.shape) for op in self.ops for size in sizes for name in names
+        ]
+
+
+# --------------------------------------------------------------------- per rank
+
+
+def _count(case: Case, world_size: int) -> int:
+    """float32 elements of the rank's input tensor for ``case``."""
+    numel = case.size // 4
+    if case.op in ("all_reduce", "broadcast", "reduce_scatter", "all_to_all"):
+        # reduce_scatter / all_to_all split the input evenly over ranks.
+        if case.op in ("reduce_scatter", "all_to_all"):
+            numel -= numel % world_size
+        return max(numel, world_size)
+    return max(numel // world_size, 1)  # all_gather: size is the gathered output
+
+
+def _resolve(module: Any, *names: str) -> Callable[..., Any]:
+    for name in names:
+        fn = getattr(module, name, None)
+        if fn is not None:
+            return fn
+    raise AttributeError(f"{module.__name__} has none of {', '.join(names)}")
+
+
+def _make_call(
+    op: str, module: Any, kwargs: dict[str, Any], world_size: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function ``x -> result`` running ``op`` through ``module`` (torch.distributed or cdist)."""
+    if op == "all_reduce":
+        fn = _resolve(module, "all_reduce")
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            fn(x, **kwargs)
+            return x
+
+    elif op == "broadcast":
+        fn = _resolve(module, "broadcast")
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            fn(x, src=0, **kwargs)
+            return x
+
+    elif op == "all_gather":
+        fn = _resolve(module, "all_gather_single", "all_gather_into_tensor")
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            out = torch.empty(x.numel() * world_size, dtype=x.dtype)
+            fn(out, x, **kwargs)
+            return out
+
+    elif op == "reduce_scatter":
+        fn = _resolve(module, "reduce_scatter_single", "reduce_scatter_tensor")
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            out = torch.empty(x.numel() // world_size, dtype=x.dtype)
+            fn(out, x, **kwargs)
+            return out
+
+    elif op == "all_to_all":
+        fn = _resolve(module, "all_to_all_single")
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            out = torch.empty_like(x)
+            fn(out, x, **kwargs)
+            return out
+
+    else:
+        raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+    return call
+
+
+def _stats_snapshot() -> dict[str, float]:
+    """Totals over every op from `commpress.stats` (zeros when it is not available)."""
+    try:
+        import commpress
+
+        raw = commpress.stats()
+    except (ImportError, AttributeError):
+        return {}
+    return _stats_totals(raw)
+
+
+def _stats_totals(raw: Any) -> dict[str, float]:
+    """Sum bytes in / on the wire and encode / decode seconds over the ops in ``raw``."""
+    keys = ("bytes_in", "bytes_wire", "encode_s", "decode_s", "calls")
+    aliases = {
+        "bytes_in": ("bytes_in", "nbytes_in", "input_bytes"),
+        "bytes_wire": ("bytes_wire", "wire_bytes", "bytes_on_wire", "nbytes_wire"),
+        "encode_s": ("encode_s", "encode_seconds", "encode_time", "seconds_encode"),
+        "decode_s": ("decode_s", "decode_seconds", "decode_time", "seconds_decode"),
+        "calls": ("calls", "count"),
+    }
+    per_op: Iterable[Any]
+    if hasattr(raw, "ops"):
+        raw = raw.ops
+    if isinstance(raw, dict):
+        per_op = raw.values()
+    elif isinstance(raw, (list, tuple)):
+        per_op = raw
+    else:
+        per_op = [raw]
+    totals = dict.fromkeys(keys, 0.0)
+    for entry in per_op:
+        get = entry.get if isinstance(entry, dict) else lambda k, e=entry: getattr(e, k, None)
+        for key in keys:
+            for alias in aliases[key]:
+                value = get(alias)
+                if isinstance(value, (int, float)):
+                    totals[key] += float(value)
+                    break
+    return totals
+
+
+def _plain_wire_bytes(op: str, size: int, world_size: int, element_size: int) -> int:
+    """Bytes one rank sends in a plain ring-style op (nccl-tests bus bytes)."""
+    return int(round(size * element_size / 4 * bus_factor(op, world_size)))
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    k = (len(sorted_values) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+def run_case(rank: int, world_size: int, case: Case, warmup: int, iters: int) -> dict[str, Any]:
+    """Measure one case on this rank; every rank must call it (it runs collectives).
+
+    Must run inside an initialized gloo process group. Returns the row (the same
+    on every rank) with ``status`` ``"ok"`` or ``"error: ..."``.
+    """
+    import torch.distributed as dist
+
+    numel = _count(case, world_size)
+    gen = torch.Generator().manual_seed(1234 + rank)
+    shape = case.shape if case.shape is not None else (numel,)
+    numel = math.prod(shape)
+    base = torch.randn(shape, generator=gen)
+    if case.op == "broadcast" and rank != 0:
+        base.zero_()
+    plain = _make_call(case.op, dist, {}, world_size)
+    reference = plain(base.clone()).float()
+
+    if case.codec in BASELINES:
+        dtype = torch.float32 if case.codec == "fp32" else torch.bfloat16
+        call = plain
+        src = base.to(dtype)
+    else:
+        import commpress.distributed as cdist
+
+        call = _make_call(case.op, cdist, {"codec": case.codec}, world_size)
+        src = base
+
+    row: dict[str, Any] = {
+        "op": case.op,
+        "size": case.size,
+        "count": numel,
+        "codec": case.codec,
+        "world_size": world_size,
+    }
+    error: str | None = None
+    try:
+        out = call(src.clone()).float()
+        err = (
+            torch.linalg.vector_norm(out - reference) / torch.linalg.vector_norm(reference)
+        ).item()
+    except Exception as exc:  # noqa: BLE001 - a codec that cannot do this op is a row, not a crash
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        err = float("nan")
+    # Ranks must agree on whether to time this case, or the collectives below deadlock.
+    failed = torch.tensor([1.0 if error else 0.0])
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        row.update(status=f"error: {error or 'failed on another rank'}")
+        return row
+
+    for _ in range(warmup):
+        call(src.clone())
+    _reset_stats()
+    before = _stats_snapshot()
+    times = []
+    for _ in range(iters):
+        x = src.clone()
+        dist.barrier()
+        t0 = time.perf_counter()
+        call(x)
+        times.append(time.perf_counter() - t0)
+    after = _stats_snapshot()
+
+    stat = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    gathered = torch.tensor(
+        times + [err, stat.get("encode_s", 0.0), stat.get("decode_s", 0.0)], dtype=torch.float64
+    )
+    dist.all_reduce(gathered, op=dist.ReduceOp.MAX)
+    times = sorted(gathered[:iters].tolist())
+    err, enc_s, dec_s = gathered[iters:].tolist()
+
+    median = statistics.median(times)
+    element = 2 if case.codec == "bf16" else 4
+    if case.codec in BASELINES:
+        wire = _plain_wire_bytes(case.op, case.size, world_size, element)
+        ratio = 4 / element
+    elif stat.get("bytes_wire"):
+        wire = int(stat["bytes_wire"] / iters)
+        ratio = stat["bytes_in"] / stat["bytes_wire"]
+    else:
+        wire, ratio = None, None
+    algbw = case.size / median / 1e9
+    row.update(
+        time_us=median * 1e6,
+        time_p10_us=_percentile(times, 0.1) * 1e6,
+        time_p90_us=_percentile(times, 0.9) * 1e6,
+        algbw_GBps=algbw,
+        busbw_GBps=algbw * bus_factor(case.op, world_size),
+        wire_bytes=wire,
+        ratio=ratio,
+        encode_share=enc_s / iters / median if case.codec not in BASELINES else 0.0,
+        decode_share=dec_s / iters / median if case.codec not in BASELINES else 0.0,
+        rel_err=err,
+        iters=iters,
+        status="ok",
+    )
+    return row
+
+
+def _reset_stats() -> None:
+    try:
+        import commpress
+
+        commpress.reset_stats()
+    except (ImportError, AttributeError):
+        pass
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fill ``speedup_fp32``/``speedup_bf16`` from the baselines of the same op, size and link."""
+    base: dict[tuple[Any, ...], float] = {}
+    for r in rows:
+        if r.get("codec") in BASELINES and r.get("status") == "ok":
+            base[(r["op"], r["size"], r.get("link"), r["codec"])] = r["time_us"]
+    for r in rows:
+        for name in BASELINES:
+            t = base.get((r["op"], r["size"], r.get("link"), name))
+            ok = t is not None and r.get("status") == "ok"
+            r[f"speedup_{name}"] = t / r["time_us"] if ok else None
+    return rows
+
+
+def sweep(
+    config: SweepConfig, progress: Callable[[int, int, Case], None] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Run every case of ``config`` on ``config.world_size`` local gloo ranks; yield rows.
+
+    Ranks are started once (`commpress.testing.DistPool`) and run the cases one
+    after another. ``progress(done, total, case)`` is called before each case.
+    Speedups are not filled in here (they need the whole sweep): see `add_speedups`.
+    """
+    from commpress.testing.dist import DistPool
+
+    cases = config.cases()
+    per_case_timeout = 600.0
+    with DistPool(config.world_size, pg_timeout=per_case_timeout) as pool:
+        for i, case in enumerate(cases):
+            if progress is not None:
+                progress(i, len(cases), case)
+            row = pool.run(run_case, case, config.warmup, config.iters, timeout=per_case_timeout)[0]
+            row["link"] = config.link
+            yield row
+    if progress is not None and cases:
+        progress(len(cases), len(cases), cases[-1])
