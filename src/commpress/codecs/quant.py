@@ -1,0 +1,418 @@
+"""Block absmax quantization: ``int8``, ``int4``, ``int2`` and the 1-bit ``sign``.
+
+The flat tensor is cut into blocks of ``block`` elements (the last block may
+be shorter; it is treated as if padded with zeros, which never changes its
+absmax or its sum). Each block gets one ``float32`` scale.
+
+Integer codecs (``int8``, ``int4``, ``int2``)
+---------------------------------------------
+With ``L = 2**(bits-1) - 1`` (127, 7, 1) and ``absmax`` the largest finite
+``|x|`` of the block, floored at ``2**-100`` so its inverse is finite::
+
+    scale = max(absmax, 2**-100) / L
+    code  = round(x / scale)            # in -L..L; floor(x / scale + U[0,1)) if stochastic
+
+The most negative code (-128, -8, -2) is reserved: it marks an element that
+was NaN or +-Inf, and decodes to NaN at the same position. Codes travel in
+offset binary (``code + L + 1``, so the reserved code is 0), ``8 // bits``
+codes per byte, element ``i`` in bits ``bits * (i % per)`` and up of byte
+``i // per``.
+
+Payload: ``(codes uint8[ceil(numel * bits / 8)], scales float32[nblocks])``.
+
+Error bound, elementwise for finite ``x`` (``q`` is the output dtype's
+rounding, below)::
+
+    |err| <= scale / 2 + 2**-20 * absmax           (round to nearest)
+    |err| <  scale     + 2**-20 * absmax           (stochastic)
+
+The ``2**-20 * absmax`` term covers float32 arithmetic. Casting the float32
+result back to a narrower input dtype adds half an ulp of the result:
+``2**-11 |y| + 2**-25`` for float16, ``2**-8 |y| + 2**-134`` for bfloat16
+(``|y| <= |x| + err``). float64 inputs are quantized from their float32
+rounding (``2**-24 |x| + 2**-149`` more), and magnitudes beyond float32's
+range count as Inf.
+
+Stochastic rounding draws from torch's default generator of the tensor's
+device (``torch.rand_like``); seed it with ``torch.manual_seed`` to repeat a
+run. Ranks need not agree: a receiver only decodes, it never redraws.
+
+``sign``
+--------
+One bit per element (set for ``x < 0``) and ``scale = mean |x|`` over the
+block. ``x >= 0`` decodes to ``+scale``, ``x < 0`` to ``-scale``, so
+``|err| <= max(|x|, scale)`` (plus float32 rounding and the output dtype's
+rounding as above). Payload: ``(bits uint8[ceil(numel / 8)], scales
+float32[nblocks])``. Use it with error feedback (`commpress.ErrorFeedback`).
+
+NaN and Inf
+-----------
+- integer codecs: NaN and +-Inf decode to NaN at their position; the rest of
+  their block is quantized as if they were absent (its scale comes from the
+  finite values).
+- ``sign``: a block containing NaN decodes to all NaN (its scale is NaN); a
+  block containing +-Inf but no NaN decodes to +-Inf everywhere (its scale
+  is Inf). The error bound is Inf for every element of such a block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..codec import Codec, check_range
+from ..errors import ConfigError, WireError
+from ..registry import register_codec
+
+__all__ = ["Int8", "Int4", "Int2", "Sign"]
+
+#: Smallest absmax used to build a scale: keeps ``L / absmax`` finite and the scale normal.
+ABSMAX_FLOOR = 2.0**-100
+#: Relative float32 arithmetic slack in the bounds (a few roundings of 2**-24 each).
+ARITH_SLACK = 2.0**-20
+#: (relative, absolute) rounding when the float32 result is cast to the input dtype;
+#: for float64, the rounding of the input to float32 before quantization.
+OUT_ROUNDING: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (0.0, 0.0),
+    torch.float16: (2.0**-11, 2.0**-25),
+    torch.bfloat16: (2.0**-8, 2.0**-134),
+    torch.float64: (2.0**-24, 2.0**-149),
+}
+
+
+# ---------------------------------------------------------------- block helpers
+# Shared with the fp8 and sparse codecs (same package).
+
+
+def check_bool(codec_id: str, name: str, value: object) -> None:
+    """Raise ConfigError unless ``value`` is a bool (``1``/``0`` only come in through specs)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{codec_id}: {name}={value!r} is not allowed; expected True or False")
+
+
+def nblocks(numel: int, block: int) -> int:
+    return -(-numel // block)
+
+
+def block_parts(x: torch.Tensor, block: int) -> list[tuple[int, torch.Tensor]]:
+    """``[(first element, 2-D view)]`` of flat ``x``: the full blocks as ``(n // block, block)``,
+    then the partial last block as ``(1, n % block)``. At most two parts, never a copy."""
+    n = x.numel()
+    m = n - n % block
+    parts = []
+    if m:
+        parts.append((0, x[:m].view(-1, block)))
+    if m < n:
+        parts.append((m, x[m:].view(1, -1)))
+    return parts
+
+
+def as_compute(x: torch.Tensor) -> torch.Tensor:
+    """float64 is quantized from float32 (the scales are float32); narrower dtypes as they are."""
+    return x.float() if x.dtype == torch.float64 else x
+
+
+def finite_absmax(x2d: torch.Tensor) -> torch.Tensor:
+    """Per-row max of ``|x|`` over finite values (0 where none), as float32 ``(rows,)``."""
+    a = x2d.abs().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    return a.amax(dim=1).float()
+
+
+def per_element(x: torch.Tensor, block: int, row_stat) -> torch.Tensor:
+    """Broadcast ``row_stat(x2d) -> (rows,)`` of every block back to flat float32 elements."""
+    out = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
+    for start, x2d in block_parts(x, block):
+        stat = row_stat(x2d).float()
+        out[start : start + x2d.numel()].view_as(x2d).copy_(stat.unsqueeze(1).expand_as(x2d))
+    return out
+
+
+def finish_bound(x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Add the output dtype's rounding of ``|y| <= |x| + base`` to ``base``.
+
+    ``x`` is the flat input, ``base`` a flat float32 bound before the cast to
+    ``dtype``. Elements where ``x`` is NaN or Inf get an Inf bound.
+    """
+    rel, absolute = OUT_ROUNDING[dtype]
+    ax = x.abs().float()
+    bound = base + rel * (ax + base) + absolute
+    return bound.masked_fill_(~torch.isfinite(x), float("inf"))
+
+
+def expect_sections(
+    spec: str, payload: tuple[torch.Tensor, ...], expected: list[tuple[torch.dtype, int]]
+) -> None:
+    """Raise WireError unless the payload has exactly the expected (dtype, numel) sections."""
+    got = [(t.dtype, t.numel()) for t in payload]
+    if got != expected or any(t.dim() != 1 for t in payload):
+        show = ", ".join(f"{str(d).replace('torch.', '')}[{n}]" for d, n in expected)
+        have = ", ".join(f"{str(d).replace('torch.', '')}[{n}]" for d, n in got) or "nothing"
+        raise WireError(
+            f"{spec}: malformed packet: expected sections {show}, got {have}; the sender used "
+            "another codec config or the buffer is corrupted"
+        )
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack flat ``uint8`` codes below ``2**bits`` into ``ceil(n * bits / 8)`` bytes.
+
+    Code ``i`` lands in bits ``bits * (i % per)`` and up of byte ``i // per``
+    (``per = 8 // bits``); the unused high bits of the last byte are zero.
+    """
+    per = 8 // bits
+    if per == 1:
+        return codes
+    n = codes.numel()
+    m = n - n % per
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    out = torch.empty(-(-n // per), dtype=torch.uint8, device=codes.device)
+    if m:
+        # The codes occupy disjoint bits, so a sum is a bitwise or.
+        torch.sum(codes[:m].view(-1, per) << shifts, dim=1, dtype=torch.uint8, out=out[: m // per])
+    if m < n:
+        tail = torch.zeros(per, dtype=torch.uint8, device=codes.device)
+        tail[: n - m] = codes[m:]
+        out[-1:] = (tail << shifts).sum(dtype=torch.uint8)
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: ``n`` flat ``uint8`` codes."""
+    per = 8 // bits
+    if per == 1:
+        return packed
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return codes.view(-1)[:n]
+
+
+# ------------------------------------------------------------- integer codecs
+
+
+@dataclass(frozen=True, repr=False)
+class _IntQuant(Codec):
+    bits: ClassVar[int] = 8
+    block: int = 256
+    stochastic: bool = False
+
+    def __post_init__(self) -> None:
+        check_range(self.codec_id, "block", self.block, 1, 2**20, integer=True)
+        check_bool(self.codec_id, "stochastic", self.stochastic)
+
+    @property
+    def levels(self) -> int:
+        """``L``: codes run from ``-L`` to ``L``."""
+        return 2 ** (self.bits - 1) - 1
+
+    def encoded_nbytes(self, numel: int, dtype: torch.dtype) -> int:
+        return -(-numel * self.bits // 8) + 4 * nblocks(numel, self.block)
+
+    def _scales(self, x2d: torch.Tensor) -> torch.Tensor:
+        return finite_absmax(x2d).clamp_min_(ABSMAX_FLOOR)
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.detach().reshape(-1)
+        xc = as_compute(flat)
+        absmax = per_element(xc, self.block, self._scales)
+        step = absmax / self.levels
+        base = (step if self.stochastic else step / 2) + ARITH_SLACK * absmax
+        return finish_bound(flat, base, flat.dtype).view(x.shape)
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = as_compute(x)
+        n = x.numel()
+        lv = self.levels
+        codes = torch.empty(n, dtype=torch.uint8, device=x.device)
+        scales = torch.empty(nblocks(n, self.block), dtype=torch.float32, device=x.device)
+        offset = torch.full((), lv + 1.0, dtype=torch.float32, device=x.device)
+        for start, x2d in block_parts(x, self.block):
+            absmax = self._scales(x2d)
+            row = start // self.block
+            scales[row : row + x2d.shape[0]] = absmax / lv
+            # Offset binary: x / scale + L + 1 lies in [1, 2L + 1] for finite x.
+            q = torch.addcmul(offset, x2d, (lv / absmax).unsqueeze(1))
+            if self.stochastic:
+                q.add_(torch.rand_like(q)).floor_()
+            else:
+                q.round_()
+            # NaN and +-Inf take the reserved code 0.
+            q.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            if self.stochastic:
+                # x / scale == L plus a draw just below 1 can round up to L + 1 in float32.
+                q.clamp_(max=2 * lv + 1)
+            codes[start : start + x2d.numel()].view_as(x2d).copy_(q)
+        return pack_bits(codes, self.bits), scales
+
+    def _decode(
+        self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        nb = nblocks(numel, self.block)
+        expect_sections(
+            self.spec, payload, [(torch.uint8, -(-numel * self.bits // 8)), (torch.float32, nb)]
+        )
+        packed, scales = payload
+        codes = unpack_bits(packed, self.bits, numel)
+        out = torch.empty(numel, dtype=dtype, device=packed.device)
+        for start, c2d in block_parts(codes, self.block):
+            row = start // self.block
+            s = scales[row : row + c2d.shape[0]].unsqueeze(1)
+            # (code - L - 1) * scale in one pass; the offset times a scale is exact
+            # (a power of two), so code L + 1 decodes to exactly 0.
+            torch.addcmul(
+                s * -(self.levels + 1), c2d, s, out=out[start : start + c2d.numel()].view_as(c2d)
+            )
+        return out.masked_fill_(codes == 0, float("nan"))
+
+
+@register_codec
+@dataclass(frozen=True, repr=False)
+class Int8(_IntQuant):
+    """Symmetric block absmax quantization to 8-bit codes (-127..127), one float32 scale per block.
+
+    Payload per element: 1 byte, plus 4 bytes per block. Error bound and NaN/Inf
+    behaviour: see `commpress.codecs.quant`.
+
+    Args:
+        block: elements per scale, ``1 <= block <= 2**20``.
+        stochastic: unbiased stochastic rounding (``E[decoded] == x``; error below one
+            step instead of half a step); draws from torch's default generator.
+
+    Example::
+
+        >>> import torch, commpress
+        >>> c = commpress.get_codec("int8:block=128")
+        >>> x = torch.randn(1000)
+        >>> c.encode(x).nbytes == 1000 + 4 * 8
+        True
+        >>> bool(((c.roundtrip(x) - x).abs() <= c.error_bound(x)).all())
+        True
+    """
+
+    codec_id: ClassVar[str] = "int8"
+    bits: ClassVar[int] = 8
+
+
+@register_codec
+@dataclass(frozen=True, repr=False)
+class Int4(_IntQuant):
+    """Symmetric block absmax quantization to 4-bit codes (-7..7), two per byte.
+
+    Payload per element: 0.5 byte, plus 4 bytes per block. Error bound and NaN/Inf
+    behaviour: see `commpress.codecs.quant`.
+
+    Args:
+        block: elements per scale, ``1 <= block <= 2**20``.
+        stochastic: unbiased stochastic rounding; draws from torch's default generator.
+
+    Example::
+
+        >>> import torch, commpress
+        >>> c = commpress.get_codec("int4:stochastic=1")
+        >>> c.encode(torch.randn(1000)).nbytes == 500 + 4 * 4
+        True
+    """
+
+    codec_id: ClassVar[str] = "int4"
+    bits: ClassVar[int] = 4
+
+
+@register_codec
+@dataclass(frozen=True, repr=False)
+class Int2(_IntQuant):
+    """Ternary block absmax quantization (-1, 0, +1 times the scale), four codes per byte.
+
+    Payload per element: 0.25 byte, plus 4 bytes per block. Error bound and NaN/Inf
+    behaviour: see `commpress.codecs.quant`. Coarse: pair it with error feedback or
+    ``stochastic=1``.
+
+    Args:
+        block: elements per scale, ``1 <= block <= 2**20``.
+        stochastic: unbiased stochastic rounding; draws from torch's default generator.
+
+    Example::
+
+        >>> import torch, commpress
+        >>> c = commpress.get_codec("int2")
+        >>> c.roundtrip(torch.tensor([4.0, -1.0, 3.0, float("nan")]))
+        tensor([4., 0., 4., nan])
+    """
+
+    codec_id: ClassVar[str] = "int2"
+    bits: ClassVar[int] = 2
+
+
+# ---------------------------------------------------------------------- sign
+
+
+@register_codec
+@dataclass(frozen=True, repr=False)
+class Sign(Codec):
+    """1 bit per element (the sign) and one float32 scale (mean ``|x|``) per block.
+
+    ``x >= 0`` decodes to ``+scale``, ``x < 0`` to ``-scale``: ``|err| <= max(|x|, scale)``
+    plus rounding. Biased; meant for error feedback (signSGD / EF-SGD). A block with a
+    NaN decodes to all NaN, a block with +-Inf (and no NaN) to +-Inf; see
+    `commpress.codecs.quant`.
+
+    Args:
+        block: elements per scale, ``1 <= block <= 2**20``.
+
+    Example::
+
+        >>> import torch, commpress
+        >>> c = commpress.get_codec("sign")
+        >>> c.roundtrip(torch.tensor([1.0, -3.0, 0.0, 2.0]))
+        tensor([ 1.5000, -1.5000,  1.5000,  1.5000])
+    """
+
+    codec_id: ClassVar[str] = "sign"
+    block: int = 256
+
+    def __post_init__(self) -> None:
+        check_range(self.codec_id, "block", self.block, 1, 2**20, integer=True)
+
+    def encoded_nbytes(self, numel: int, dtype: torch.dtype) -> int:
+        return -(-numel // 8) + 4 * nblocks(numel, self.block)
+
+    @staticmethod
+    def _mean_abs(x2d: torch.Tensor) -> torch.Tensor:
+        return x2d.abs().sum(dim=1, dtype=torch.float32) / x2d.shape[1]
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.detach().reshape(-1)
+        xc = as_compute(flat)
+        scale = per_element(xc, self.block, self._mean_abs)
+        ax = xc.abs().float()
+        base = torch.maximum(ax, scale) + ARITH_SLACK * (ax + scale)
+        bound = finish_bound(flat, base, flat.dtype)
+        # Every element of a block with a non-finite value may be off by Inf.
+        return bound.masked_fill_(~torch.isfinite(scale), float("inf")).view(x.shape)
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = as_compute(x)
+        n = x.numel()
+        scales = torch.empty(nblocks(n, self.block), dtype=torch.float32, device=x.device)
+        for start, x2d in block_parts(x, self.block):
+            row = start // self.block
+            scales[row : row + x2d.shape[0]] = self._mean_abs(x2d)
+        return pack_bits(x.lt(0).view(torch.uint8), 1), scales
+
+    def _decode(
+        self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        expect_sections(
+            self.spec,
+            payload,
+            [(torch.uint8, -(-numel // 8)), (torch.float32, nblocks(numel, self.block))],
+        )
+        packed, scales = payload
+        negative = unpack_bits(packed, 1, numel).view(torch.bool)
+        out = torch.empty(numel, dtype=dtype, device=packed.device)
+        for start, b2d in block_parts(negative, self.block):
+            row = start // self.block
+            s = scales[row : row + b2d.shape[0]].to(dtype).unsqueeze(1)
+            # A select, not (1 - 2b) * s: an Inf scale must give +-Inf, never 0 * Inf = NaN.
+            torch.where(b2d, -s, s, out=out[start : start + b2d.numel()].view_as(b2d))
+        return out
