@@ -1,0 +1,135 @@
+"""``commpress run``: run an unmodified script with compressed collectives.
+
+::
+
+    commpress run [--codec SPEC] [--min-bytes N] [--stats] script.py [args...]
+    commpress run [...] -m package.module [args...]
+    torchrun --nproc-per-node 2 -m commpress run --codec int8 train.py --lr 0.1
+    torchrun --nproc-per-node 2 --no-python commpress run --codec int8 train.py
+
+Like ``python -m coverage run``: the script runs in this process, as
+``__main__``, with ``sys.argv`` set to ``[script, *args]`` and its directory
+first on ``sys.path``, under `commpress.patch`. Everything after the script
+path belongs to the script (``--lr`` and even ``--codec`` pass through).
+Options not given on the command line come from the ``COMMPRESS_*``
+environment variables (`commpress.policy.Policy.from_env`).
+
+The script's ``sys.exit`` status propagates unchanged. An exception the
+script does not handle is reported as the interpreter would (its traceback,
+from the script's frame down, through ``sys.excepthook``; exit status 1),
+also when it is a `CommpressError` such as ``CodecMismatchError``.
+``--stats`` prints the statistics table when the script ends, however it
+ends.
+
+Processes the script starts itself (``mp.spawn``) are not patched; launch
+ranks with ``torchrun`` instead, or call ``commpress.patch()`` in them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+import types
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["add_parser", "run"]
+
+DESCRIPTION = "Run a Python script with every torch.distributed collective compressed."
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``run`` subcommand on ``subparsers`` (from ``add_subparsers()``)."""
+    p = subparsers.add_parser(
+        "run",
+        help="run a script with torch.distributed collectives compressed",
+        description=DESCRIPTION,
+        epilog="Options not given fall back to COMMPRESS_* environment variables.",
+    )
+    p.add_argument("--codec", metavar="SPEC", help="codec spec, e.g. int8, fp8, int8+zstd:level=3")
+    p.add_argument(
+        "--min-bytes",
+        type=int,
+        metavar="N",
+        help="tensors smaller than N bytes pass uncompressed",
+    )
+    p.add_argument("--stats", action="store_true", help="print the statistics table at exit")
+    p.add_argument(
+        "-m",
+        dest="module",
+        action="store_true",
+        help="run a module (like python -m) instead of a script path",
+    )
+    p.add_argument("target", metavar="script.py", help="the script (or module with -m)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``args.target`` under `commpress.patch`.
+
+    Returns:
+        0 when the script returns normally, 1 when it raised (after reporting it), 2 for
+        a bad option or a missing script. The script's ``SystemExit`` propagates.
+    """
+    from .patch import patch
+
+    policy_kwargs: dict[str, Any] = {}
+    if args.min_bytes is not None:
+        if args.min_bytes < 0:
+            return _usage_error(f"--min-bytes must be >= 0, got {args.min_bytes}")
+        policy_kwargs["min_bytes"] = args.min_bytes
+    if not args.module and not os.path.isfile(args.target):
+        return _usage_error(f"can't open file {args.target!r}: no such file")
+    try:
+        patched = patch(codec=args.codec, **policy_kwargs)
+    except ConfigError as exc:
+        return _usage_error(str(exc))
+
+    saved_argv, saved_path = sys.argv[:], sys.path[:]
+    sys.argv = [args.target, *args.args]
+    try:
+        with patched:
+            if args.module:
+                runpy.run_module(args.target, run_name="__main__", alter_sys=True)
+            else:
+                sys.path.insert(0, os.path.dirname(os.path.abspath(args.target)))
+                runpy.run_path(args.target, run_name="__main__")
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - reported exactly as Python would
+        # Report the script's exception the way the interpreter does for an unhandled
+        # one (its sys.excepthook, exit status 1), starting at the script's own frame:
+        # the command line would otherwise turn a CommpressError into a one-line message.
+        sys.excepthook(type(exc), exc, _script_traceback(exc.__traceback__))
+        return 1
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        if args.stats:
+            _print_stats()
+    return 0
+
+
+def _script_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
+    skip = {os.path.abspath(__file__), os.path.abspath(runpy.__file__)}
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) in skip:
+        tb = tb.tb_next
+    return tb
+
+
+def _usage_error(message: str) -> int:
+    print(f"commpress run: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _print_stats() -> None:
+    from . import stats as stats_module
+
+    rank = os.environ.get("RANK")
+    title = "commpress stats" + (f" (rank {rank})" if rank is not None else "")
+    sys.stdout.flush()
+    print(f"{title}\n{stats_module.stats()}", flush=True)

@@ -1,0 +1,337 @@
+"""Drop-in compression: swap the ``torch.distributed`` collectives for compressed ones.
+
+``commpress.patch(codec="int8")`` replaces the collective functions of
+``torch.distributed`` (and of ``torch.distributed.distributed_c10d``, which
+holds the same function objects) with the ones of `commpress.distributed`,
+sets the `commpress.policy.Policy` they consult, and makes every
+``DistributedDataParallel`` model built while patched use
+`commpress.hooks.compress_hook` for its gradients. ``commpress.unpatch()``
+puts back the very same function objects, the DDP constructor and the policy
+that was in effect before. Patching needs no process group: patch first,
+``init_process_group`` later is fine.
+
+What is intercepted
+    ``all_reduce``, ``reduce``, ``all_gather``, ``all_gather_into_tensor``,
+    ``reduce_scatter``, ``reduce_scatter_tensor``, ``broadcast``,
+    ``all_to_all``, ``all_to_all_single``, ``send``, ``recv``, ``isend``,
+    ``irecv``, ``gather``, ``scatter``, and torch 2.13's aliases
+    ``all_gather_single`` / ``reduce_scatter_single`` (which FSDP2 calls).
+    Only names that exist in both the installed torch and
+    `commpress.distributed` are swapped; `patched_names` lists them.
+
+What is left alone, on purpose
+    - Object collectives (``all_gather_object``, ``broadcast_object_list``,
+      ...) and every other call made from inside
+      ``torch.distributed.distributed_c10d`` itself (``send`` calling
+      ``isend``): they reach the original functions.
+    - Calls made from inside commpress (its algorithms move ``uint8``
+      buffers with the original collectives).
+    - ``barrier``, coalesced and ``batch_isend_irecv`` calls, functional
+      collectives (``torch.distributed._functional_collectives``, DTensor)
+      and private torch modules that bound a collective under another name.
+    - Names bound before patching (``from torch.distributed import
+      all_reduce`` executed earlier) keep the original function. Names bound
+      while patched hold a wrapper that calls the original once unpatched.
+
+With a lossless codec a patched collective behaves like the original one:
+same in-place results, return values (``None``, the sender rank for
+``recv``), dtypes and groups; ``async_op=True`` returns a
+``torch.distributed.Work`` (``wait``, ``is_completed``, ``get_future``), so
+code that checks ``isinstance(work, dist.Work)`` (FSDP2 does) keeps working.
+
+Example::
+
+    import commpress
+    with commpress.patch(codec="int8", min_bytes=1 << 16):
+        train()          # unmodified code calling torch.distributed.all_reduce
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import threading
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+from .errors import ConfigError
+
+__all__ = ["patch", "unpatch", "is_patched", "patched_names", "Patch"]
+
+#: torch.distributed name -> name of the commpress.distributed function that replaces it.
+COLLECTIVES: dict[str, str] = {
+    "all_reduce": "all_reduce",
+    "reduce": "reduce",
+    "all_gather": "all_gather",
+    "all_gather_into_tensor": "all_gather_into_tensor",
+    "all_gather_single": "all_gather_into_tensor",
+    "reduce_scatter": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter_tensor",
+    "reduce_scatter_single": "reduce_scatter_tensor",
+    "broadcast": "broadcast",
+    "all_to_all": "all_to_all",
+    "all_to_all_single": "all_to_all_single",
+    "send": "send",
+    "recv": "recv",
+    "isend": "isend",
+    "irecv": "irecv",
+    "gather": "gather",
+    "scatter": "scatter",
+}
+
+_MODULES: tuple[types.ModuleType, ...] = (dist, c10d)
+
+#: Calls from these modules always reach the original function (see module docstring).
+_PASSTHROUGH_MODULES = frozenset({c10d.__name__})
+
+_lock = threading.RLock()
+_originals: dict[tuple[str, str], Callable[..., Any]] = {}
+_wrappers: dict[int, Callable[..., Any]] = {}  # id(original) -> its wrapper
+_policies_before: list[Any] = []  # policy in effect before each still-open patch()
+_ddp_init: Callable[..., Any] | None = None
+_installed = False
+
+
+class _HandleWork(dist.Work):
+    """A `torch.distributed.Work` over a commpress handle (wait, is_completed, get_future)."""
+
+    def __init__(self, handle: Any) -> None:
+        super().__init__()
+        self._handle = handle
+
+    def wait(self, timeout: Any = None) -> bool:
+        self._handle.wait()
+        return True
+
+    def is_completed(self) -> bool:
+        return bool(self._handle.is_completed())
+
+    def is_success(self) -> bool:
+        fut = self._handle.get_future()
+        return fut.done() and not _future_failed(fut)
+
+    def get_future(self) -> Any:
+        return self._handle.get_future()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+def _future_failed(fut: Any) -> bool:
+    try:
+        fut.value()
+    except Exception:  # noqa: BLE001 - only asking whether it failed
+        return True
+    return False
+
+
+def _as_work(result: Any) -> Any:
+    if result is None or isinstance(result, (dist.Work, int, bool)):
+        return result
+    if hasattr(result, "wait") and hasattr(result, "get_future"):
+        return _HandleWork(result)
+    return result
+
+
+def _caller_is_internal(frame: types.FrameType | None) -> bool:
+    if frame is None:
+        return False
+    name = frame.f_globals.get("__name__", "")
+    return name in _PASSTHROUGH_MODULES or name == "commpress" or name.startswith("commpress.")
+
+
+def _make_wrapper(original: Callable[..., Any], target: str) -> Callable[..., Any]:
+    from . import distributed as cdist
+
+    compressed = getattr(cdist, target)
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not _installed or _caller_is_internal(sys._getframe(1)):
+            return original(*args, **kwargs)
+        return _as_work(compressed(*args, **kwargs))
+
+    wrapper.__commpress_original__ = original  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _build_policy(codec: Any, policy_kwargs: dict[str, Any]) -> Any:
+    from .policy import Policy
+
+    overrides = dict(policy_kwargs)
+    if codec is not None:
+        from .registry import get_codec
+
+        get_codec(codec)  # an unparsable spec fails here, at patch() time
+        overrides["codec"] = codec
+    fields = {f.name for f in dataclasses.fields(Policy)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(
+            f"commpress.patch: unknown policy option(s) {unknown}; allowed: {sorted(fields)}"
+        )
+    return dataclasses.replace(Policy.from_env(), **overrides)
+
+
+def _install() -> None:
+    global _installed, _ddp_init
+    from . import distributed as cdist
+
+    for module in _MODULES:
+        for name, target in COLLECTIVES.items():
+            original = module.__dict__.get(name)
+            if original is None or not hasattr(cdist, target):
+                continue
+            original = getattr(original, "__commpress_original__", original)
+            wrapper = _wrappers.get(id(original))
+            if wrapper is None:
+                wrapper = _wrappers[id(original)] = _make_wrapper(original, target)
+            _originals[(module.__name__, name)] = original
+            setattr(module, name, wrapper)
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    _ddp_init = DDP.__dict__["__init__"]
+    DDP.__init__ = _make_ddp_init(_ddp_init)  # type: ignore[method-assign]
+    _installed = True
+
+
+def _uninstall() -> None:
+    global _installed, _ddp_init
+    by_name = {m.__name__: m for m in _MODULES}
+    for (module_name, name), original in _originals.items():
+        setattr(by_name[module_name], name, original)
+    _originals.clear()
+    if _ddp_init is not None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        DDP.__init__ = _ddp_init  # type: ignore[method-assign]
+        _ddp_init = None
+    _installed = False
+
+
+def _make_ddp_init(original_init: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original_init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        if _installed:
+            _arm_ddp_hook(self)
+
+    __init__.__commpress_original__ = original_init  # type: ignore[attr-defined]
+    return __init__
+
+
+def _arm_ddp_hook(ddp: Any) -> None:
+    """Register commpress's comm hook on ``ddp`` at its first forward, unless it has one.
+
+    Registration waits for the first forward because DDP accepts one comm hook only:
+    a script that registers its own hook after construction keeps working.
+    """
+    from .policy import get_policy
+    from .registry import get_codec
+
+    policy = get_policy()
+    codec = get_codec(policy.codec)
+    if codec.codec_id == "none":
+        return
+    state_kwargs: dict[str, Any] = {"codec": codec}
+    if hasattr(policy, "min_bytes"):
+        state_kwargs["min_bytes"] = policy.min_bytes
+    if getattr(policy, "error_feedback", None) is not None:
+        state_kwargs["error_feedback"] = policy.error_feedback
+
+    def register_at_first_forward(module: Any, args: Any) -> None:
+        handle.remove()
+        if getattr(module, "_comm_hooks", None):
+            return  # the script (or DDP's mixed precision) registered a hook already
+        from . import hooks
+
+        hooks.register(module, hooks.CompressionState(**state_kwargs))
+
+    handle = ddp.register_forward_pre_hook(register_at_first_forward)
+    ddp._commpress_hook_pending = handle
+
+
+def patch(codec: Any = None, **policy_kwargs: Any) -> Patch:
+    """Swap the ``torch.distributed`` collectives for compressed ones.
+
+    Args:
+        codec: codec spec (``"int8"``, ``"fp8+zstd"``), config dict or `Codec`;
+            None keeps the codec of ``Policy.from_env()`` (``COMMPRESS_CODEC``).
+        **policy_kwargs: any other `commpress.policy.Policy` field (``min_bytes``, ...);
+            fields not given come from the ``COMMPRESS_*`` environment variables.
+
+    Returns:
+        A `Patch`; use it as a context manager to unpatch on exit. Patching again
+        while patched only changes the policy (no double wrapping); leaving the inner
+        ``with`` block restores the outer policy.
+
+    Raises:
+        ConfigError: the codec spec is malformed or unknown, or a policy option is bad.
+    """
+    policy = _build_policy(codec, policy_kwargs)
+    from .policy import get_policy, set_policy
+
+    with _lock:
+        previous = get_policy()
+        if not _installed:
+            _install()
+        _policies_before.append(previous)
+        set_policy(policy)
+        return Patch(policy, len(_policies_before))
+
+
+def unpatch() -> None:
+    """Restore the original collectives, DDP constructor and policy. Harmless when not patched."""
+    with _lock:
+        _restore(1)
+
+
+def _restore(level: int) -> None:
+    from .policy import set_policy
+
+    if level > len(_policies_before) or level < 1:
+        return
+    set_policy(_policies_before[level - 1])
+    del _policies_before[level - 1 :]
+    if not _policies_before and _installed:
+        _uninstall()
+
+
+def is_patched() -> bool:
+    """Whether the ``torch.distributed`` collectives are currently swapped."""
+    return _installed
+
+
+def patched_names() -> list[str]:
+    """``"module.name"`` of every function currently swapped."""
+    with _lock:
+        return sorted(f"{m}.{n}" for m, n in _originals)
+
+
+class Patch:
+    """What `patch` returns: the policy it set, and a context manager that undoes it."""
+
+    def __init__(self, policy: Any, level: int) -> None:
+        self.policy = policy
+        self._level = level
+
+    def __repr__(self) -> str:
+        return f"Patch({self.policy!r}, active={self.active})"
+
+    @property
+    def active(self) -> bool:
+        """True until this patch (or an outer one) is undone."""
+        return _installed and len(_policies_before) >= self._level
+
+    def __enter__(self) -> Patch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with _lock:
+            _restore(self._level)
