@@ -12,9 +12,9 @@ Byte-plane shuffle
 Multi-byte elements are shuffled before compression: byte ``j`` of element
 ``i`` moves to position ``j * n + i``, so all the sign/exponent bytes of a
 float tensor sit next to each other, where they repeat a lot, instead of
-being interleaved with near-random mantissa bytes. It is one reshape and
-transpose (``(n, itemsize) -> (itemsize, n)``). Measured on 4M Gaussian
-elements (``torch.manual_seed(0); torch.randn(4 * 2**20)``, bf16 by casting;
+being interleaved with near-random mantissa bytes. It is a transpose of the
+``(n, itemsize)`` byte matrix, done as one strided copy per plane. Measured
+on 4M Gaussian elements (``torch.manual_seed(0); torch.randn(4 * 2**20)``, bf16 by casting;
 ratio = input bytes / payload bytes, default levels)::
 
     dtype     codec   no shuffle  shuffle
@@ -69,19 +69,32 @@ _SLACK = 1 << 17
 
 
 def shuffle_bytes(x: torch.Tensor) -> torch.Tensor:
-    """Byte planes of flat ``x`` as 1-D ``uint8``: byte ``j`` of element ``i`` at ``j*n+i``."""
+    """Byte planes of flat CPU ``x`` as 1-D ``uint8``: byte ``j`` of element ``i`` at ``j*n+i``."""
     raw = x.view(torch.uint8)
     k = x.element_size()
     if k == 1 or x.numel() == 0:
         return raw
-    return raw.view(-1, k).t().contiguous().view(-1)
+    # One strided numpy copy per plane. Measured on 16 MiB of fp32 this is several times
+    # faster than ``.t().contiguous()`` in torch or numpy, whose generic transpose moves
+    # one byte at a time.
+    src = raw.numpy().reshape(-1, k)
+    planes = torch.empty((k, x.numel()), dtype=torch.uint8)
+    dst = planes.numpy()
+    for j in range(k):
+        dst[j] = src[:, j]
+    return planes.view(-1)
 
 
 def unshuffle_bytes(planes: torch.Tensor, itemsize: int) -> torch.Tensor:
     """Inverse of `shuffle_bytes`: element-major ``uint8`` bytes."""
     if itemsize == 1 or planes.numel() == 0:
         return planes
-    return planes.view(itemsize, -1).t().contiguous().view(-1)
+    src = planes.numpy().reshape(itemsize, -1)
+    out = torch.empty((src.shape[1], itemsize), dtype=torch.uint8)
+    dst = out.numpy()
+    for j in range(itemsize):
+        dst[:, j] = src[j]
+    return out.view(-1)
 
 
 @dataclass(frozen=True, repr=False)
