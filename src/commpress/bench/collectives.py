@@ -14,9 +14,12 @@ Definitions (nccl-tests' conventions, on UNCOMPRESSED bytes):
   therefore shows a *higher* busbw than the link could carry: that is the point.
 - ``time`` is per iteration the slowest rank's wall time (ranks start together
   after a barrier); the row gives the median and the 10th/90th percentiles.
-- ``wire_bytes`` and ``ratio`` come from `commpress.stats` for codecs, and are
-  computed for the plain baselines; ``encode_share``/``decode_share`` are the
-  fractions of the median time spent encoding/decoding (also from stats).
+- ``wire_bytes`` is what one rank hands to the backend per call
+  (`commpress.stats`' ``bytes_wire``: packed buffers with headers, size
+  descriptors, both phases of a two-phase all-reduce; for the baselines, the
+  input tensor's bytes) and ``ratio`` is ``bytes_in / bytes_wire``;
+- ``encode_share``/``decode_share`` are the fractions of the median time spent
+  encoding/decoding (also from stats).
 - ``rel_err`` is ``||y - y_plain|| / ||y_plain||`` against plain fp32 on the
   same inputs, the largest over ranks.
 - ``speedup_fp32`` / ``speedup_bf16`` are the plain fp32 / plain bf16 median
@@ -32,7 +35,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,50 +251,22 @@ def _make_call(
 
 
 def _stats_snapshot() -> dict[str, float]:
-    """Totals over every op from `commpress.stats` (zeros when it is not available)."""
-    try:
-        import commpress
+    """This process's `commpress.stats` totals over every op."""
+    import commpress
 
-        raw = commpress.stats()
-    except (ImportError, AttributeError):
-        return {}
-    return _stats_totals(raw)
-
-
-def _stats_totals(raw: Any) -> dict[str, float]:
-    """Sum bytes in / on the wire and encode / decode seconds over the ops in ``raw``."""
-    keys = ("bytes_in", "bytes_wire", "encode_s", "decode_s", "calls")
-    aliases = {
-        "bytes_in": ("bytes_in", "nbytes_in", "input_bytes"),
-        "bytes_wire": ("bytes_wire", "wire_bytes", "bytes_on_wire", "nbytes_wire"),
-        "encode_s": ("encode_s", "encode_seconds", "encode_time", "seconds_encode"),
-        "decode_s": ("decode_s", "decode_seconds", "decode_time", "seconds_decode"),
-        "calls": ("calls", "count"),
+    total = commpress.stats().total()
+    return {
+        "bytes_in": float(total.bytes_in),
+        "bytes_wire": float(total.bytes_wire),
+        "encode_s": total.encode_s,
+        "decode_s": total.decode_s,
+        "calls": float(total.calls),
     }
-    per_op: Iterable[Any]
-    if hasattr(raw, "ops"):
-        raw = raw.ops
-    if isinstance(raw, dict):
-        per_op = raw.values()
-    elif isinstance(raw, (list, tuple)):
-        per_op = raw
-    else:
-        per_op = [raw]
-    totals = dict.fromkeys(keys, 0.0)
-    for entry in per_op:
-        get = entry.get if isinstance(entry, dict) else lambda k, e=entry: getattr(e, k, None)
-        for key in keys:
-            for alias in aliases[key]:
-                value = get(alias)
-                if isinstance(value, (int, float)):
-                    totals[key] += float(value)
-                    break
-    return totals
 
 
-def _plain_wire_bytes(op: str, size: int, world_size: int, element_size: int) -> int:
-    """Bytes one rank sends in a plain ring-style op (nccl-tests bus bytes)."""
-    return int(round(size * element_size / 4 * bus_factor(op, world_size)))
+def _plain_wire_bytes(numel: int, element_size: int) -> int:
+    """What `commpress.stats` counts as ``bytes_wire`` for a plain call: the input's bytes."""
+    return numel * element_size
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -353,8 +328,8 @@ def run_case(rank: int, world_size: int, case: Case, warmup: int, iters: int) ->
 
     for _ in range(warmup):
         call(src.clone())
-    _reset_stats()
-    before = _stats_snapshot()
+    is_baseline = case.codec in BASELINES
+    before = {} if is_baseline else _stats_snapshot()
     times = []
     for _ in range(iters):
         x = src.clone()
@@ -362,7 +337,7 @@ def run_case(rank: int, world_size: int, case: Case, warmup: int, iters: int) ->
         t0 = time.perf_counter()
         call(x)
         times.append(time.perf_counter() - t0)
-    after = _stats_snapshot()
+    after = {} if is_baseline else _stats_snapshot()
 
     stat = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     gathered = torch.tensor(
@@ -375,7 +350,7 @@ def run_case(rank: int, world_size: int, case: Case, warmup: int, iters: int) ->
     median = statistics.median(times)
     element = 2 if case.codec == "bf16" else 4
     if case.codec in BASELINES:
-        wire = _plain_wire_bytes(case.op, case.size, world_size, element)
+        wire = _plain_wire_bytes(src.numel(), element)
         ratio = 4 / element
     elif stat.get("bytes_wire"):
         wire = int(stat["bytes_wire"] / iters)
@@ -398,15 +373,6 @@ def run_case(rank: int, world_size: int, case: Case, warmup: int, iters: int) ->
         status="ok",
     )
     return row
-
-
-def _reset_stats() -> None:
-    try:
-        import commpress
-
-        commpress.reset_stats()
-    except (ImportError, AttributeError):
-        pass
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -74,8 +74,15 @@ def _rank_main(rank: int, world_size: int, port: int, name: str, steps: int) -> 
         timeout=datetime.timedelta(seconds=60),
     )
     torch.manual_seed(0)
+    # Matrices of several shapes plus vectors, like a transformer block's parameters.
     model = torch.nn.Sequential(
-        torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256)
+        torch.nn.Linear(256, 768),
+        torch.nn.GELU(),
+        torch.nn.Linear(768, 256),
+        torch.nn.LayerNorm(256),
+        torch.nn.Linear(256, 1024),
+        torch.nn.GELU(),
+        torch.nn.Linear(1024, 256),
     )
     ddp = DDP(model)
     hook, state = _hook_and_state(name)
@@ -113,10 +120,22 @@ def _main(argv: list[str]) -> int:
 
 
 def _observed_error(text: str) -> str:
-    """The most telling line of a dead probe's output: its innermost exception, with location."""
+    """The most telling line of a dead probe's output: its innermost error, with location.
+
+    A C++ abort (``terminate called ... what(): ...``) wins over the Python
+    exceptions that torch's process launcher raises about it afterwards.
+    """
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    exc = re.compile(r"^([\w.]*(Error|Exception)|terminate called|.*doesn't match)")
-    hits = [i for i, ln in enumerate(lines) if exc.match(ln) and "ProcessRaised" not in ln]
+    for i, ln in enumerate(lines):
+        if ln.startswith("what():"):
+            kind = re.search(r"instance of '([^']+)'", lines[i - 1]) if i else None
+            what = ln[len("what():") :].strip()
+            what = what.split("] ", 1)[-1]  # drop the "[enforce fail at file:line]" prefix
+            return f"process aborted: {kind.group(1) + ': ' if kind else ''}{what}"[:240]
+    exc = re.compile(r"^[\w.]*(Error|Exception)\b")
+    launcher = ("ProcessRaisedException", "ProcessExitedException")
+    hits = [i for i, ln in enumerate(lines) if exc.match(ln) and not ln.startswith(launcher)]
+    hits = hits or [i for i, ln in enumerate(lines) if exc.match(ln)]
     if not hits:
         return lines[-1][:240] if lines else "no output"
     i = hits[-1]
