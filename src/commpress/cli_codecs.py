@@ -41,7 +41,7 @@ from .registry import get_codec, list_codecs
 
 __all__ = [
     "CodecRow", "DEFAULT_SIZE", "DTYPES", "add_parser", "measure_clone", "measure_codec",
-    "parse_codec_list", "parse_size", "run", "sample", "format_table",
+    "format_bytes", "parse_codec_list", "parse_size", "run", "sample", "format_table",
 ]
 
 DEFAULT_SIZE = 16 << 20
@@ -83,6 +83,14 @@ def parse_size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be at least 1 byte")
     return int(value)
+
+
+def format_bytes(n: int) -> str:
+    """``65536`` -> ``"64 KiB"``, ``3 << 19`` -> ``"1.5 MiB"``."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{n} B"
 
 
 def parse_codec_list(text: str) -> list[Codec]:
@@ -346,7 +354,7 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
         }
         out.write(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     else:
-        title = (f"commpress codecs: {nbytes / (1 << 20):.2f} MiB of {args.dtype} "
+        title = (f"commpress codecs: {format_bytes(nbytes)} of {args.dtype} "
                  f"({x.numel()} Gaussian elements, seed {args.seed}) on {device}, "
                  f"median of {args.repeat}")
         out.write(format_table(rows, clone_gbps, title) + "\n")
