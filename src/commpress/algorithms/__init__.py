@@ -1,0 +1,1 @@
+"""Compressed collective algorithms, built only on torch.distributed primitives."""
