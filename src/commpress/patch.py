@@ -175,7 +175,7 @@ def _build_policy(codec: Any, policy_kwargs: dict[str, Any]) -> Any:
         raise ConfigError(
             f"commpress.patch: unknown policy option(s) {unknown}; allowed: {sorted(fields)}"
         )
-    return dataclasses.replace(Policy.from_env(), **overrides)
+    return Policy.from_env(**overrides)
 
 
 def _install() -> None:
@@ -237,12 +237,10 @@ def _arm_ddp_hook(ddp: Any) -> None:
 
     policy = get_policy()
     codec = get_codec(policy.codec)
-    if codec.codec_id == "none":
+    if codec.codec_id == "none" or (policy.ops is not None and "all_reduce" not in policy.ops):
         return
-    state_kwargs: dict[str, Any] = {"codec": codec}
-    if hasattr(policy, "min_bytes"):
-        state_kwargs["min_bytes"] = policy.min_bytes
-    if getattr(policy, "error_feedback", None) is not None:
+    state_kwargs: dict[str, Any] = {"codec": codec, "min_bytes": policy.min_bytes}
+    if policy.error_feedback is not None:
         state_kwargs["error_feedback"] = policy.error_feedback
 
     def register_at_first_forward(module: Any, args: Any) -> None:
