@@ -32,6 +32,7 @@ decodes +-Inf to NaN -- never to a finite number.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -68,8 +69,8 @@ class _FP8(Codec):
     fp8_max: ClassVar[float]
     rel_error: ClassVar[float]
     subnormal_error: ClassVar[float]
-    #: Bit pattern stored for +-Inf, or None when the format keeps Inf itself.
-    inf_code: ClassVar[int | None]
+    #: Whether the format has +-Inf (e5m2); if not (e4m3fn), +-Inf is stored as NaN.
+    has_inf: ClassVar[bool]
 
     block: int = 128
     pow2: bool = False
@@ -105,12 +106,12 @@ class _FP8(Codec):
             scales[row : row + x2d.shape[0]] = s
             # Multiply by the reciprocal (exact for pow2 scales); |x * inv| <= FP8_MAX up to
             # one float32 rounding, which the cast rounds back to FP8_MAX.
-            codes[start : start + x2d.numel()].view_as(x2d).copy_(x2d * s.reciprocal().unsqueeze(1))
-        raw = codes.view(torch.uint8)
-        if self.inf_code is not None:
-            # torch's e4m3fn cast saturates Inf on some devices; make it NaN everywhere.
-            raw.masked_fill_(torch.isinf(x), self.inf_code)
-        return raw, scales
+            q = x2d * s.reciprocal().unsqueeze(1)
+            if not self.has_inf:
+                # torch's e4m3fn cast saturates Inf to 448 on CPU; make it NaN everywhere.
+                q.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
+            codes[start : start + x2d.numel()].view_as(x2d).copy_(q)
+        return codes.view(torch.uint8), scales
 
     def _decode(
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
@@ -156,7 +157,7 @@ class FP8(_FP8):
     fp8_max: ClassVar[float] = 448.0
     rel_error: ClassVar[float] = 2.0**-4
     subnormal_error: ClassVar[float] = 2.0**-10
-    inf_code: ClassVar[int | None] = 0x7F
+    has_inf: ClassVar[bool] = False
 
 
 @register_codec
@@ -184,4 +185,4 @@ class FP8E5M2(_FP8):
     fp8_max: ClassVar[float] = 57344.0
     rel_error: ClassVar[float] = 2.0**-3
     subnormal_error: ClassVar[float] = 2.0**-17
-    inf_code: ClassVar[int | None] = None
+    has_inf: ClassVar[bool] = True

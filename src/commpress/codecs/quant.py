@@ -155,6 +155,10 @@ def expect_sections(
         )
 
 
+#: Integer dtype holding one byte per code of a packed byte (``8 // bits`` codes).
+_GROUP_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack flat ``uint8`` codes below ``2**bits`` into ``ceil(n * bits / 8)`` bytes.
 
@@ -166,16 +170,24 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes
     n = codes.numel()
     m = n - n % per
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
     out = torch.empty(-(-n // per), dtype=torch.uint8, device=codes.device)
     if m:
-        # The codes occupy disjoint bits, so a sum is a bitwise or.
-        torch.sum(codes[:m].view(-1, per) << shifts, dim=1, dtype=torch.uint8, out=out[: m // per])
+        out[: m // per] = _gather_bits(codes[:m].view(_GROUP_DTYPES[per]), bits)
     if m < n:
         tail = torch.zeros(per, dtype=torch.uint8, device=codes.device)
         tail[: n - m] = codes[m:]
-        out[-1:] = (tail << shifts).sum(dtype=torch.uint8)
+        out[-1:] = _gather_bits(tail.view(_GROUP_DTYPES[per]), bits)
     return out
+
+
+def _gather_bits(v: torch.Tensor, bits: int) -> torch.Tensor:
+    # Each word holds ``per`` codes one per byte (little-endian, as on every platform
+    # torch runs on); fold them into the low byte in log2(per) shift-or steps.
+    step = 8 - bits
+    while step < 8 * v.element_size() - 8:
+        v = v | (v >> step)
+        step *= 2
+    return (v & 0xFF).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -183,9 +195,15 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     per = 8 // bits
     if per == 1:
         return packed
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-    return codes.view(-1)[:n]
+    dtype = _GROUP_DTYPES[per]
+    w = packed.to(dtype)
+    # The pack steps backwards: spread the codes out to one per byte of a word.
+    step = (8 - bits) * (per // 2)
+    while step >= 8 - bits:
+        w = w | (w << step)
+        step //= 2
+    mask = int.from_bytes(bytes([(1 << bits) - 1]) * per, "little")
+    return (w & mask).view(torch.uint8)[:n]
 
 
 # ------------------------------------------------------------- integer codecs

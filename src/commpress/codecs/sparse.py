@@ -288,9 +288,12 @@ class RandomK(Codec):
         n = x.numel()
         state = torch.empty(2, dtype=torch.int64, device=x.device)
         state[0] = _next_draw(self.spec)
-        state[1:] = (~torch.isfinite(x)).any()
         if n == 0:
+            state[1] = 0
             return x, state
+        # One fused pass: min and max are finite exactly when every element is.
+        lo, hi = torch.aminmax(x)
+        state[1:] = ~(torch.isfinite(lo) & torch.isfinite(hi))
         return x.index_select(0, self.indices(state[:1], n)), state
 
     def _decode(
