@@ -22,7 +22,7 @@ from .errors import CommpressError
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 #: Modules that each contribute one subcommand through ``add_parser(subparsers)``.
-SUBCOMMANDS: tuple[str, ...] = ("commpress.cli_codecs", "commpress.cli_run")
+SUBCOMMANDS: tuple[str, ...] = ("commpress.cli_codecs", "commpress.cli_run", "commpress.bench.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

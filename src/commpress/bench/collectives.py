@@ -349,7 +349,7 @@ def run_case(rank: int, world_size: int, case: Case, warmup: int, iters: int) ->
 
     median = statistics.median(times)
     element = 2 if case.codec == "bf16" else 4
-    if case.codec in BASELINES:
+    if is_baseline:
         wire = _plain_wire_bytes(src.numel(), element)
         ratio = 4 / element
     elif stat.get("bytes_wire"):
@@ -366,8 +366,8 @@ def run_case(rank: int, world_size: int, case: Case, warmup: int, iters: int) ->
         busbw_GBps=algbw * bus_factor(case.op, world_size),
         wire_bytes=wire,
         ratio=ratio,
-        encode_share=enc_s / iters / median if case.codec not in BASELINES else 0.0,
-        decode_share=dec_s / iters / median if case.codec not in BASELINES else 0.0,
+        encode_share=None if is_baseline else enc_s / iters / median,
+        decode_share=None if is_baseline else dec_s / iters / median,
         rel_err=err,
         iters=iters,
         status="ok",

@@ -1,0 +1,296 @@
+"""``commpress bench``: nccl-tests for compressed collectives.
+
+Runs each op at each size with each codec on ``--world-size`` local gloo ranks,
+next to plain fp32 and plain bf16 runs of the same op and size, and prints one
+row per case (see `commpress.bench.collectives` for every column's meaning).
+
+Example::
+
+    commpress bench                                   # all_reduce, 1M..16M, bf16/int8/int4, 2 ranks
+    commpress bench --ops all_reduce,all_gather -b 8K -e 256M -f 4 --codecs int8,fp8
+    commpress bench --link 1gbit --json out.json --plot busbw.png
+
+``--link RATE`` runs the ranks in a private network namespace whose loopback
+is shaped to RATE (`commpress.bench.netem`); it needs root, ``unshare`` and
+``tc`` and never touches another interface.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from typing import Any
+
+from ..errors import CommpressError
+from .collectives import OPS, SweepConfig, add_speedups, format_size, parse_size, size_range
+
+__all__ = ["add_parser", "build_config", "run", "main"]
+
+DEFAULT_OPS = "all_reduce"
+DEFAULT_CODECS = "bf16,int8,int4"
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``bench`` on the ``commpress`` command's subparsers."""
+    p = subparsers.add_parser(
+        "bench",
+        help="time compressed collectives against plain fp32/bf16 (like nccl-tests)",
+        description=(__doc__ or "").split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    configure_parser(p)
+    return p
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    """Add ``commpress bench``'s options to ``p``."""
+    p.add_argument("--ops", default=DEFAULT_OPS, help=f"comma list of {', '.join(OPS)}; or 'all'")
+    p.add_argument(
+        "--codecs",
+        default=DEFAULT_CODECS,
+        help="comma list of codec specs (e.g. 'int8,int4,int8:block=128+zstd'); "
+        "plain fp32 and bf16 baselines are always added",
+    )
+    p.add_argument("-b", "--minbytes", default="1M", help="smallest size (bytes; K/M/G suffix)")
+    p.add_argument("-e", "--maxbytes", default="16M", help="largest size (bytes; K/M/G suffix)")
+    p.add_argument("-f", "--stepfactor", type=int, default=4, help="size multiplier per step")
+    p.add_argument(
+        "--shape",
+        default=None,
+        help="one 2-D shape ROWSxCOLS instead of -b/-e (matrix codecs such as powersgd)",
+    )
+    p.add_argument("--world-size", type=int, default=2, help="local gloo ranks to spawn")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations per case")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations per case")
+    p.add_argument(
+        "--link",
+        default="none",
+        help="emulate a link of this rate on loopback (e.g. 1gbit, 10gbit); 'none' = as is",
+    )
+    p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+    p.add_argument("--plot", metavar="PNG", help="plot busbw vs size per codec")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace) -> SweepConfig:
+    """A `SweepConfig` from parsed arguments.
+
+    Raises:
+        ValueError: a bad op, size, shape or count (the message says which).
+    """
+    ops = OPS if args.ops.strip() == "all" else tuple(_csv(args.ops))
+    shape = None
+    if args.shape:
+        try:
+            shape = tuple(int(s) for s in args.shape.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--shape {args.shape!r} is not ROWSxCOLS, e.g. 4096x4096") from None
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"--shape {args.shape!r} must be two positive numbers, e.g. 4096x4096")
+    sizes = size_range(parse_size(args.minbytes), parse_size(args.maxbytes), args.stepfactor)
+    return SweepConfig(
+        ops=ops,
+        codecs=tuple(_csv(args.codecs)),
+        sizes=tuple(sizes),
+        world_size=args.world_size,
+        warmup=args.warmup,
+        iters=args.iters,
+        link=args.link.lower(),
+        shape=shape,
+    )
+
+
+class _Progress:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int, case: Any) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * done / max(total, 1))
+        label = f"{case.op} {format_size(case.size)} {case.codec}" if done < total else "done"
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<40}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def measure(config: SweepConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Run the sweep here (no link emulation) and return rows with speedups."""
+    from .collectives import sweep
+
+    return add_speedups(list(sweep(config, progress=_Progress(progress))))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``commpress bench``; returns the exit code.
+
+    0: rows were measured (some may say ``error: ...``); 1: every case failed;
+    2: bad arguments; 3: ``--link`` asked for but link emulation is unavailable.
+    """
+    from . import netem
+
+    try:
+        config = build_config(args)
+        bits = netem.parse_rate(config.link)
+    except ValueError as exc:
+        print(f"commpress bench: {exc}", file=sys.stderr)
+        return 2
+    progress = not args.quiet
+    if bits is None:
+        rows = measure(config, progress)
+    else:
+        ok, why = netem.link_available()
+        if not ok:
+            print(
+                f"commpress bench: cannot emulate a {config.link} link: {why}; {netem.HOW_TO_SKIP}",
+                file=sys.stderr,
+            )
+            return 3
+        config = replace(config, link=netem.format_rate(bits))
+        rows = _measure_in_namespace(netem, config, progress)
+    _write(rows, args)
+    failed = [r for r in rows if r.get("status") != "ok"]
+    return 1 if failed and len(failed) == len(rows) else 0
+
+
+def _measure_in_namespace(netem: Any, config: SweepConfig, progress: bool) -> list[dict[str, Any]]:
+    """`measure` in a child process whose ranks talk over a loopback shaped to ``config.link``.
+
+    The child's stderr (the progress bar) passes through; its rows come back as JSON.
+    """
+    with tempfile.TemporaryDirectory(prefix="commpress-bench-") as tmp:
+        out = os.path.join(tmp, "rows.json")
+        inner = [
+            sys.executable, "-m", "commpress.bench.cli", "--inner",
+            json.dumps(dataclasses.asdict(config)), out, "1" if progress else "0",
+        ]  # fmt: skip
+        proc = subprocess.run(netem.wrap_command(inner, config.link))
+        if proc.returncode != 0 or not os.path.exists(out):
+            raise CommpressError(
+                f"the benchmark under an emulated {config.link} link failed "
+                f"(exit code {proc.returncode}); its output is above"
+            )
+        with open(out) as f:
+            return json.load(f)
+
+
+def _inner_main(config_json: str, out: str, progress: str) -> int:
+    """The child of `_measure_in_namespace`: measure and write rows to ``out``."""
+    fields = json.loads(config_json)
+    for key in ("ops", "codecs", "sizes", "shape"):
+        if fields.get(key) is not None:
+            fields[key] = tuple(fields[key])
+    rows = measure(SweepConfig(**fields), progress == "1")
+    with open(out, "w") as f:
+        json.dump(rows, f)
+    return 0
+
+
+#: Terminal columns and their headers (every column goes to --json/--csv).
+TABLE_COLUMNS: dict[str, str] = {
+    "op": "op",
+    "size": "size",
+    "codec": "codec",
+    "time_us": "time(us)",
+    "spread": "p10..p90(us)",
+    "algbw_GBps": "algbw(GB/s)",
+    "busbw_GBps": "busbw(GB/s)",
+    "wire_bytes": "wire(B)",
+    "ratio": "ratio",
+    "encode_share": "enc%",
+    "decode_share": "dec%",
+    "rel_err": "rel_err",
+    "speedup_fp32": "x fp32",
+    "speedup_bf16": "x bf16",
+    "status": "status",
+}
+
+
+def format_rows(rows: list[dict[str, Any]], title: str | None = None) -> str:
+    """The terminal table of ``rows`` (through `commpress.bench.report`)."""
+    from . import report
+
+    shown = []
+    for r in rows:
+        row = dict(r)
+        if r.get("time_p10_us") is not None:
+            row["spread"] = f"{r['time_p10_us']:.0f}..{r['time_p90_us']:.0f}"
+        shown.append(row)
+    cols = [c for c in TABLE_COLUMNS if c != "status"]
+    if any(r.get("status") != "ok" for r in rows):
+        cols.append("status")
+    percent = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    formats = {
+        "size": format_size,
+        "time_us": "{:.0f}",
+        "algbw_GBps": "{:.3f}",
+        "busbw_GBps": "{:.3f}",
+        "ratio": "{:.2f}",
+        "encode_share": percent,
+        "decode_share": percent,
+        "rel_err": "{:.2e}",
+        "speedup_fp32": "{:.2f}",
+        "speedup_bf16": "{:.2f}",
+    }
+    return report.format_table(shown, cols, formats=formats, headers=TABLE_COLUMNS, title=title)
+
+
+def _write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    from . import report
+
+    first = rows[0] if rows else {}
+    title = (
+        f"commpress bench: {first.get('world_size', args.world_size)} gloo ranks, "
+        f"link {first.get('link', args.link)}, {args.iters} iters (median), sizes in bytes of fp32"
+    )
+    print(format_rows(rows, title))
+    meta = {"argv": sys.argv[1:], "world_size": args.world_size, "link": args.link}
+    if args.json:
+        report.write_json(args.json, rows, meta)
+    if args.csv:
+        report.write_csv(args.csv, rows)
+    if args.plot:
+        several_ops = len({r["op"] for r in rows}) > 1
+        report.plot(
+            [r for r in rows if r.get("status") == "ok"],
+            x="size",
+            y="busbw_GBps",
+            path=args.plot,
+            series=["op", "codec"] if several_ops else "codec",
+            title=f"busbw vs size ({first.get('link', args.link)} link)",
+            xlabel="size (bytes of fp32)",
+            ylabel="busbw (GB/s, uncompressed bytes)",
+            logx=True,
+            logy=True,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m commpress.bench.cli``: the same as ``commpress bench``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--inner"]:
+        return _inner_main(*argv[1:])
+    parser = argparse.ArgumentParser(prog="commpress bench", description=__doc__)
+    configure_parser(parser)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
