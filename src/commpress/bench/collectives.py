@@ -25,9 +25,11 @@ Definitions (nccl-tests' conventions, on UNCOMPRESSED bytes):
 - ``speedup_fp32`` / ``speedup_bf16`` are the plain fp32 / plain bf16 median
   time divided by this row's median time, same op and size, same invocation.
 
-Baselines ``fp32`` and ``bf16`` are plain ``torch.distributed`` calls on a
-float32 / bfloat16 tensor that already is in that dtype (the bf16 baseline is
-what a run that keeps its gradients in bf16 pays; it does not include a cast).
+Baselines ``plain-fp32`` and ``plain-bf16`` are plain ``torch.distributed``
+calls on a float32 / bfloat16 tensor that already is in that dtype (the bf16
+baseline is what a run that keeps its gradients in bf16 pays; it includes no
+cast). The ``bf16`` *codec* is different: commpress casts float32 to bf16 and
+back around the call, and that cast is part of its time.
 """
 
 from __future__ import annotations
@@ -53,12 +55,15 @@ __all__ = [
     "bus_factor",
     "run_case",
     "sweep",
+    "sweep_rows",
     "add_speedups",
 ]
 
 OPS: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
 #: Plain torch.distributed baselines, always measured next to the codecs.
-BASELINES: tuple[str, ...] = ("fp32", "bf16")
+BASELINES: tuple[str, ...] = ("plain-fp32", "plain-bf16")
+#: The column each baseline's speedup goes to.
+_SPEEDUP_COLUMN = {"plain-fp32": "speedup_fp32", "plain-bf16": "speedup_bf16"}
 
 BUS_FACTORS: dict[str, Callable[[int], float]] = {
     "all_reduce": lambda n: 2.0 * (n - 1) / n,
@@ -172,7 +177,7 @@ class SweepConfig:
 
     def cases(self) -> list[Case]:
         """Every (op, size, baseline-or-codec) case, baselines first within a size."""
-        names = list(BASELINES) + [c for c in self.codecs if c not in BASELINES]
+        names = list(BASELINES) + list(self.codecs)
         sizes = self.sizes
         if self.shape is not None:
             sizes = (4 * math.prod(self.shape),)
@@ -294,7 +299,7 @@ def run_case(rank: int, world_size: int, case: Case, warmup: int, iters: int) ->
     reference = plain(base.clone()).float()
 
     if case.codec in BASELINES:
-        dtype = torch.float32 if case.codec == "fp32" else torch.bfloat16
+        dtype = torch.float32 if case.codec == "plain-fp32" else torch.bfloat16
         call = plain
         src = base.to(dtype)
     else:
@@ -348,7 +353,7 @@ def run_case(rank: int, world_size: int, case: Case, warmup: int, iters: int) ->
     err, enc_s, dec_s = gathered[iters:].tolist()
 
     median = statistics.median(times)
-    element = 2 if case.codec == "bf16" else 4
+    element = 2 if case.codec == "plain-bf16" else 4
     if is_baseline:
         wire = _plain_wire_bytes(src.numel(), element)
         ratio = 4 / element
@@ -382,10 +387,10 @@ def add_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r.get("codec") in BASELINES and r.get("status") == "ok":
             base[(r["op"], r["size"], r.get("link"), r["codec"])] = r["time_us"]
     for r in rows:
-        for name in BASELINES:
+        for name, column in _SPEEDUP_COLUMN.items():
             t = base.get((r["op"], r["size"], r.get("link"), name))
             ok = t is not None and r.get("status") == "ok"
-            r[f"speedup_{name}"] = t / r["time_us"] if ok else None
+            r[column] = t / r["time_us"] if ok else None
     return rows
 
 
@@ -411,3 +416,17 @@ def sweep(
             yield row
     if progress is not None and cases:
         progress(len(cases), len(cases), cases[-1])
+
+
+def sweep_rows(**fields: Any) -> list[dict[str, Any]]:
+    """`sweep` + `add_speedups` from JSON-able `SweepConfig` fields (lists for tuples).
+
+    The form `commpress.bench.netem.run_function` calls in another process::
+
+        netem.run_function("1gbit", "commpress.bench.collectives:sweep_rows",
+                           {"ops": ["all_reduce"], "sizes": [67108864]})
+    """
+    for key in ("ops", "codecs", "sizes", "shape"):
+        if fields.get(key) is not None:
+            fields[key] = tuple(fields[key])
+    return add_speedups(list(sweep(SweepConfig(**fields))))
