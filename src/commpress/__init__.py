@@ -23,8 +23,13 @@ from .errors import (
     UnsupportedDtypeError,
     WireError,
 )
+from .engine import Engine, Handle
 from .feedback import ErrorFeedback
+from .policy import Policy
 from .registry import get_codec, list_codecs, register_codec
+from .stats import reset_stats, stats
+
+from . import distributed  # noqa: E402, I001  (after the core: it builds on all of it)
 
 __version__ = "0.1.0"
 
@@ -32,6 +37,8 @@ __all__ = [
     # codecs
     "Codec", "Packet", "PacketMeta", "get_codec", "list_codecs", "register_codec",
     "ErrorFeedback", "wire",
+    # collectives
+    "distributed", "Policy", "Engine", "Handle", "stats", "reset_stats",
     # errors
     "CommpressError", "ConfigError", "UnknownCodecError", "UnsupportedDtypeError",
     "UnsupportedDeviceError", "WireError", "CodecMismatchError", "CollectiveError",

@@ -151,6 +151,7 @@ class Codec:
     summable: ClassVar[bool] = False
     #: Reduction algorithm this codec requires (e.g. "powersgd"); None: chosen by capabilities.
     algorithm: ClassVar[str | None] = None
+    wants_error_feedback: ClassVar[bool] = False  # biased codecs (sign, topk): policy turns EF on
     #: Devices the codec can run on ("cpu", "cuda", ...); None means any.
     devices: ClassVar[tuple[str, ...] | None] = None
 

@@ -1,0 +1,481 @@
+"""What every algorithm shares: the call context, the descriptor exchange, byte transfers.
+
+Descriptor exchange
+-------------------
+On gloo, a collective whose ranks pass buffers of different sizes aborts
+the process. So before a compressed collective moves any packed buffer,
+every rank all-gathers one fixed-size ``int64`` row, its *descriptor*::
+
+    word  field
+    0     magic + descriptor version (catches mixed commpress versions)
+    1     op code (which collective)
+    2     algorithm code
+    3     codec config hash (``Codec.config_hash`` as a signed int64)
+    4     length of the codec spec string in bytes
+    5     dtype code of the input (``codec.DTYPE_CODES``)
+    6     element count of this rank's input
+    7     reduce op code (-1 for ops that do not reduce)
+    8     root (group rank) for rooted ops, else -1
+    9     status: 0 ok, 1 this rank rejected its arguments
+    10..  packed buffer size in bytes for each destination group rank
+
+Every rank then holds the same ``(world, 10 + world)`` table and checks it
+the same way, so all ranks raise together or proceed together. On a codec
+hash mismatch the ranks run one more all-gather of their spec strings
+(padded to the longest, whose length every rank knows from word 4) and
+raise `CodecMismatchError` naming every rank's spec. The descriptor is also
+how receivers learn the sizes of variable-size payloads (``zstd``, chains).
+
+With ``Policy(verify=False)`` and a codec of fixed size
+(``encoded_nbytes`` not None), no descriptor is exchanged: every rank
+computes the packed sizes from shapes it already knows (`packed_size`).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .. import wire
+from ..codec import DTYPE_CODES, Codec
+from ..errors import CodecMismatchError, CollectiveError
+from ..feedback import ErrorFeedback
+from ..stats import CallRecord
+
+__all__ = [
+    "Comm",
+    "Descriptors",
+    "exchange",
+    "reject",
+    "packed_size",
+    "alltoallv",
+    "allgatherv",
+    "encode_pack",
+    "unpack_decode",
+    "acc_dtype",
+    "reduce_into",
+    "chunk_bounds",
+    "OP_CODES",
+    "gather_sizes",
+    "broadcast_buf",
+]
+
+MAGIC = (0x434D5052 << 32) | 1  # "CMPR", descriptor version 1
+FIXED_WORDS = 10
+(W_MAGIC, W_OP, W_ALGO, W_HASH, W_SPECLEN, W_DTYPE, W_NUMEL, W_REDOP, W_ROOT, W_STATUS) = range(10)
+
+OP_CODES: dict[str, int] = {
+    name: i + 1
+    for i, name in enumerate(
+        (
+            "all_reduce",
+            "reduce",
+            "all_gather",
+            "all_gather_into_tensor",
+            "reduce_scatter",
+            "reduce_scatter_tensor",
+            "broadcast",
+            "all_to_all",
+            "all_to_all_single",
+            "gather",
+            "scatter",
+            "send",
+            "recv",
+            "isend",
+            "irecv",
+        )
+    )
+}
+ALGO_CODES: dict[str, int] = {
+    "direct": 1,
+    "two_phase": 2,
+    "gather": 3,
+    "transport": 4,
+    "powersgd": 5,
+}
+_REDOP_NAMES = ("SUM", "AVG", "PRODUCT", "MIN", "MAX", "BAND", "BOR", "BXOR")
+
+
+def redop_code(op: Any) -> int:
+    """A stable small code for a ``ReduceOp`` (-1 for None)."""
+    if op is None:
+        return -1
+    for i, name in enumerate(_REDOP_NAMES):
+        if op == getattr(dist.ReduceOp, name):
+            return i
+    return 99
+
+
+def signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+@dataclass
+class Comm:
+    """Everything an algorithm needs about one call.
+
+    Attributes:
+        op: the public op name (``"all_reduce"``...), for messages and codes.
+        group: the torch process group (None: the default group).
+        rank: this process's rank in ``group``.
+        size: number of ranks in ``group``.
+        device: where buffers live (the tensors' device).
+        codec: the codec of the call.
+        verify: exchange descriptors (always True for variable-size codecs).
+        checksum: CRC32 in every wire buffer.
+        rec: the call's stats record, filled in as the algorithm runs.
+        feedback: error feedback memory when the call uses it, else None.
+        key: the error-feedback key of the call.
+    """
+
+    op: str
+    group: Any
+    rank: int
+    size: int
+    device: torch.device
+    codec: Codec
+    verify: bool = True
+    checksum: bool = False
+    rec: CallRecord = field(default_factory=lambda: CallRecord(""))
+    feedback: ErrorFeedback | None = None
+    key: Hashable | None = None
+
+    def global_rank(self, group_rank: int) -> int:
+        """The global rank of ``group_rank`` (what torch's ``src=``/``dst=`` take)."""
+        if self.group is None or self.group is dist.GroupMember.WORLD:
+            return group_rank
+        return dist.get_global_rank(self.group, group_rank)
+
+    def fail(self, what: str) -> CollectiveError:
+        return CollectiveError(f"{self.op}: {what}")
+
+
+# --------------------------------------------------------------- descriptors
+@dataclass(frozen=True)
+class Descriptors:
+    """Every rank's descriptor row, as Python ints: ``rows[rank][word]``."""
+
+    rows: list[list[int]]
+
+    def sizes_from(self, rank: int) -> list[int]:
+        """Packed sizes ``rank`` sends to each destination."""
+        return self.rows[rank][FIXED_WORDS:]
+
+    def sizes_to(self, dest: int) -> list[int]:
+        """Packed sizes each rank sends to ``dest``."""
+        return [row[FIXED_WORDS + dest] for row in self.rows]
+
+    def numel(self, rank: int) -> int:
+        return self.rows[rank][W_NUMEL]
+
+
+def _row(
+    comm: Comm,
+    *,
+    algorithm: str,
+    dtype: torch.dtype | None,
+    numel: int,
+    redop: Any,
+    root: int,
+    sizes: Sequence[int],
+    status: int,
+) -> torch.Tensor:
+    row = [0] * (FIXED_WORDS + comm.size)
+    row[W_MAGIC] = MAGIC
+    row[W_OP] = OP_CODES[comm.op]
+    row[W_ALGO] = ALGO_CODES.get(algorithm, 0)
+    row[W_HASH] = signed64(comm.codec.config_hash)
+    row[W_SPECLEN] = len(comm.codec.spec.encode())
+    row[W_DTYPE] = DTYPE_CODES.get(dtype, 0) if dtype is not None else 0
+    row[W_NUMEL] = numel
+    row[W_REDOP] = redop_code(redop)
+    row[W_ROOT] = root
+    row[W_STATUS] = status
+    for i, s in enumerate(sizes):
+        row[FIXED_WORDS + i] = s
+    return torch.tensor(row, dtype=torch.int64, device=comm.device)
+
+
+def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, inp, group=group)
+
+
+def _gather_rows(comm: Comm, row: torch.Tensor) -> list[list[int]]:
+    out = torch.empty(comm.size * row.numel(), dtype=torch.int64, device=comm.device)
+    t0 = time.perf_counter()
+    _all_gather_flat(out, row, comm.group)
+    comm.rec.transfer_s += time.perf_counter() - t0
+    comm.rec.bytes_wire += row.numel() * 8
+    return out.view(comm.size, row.numel()).tolist()
+
+
+def exchange(
+    comm: Comm,
+    *,
+    algorithm: str,
+    dtype: torch.dtype | None,
+    numel: int,
+    sizes: Sequence[int],
+    redop: Any = None,
+    root: int = -1,
+    same_numel: bool = True,
+) -> Descriptors:
+    """All-gather this rank's descriptor and check every rank's against each other.
+
+    Raises, on every rank alike:
+        CollectiveError: another rank rejected its arguments, or the ranks disagree on the
+            op, algorithm, dtype, element count (when ``same_numel``), reduce op or root.
+        CodecMismatchError: the ranks use different codec configs (names every spec).
+    """
+    row = _row(
+        comm,
+        algorithm=algorithm,
+        dtype=dtype,
+        numel=numel,
+        redop=redop,
+        root=root,
+        sizes=sizes,
+        status=0,
+    )
+    rows = _gather_rows(comm, row)
+    _check(comm, rows, same_numel)
+    return Descriptors(rows)
+
+
+def reject(comm: Comm, error: BaseException) -> None:
+    """Tell the other ranks (through the descriptor) that this rank's arguments are bad.
+
+    Use instead of `exchange` when a local check failed, then raise ``error``: the
+    other ranks raise too instead of waiting for this one.
+    """
+    row = _row(comm, algorithm="", dtype=None, numel=0, redop=None, root=-1, sizes=(), status=1)
+    _gather_rows(comm, row)
+
+
+def _check(comm: Comm, rows: list[list[int]], same_numel: bool) -> None:
+    bad = [r for r, row in enumerate(rows) if row[W_STATUS] != 0]
+    if bad:
+        raise comm.fail(
+            f"rank(s) {bad} of the group rejected their arguments (see the error raised there); "
+            "nothing was sent"
+        )
+    if any(row[W_MAGIC] != MAGIC for row in rows):
+        raise comm.fail("ranks run different commpress versions (descriptor magic differs)")
+    names = {v: k for k, v in OP_CODES.items()}
+    _agree(comm, rows, W_OP, "op", lambda v: names.get(v, str(v)))
+    if len({row[W_HASH] for row in rows}) > 1:
+        raise _mismatch(comm, rows)
+    algos = {v: k for k, v in ALGO_CODES.items()}
+    _agree(
+        comm,
+        rows,
+        W_ALGO,
+        "algorithm (set the same Policy.algorithm on every rank)",
+        lambda v: algos.get(v, str(v)),
+    )
+    _agree(comm, rows, W_DTYPE, "dtype", str)
+    if same_numel:
+        _agree(comm, rows, W_NUMEL, "number of elements", str)
+    _agree(comm, rows, W_REDOP, "reduce op", lambda v: _REDOP_NAMES[v] if 0 <= v < 8 else str(v))
+    _agree(comm, rows, W_ROOT, "root rank (group rank of src/dst)", str)
+
+
+def _agree(comm: Comm, rows: list[list[int]], word: int, what: str, show: Any) -> None:
+    values = [row[word] for row in rows]
+    if len(set(values)) > 1:
+        listing = ", ".join(f"rank {r}: {show(v)}" for r, v in enumerate(values))
+        raise comm.fail(f"ranks disagree on the {what}: {listing}")
+
+
+def _mismatch(comm: Comm, rows: list[list[int]]) -> CodecMismatchError:
+    longest = max(row[W_SPECLEN] for row in rows)
+    mine = comm.codec.spec.encode()
+    buf = torch.zeros(max(longest, 1), dtype=torch.uint8, device=comm.device)
+    if mine:
+        buf[: len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8).to(comm.device)
+    out = torch.empty(comm.size * buf.numel(), dtype=torch.uint8, device=comm.device)
+    _all_gather_flat(out, buf, comm.group)
+    table = out.view(comm.size, -1).cpu()
+    specs = [
+        bytes(table[r, : rows[r][W_SPECLEN]].tolist()).decode(errors="replace")
+        for r in range(comm.size)
+    ]
+    by_spec: dict[str, list[int]] = {}
+    for r, s in enumerate(specs):
+        by_spec.setdefault(s, []).append(r)
+    listing = "; ".join(
+        f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {s!r}"
+        for s, rs in by_spec.items()
+    )
+    return CodecMismatchError(
+        f"{comm.op}: codec mismatch across ranks ({listing}); this rank ({comm.rank}) uses "
+        f"{comm.codec.spec!r}. Every rank must pass the same codec= (or run under the same "
+        "policy); nothing was sent"
+    )
+
+
+# -------------------------------------------------------------- wire sizes
+@functools.lru_cache(maxsize=4096)
+def _packed_size_cached(
+    codec: Codec, shape: tuple[int, ...], dtype: torch.dtype, checksum: bool
+) -> int:
+    packet = codec.encode(torch.zeros(shape, dtype=dtype))
+    return wire.packed_nbytes(packet, checksum)
+
+
+def packed_size(comm: Comm, shape: Sequence[int], dtype: torch.dtype) -> int:
+    """Exact ``len(wire.pack(...))`` of a tensor of ``shape`` for a fixed-size codec.
+
+    Computed once per (codec, shape, dtype) by encoding zeros on the CPU.
+    """
+    return _packed_size_cached(comm.codec, tuple(int(s) for s in shape), dtype, comm.checksum)
+
+
+# ------------------------------------------------------------- encode/decode
+def encode_pack(comm: Comm, x: torch.Tensor) -> torch.Tensor:
+    """``wire.pack(codec.encode(x))``, timed as encode."""
+    t0 = time.perf_counter()
+    buf = wire.pack(comm.codec.encode(x), checksum=comm.checksum)
+    comm.rec.encode_s += time.perf_counter() - t0
+    return buf
+
+
+def unpack_decode(
+    comm: Comm, buf: torch.Tensor, numel: int | None = None, source: int | None = None
+) -> torch.Tensor:
+    """Decode a received wire buffer, checking the codec and (if given) the element count.
+
+    Raises:
+        CodecMismatchError: the buffer was made by another codec config.
+        CollectiveError: it holds another number of elements than expected.
+    """
+    t0 = time.perf_counter()
+    packet = wire.unpack(buf, comm.codec)
+    if numel is not None and packet.meta.numel != numel:
+        who = f" from rank {source}" if source is not None else ""
+        raise comm.fail(
+            f"received a tensor of {packet.meta.numel} elements (shape {tuple(packet.meta.shape)})"
+            f"{who} where {numel} were expected; the ranks' tensor sizes do not match"
+        )
+    out = comm.codec.decode(packet)
+    comm.rec.decode_s += time.perf_counter() - t0
+    return out
+
+
+# ----------------------------------------------------------------- transfers
+def _timed(comm: Comm, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    t0 = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        comm.rec.transfer_s += time.perf_counter() - t0
+
+
+def alltoallv(
+    comm: Comm, send: Sequence[torch.Tensor | None], recv_sizes: Sequence[int]
+) -> list[torch.Tensor]:
+    """Send ``send[j]`` (uint8 or None) to rank ``j``; receive ``recv_sizes[i]`` bytes from ``i``.
+
+    One backend ``all_to_all_single`` over ``uint8`` with split sizes; every rank
+    must know every size (from the descriptors), or the backend aborts.
+    """
+    send_sizes = [0 if b is None else b.numel() for b in send]
+    parts = [b for b in send if b is not None and b.numel()]
+    inp = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=comm.device)
+    out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=comm.device)
+    _timed(comm, dist.all_to_all_single, out, inp, list(recv_sizes), send_sizes, group=comm.group)
+    comm.rec.bytes_wire += inp.numel()
+    return list(torch.split(out, list(recv_sizes)))
+
+
+def allgatherv(comm: Comm, buf: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """All-gather one uint8 buffer per rank, of the given (possibly different) sizes.
+
+    Equal sizes: one ``all_gather_into_tensor``. Different sizes: each buffer is
+    padded to the largest (the padding is sliced off on arrival).
+    """
+    longest = max(sizes)
+    if buf.numel() < longest:
+        padded = torch.zeros(longest, dtype=torch.uint8, device=comm.device)
+        padded[: buf.numel()] = buf
+        buf = padded
+    out = torch.empty(comm.size * longest, dtype=torch.uint8, device=comm.device)
+    _timed(comm, _all_gather_flat, out, buf, comm.group)
+    comm.rec.bytes_wire += longest
+    return [out[r * longest : r * longest + sizes[r]] for r in range(comm.size)]
+
+
+def broadcast_buf(comm: Comm, buf: torch.Tensor | None, size: int, root: int) -> torch.Tensor:
+    """Broadcast ``size`` bytes from group rank ``root`` (whose ``buf`` it is)."""
+    if comm.rank != root:
+        buf = torch.empty(size, dtype=torch.uint8, device=comm.device)
+    assert buf is not None and buf.numel() == size  # internal invariant, not user input
+    _timed(comm, dist.broadcast, buf, comm.global_rank(root), group=comm.group)
+    comm.rec.bytes_wire += size
+    return buf
+
+
+# ----------------------------------------------------------------- reducing
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32 for 16-bit floats, the dtype itself otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def reduce_into(acc: torch.Tensor, x: torch.Tensor, op: Any) -> None:
+    """``acc = op(acc, x)`` in place, for every ``ReduceOp`` commpress reduces itself."""
+    R = dist.ReduceOp
+    if acc.dtype == torch.bool:
+        if op in (R.SUM, R.MAX, R.BOR):
+            acc.logical_or_(x)
+        elif op in (R.PRODUCT, R.MIN, R.BAND):
+            acc.logical_and_(x)
+        elif op == R.BXOR:
+            acc.logical_xor_(x)
+        else:
+            raise CollectiveError(f"reduce op {op} is not supported for bool tensors")
+        return
+    if op in (R.SUM, R.AVG):
+        acc.add_(x)
+    elif op == R.MIN:
+        torch.minimum(acc, x, out=acc)
+    elif op == R.MAX:
+        torch.maximum(acc, x, out=acc)
+    elif op == R.PRODUCT:
+        acc.mul_(x)
+    elif op == R.BAND:
+        acc.bitwise_and_(x)
+    elif op == R.BOR:
+        acc.bitwise_or_(x)
+    elif op == R.BXOR:
+        acc.bitwise_xor_(x)
+    else:
+        raise CollectiveError(f"reduce op {op} cannot be computed by commpress")
+
+
+def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ``(start, stop)`` ranges covering ``numel``; the first
+    ``numel % parts`` are one element longer."""
+    base, extra = divmod(numel, parts)
+    bounds = []
+    start = 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def gather_sizes(comm: Comm, nbytes: int) -> list[int]:
+    """All-gather one byte count per rank (the second round of a variable-size two-phase)."""
+    row = torch.tensor([nbytes], dtype=torch.int64, device=comm.device)
+    out = torch.empty(comm.size, dtype=torch.int64, device=comm.device)
+    _timed(comm, _all_gather_flat, out, row, comm.group)
+    comm.rec.bytes_wire += 8
+    return out.tolist()

@@ -1,0 +1,118 @@
+"""``gather`` all-reduce/reduce: every rank's packet to every rank, reduced locally.
+
+Each rank encodes its whole tensor once; the packets are all-gathered (or,
+for ``reduce``, sent to the root), decoded, and reduced in rank order
+``0, 1, ..., world-1`` in the accumulation dtype (float32 for 16-bit
+floats). Every rank reduces the same packets in the same order with the
+same kernels, so all ranks end bit-identical -- including the contribution
+of the rank itself, which is taken from its decoded packet, not from its raw
+input.
+
+One round and one quantization error per input (``two_phase`` has two
+rounds and re-quantizes the sum), but each rank receives ``world - 1``
+whole packets: for small tensors and small worlds, where latency dominates.
+Exact reduce ops (MIN, MAX, PRODUCT, bitwise) run here too with lossless
+codecs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .common import (
+    Comm,
+    acc_dtype,
+    allgatherv,
+    alltoallv,
+    encode_pack,
+    exchange,
+    packed_size,
+    reduce_into,
+    unpack_decode,
+)
+
+__all__ = ["Prepared", "prepare", "all_reduce", "reduce"]
+
+
+@dataclass
+class Prepared:
+    """One rank's encoded input: ``x`` (input, compensated under error feedback) and its buffer."""
+
+    x: torch.Tensor
+    buf: torch.Tensor
+
+
+def prepare(comm: Comm, flat: torch.Tensor) -> Prepared:
+    """Encode this rank's input (plus its residual under error feedback); local work only."""
+    x = flat if comm.feedback is None else comm.feedback.compensate(flat, comm.key)
+    return Prepared(x, encode_pack(comm, x))
+
+
+def _sizes(
+    comm: Comm, flat: torch.Tensor, x: torch.Tensor, buf: torch.Tensor, op: Any, root: int
+) -> list[int]:
+    if comm.verify:
+        d = exchange(
+            comm,
+            algorithm="gather",
+            dtype=flat.dtype,
+            numel=flat.numel(),
+            sizes=[buf.numel()] * comm.size,
+            redop=op,
+            root=root,
+        )
+        return [d.sizes_from(r)[0] for r in range(comm.size)]
+    return [packed_size(comm, x.shape, x.dtype)] * comm.size
+
+
+def _reduce(
+    comm: Comm, flat: torch.Tensor, x: torch.Tensor, bufs: list[torch.Tensor], op: Any
+) -> torch.Tensor:
+    acc: torch.Tensor | None = None
+    for r, b in enumerate(bufs):
+        y = unpack_decode(comm, b, flat.numel(), r).to(acc_dtype(flat.dtype))
+        if r == comm.rank and comm.feedback is not None:
+            comm.feedback.update(comm.key, x, y)
+        if acc is None:
+            acc = y.clone()
+        else:
+            reduce_into(acc, y, op)
+    assert acc is not None  # world size >= 2 here
+    if op == dist.ReduceOp.AVG:
+        acc = acc / comm.size
+    return acc
+
+
+def all_reduce(
+    comm: Comm, flat: torch.Tensor, op: Any, prepared: Prepared | None = None
+) -> torch.Tensor:
+    """Reduce the 1-D ``flat`` over the group; returns the result (accumulation dtype).
+
+    ``prepared``: `prepare`'s output when the encode already ran (pipelining).
+    """
+    p = prepared or prepare(comm, flat)
+    x, buf = p.x, p.buf
+    sizes = _sizes(comm, flat, x, buf, op, -1)
+    return _reduce(comm, flat, x, allgatherv(comm, buf, sizes), op)
+
+
+def reduce(
+    comm: Comm, flat: torch.Tensor, op: Any, root: int, prepared: Prepared | None = None
+) -> torch.Tensor | None:
+    """Like `all_reduce`, but the packets go to group rank ``root`` only; it returns the result."""
+    p = prepared or prepare(comm, flat)
+    x, buf = p.x, p.buf
+    sizes = _sizes(comm, flat, x, buf, op, root)
+    send: list[torch.Tensor | None] = [None] * comm.size
+    send[root] = buf
+    recv = sizes if comm.rank == root else [0] * comm.size
+    bufs = alltoallv(comm, send, recv)
+    if comm.rank == root:
+        return _reduce(comm, flat, x, bufs, op)
+    if comm.feedback is not None:
+        comm.feedback.update(comm.key, x, unpack_decode(comm, buf))
+    return None

@@ -1,0 +1,506 @@
+"""Which codec and algorithm a collective call uses: `Policy` and `decide`.
+
+A `Policy` holds the knobs; `decide` turns one call (op, tensor, reduce op,
+requested codec) into a `Decision`: a codec and an algorithm, or ``None``
+for "hand it to plain ``torch.distributed``". The process has one global
+policy (`get_policy` / `set_policy`, built from ``COMMPRESS_*`` environment
+variables the first time it is asked for) and `using` overrides it for a
+block on the current thread::
+
+    import commpress
+    from commpress.policy import Policy, using
+
+    with using(Policy(codec="int8", min_bytes=1 << 16)):
+        cdist.all_reduce(grad)          # int8, unless grad is under 64 KiB
+
+What is never compressed lossily
+    ``MIN``/``MAX``/``PRODUCT``/``BAND``/``BOR``/``BXOR`` reductions and
+    integer, bool and complex tensors go to plain ``torch.distributed``,
+    unless the codec is lossless (``zstd``, ``lz4``), in which case they are
+    compressed with that codec and reduced exactly.
+
+Every rank must decide alike
+    The decision depends only on the op, the dtype, the byte size, the
+    reduce op, the group size and the policy, which agree across ranks when
+    every rank runs the same code under the same policy (``torchrun`` with
+    the same environment). A compressed call exchanges a small descriptor
+    first and raises `commpress.CodecMismatchError` on every rank when the
+    codecs differ; a call that one rank compresses and another does not
+    cannot be detected (it fails in the backend), so do not give ranks
+    different policies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .codec import Codec, is_float
+from .errors import ConfigError, UnsupportedDtypeError
+from .registry import CodecLike, get_codec
+
+__all__ = [
+    "Policy",
+    "Decision",
+    "decide",
+    "get_policy",
+    "set_policy",
+    "using",
+    "OP_FAMILIES",
+    "FAMILIES",
+    "REDUCTIONS",
+    "ALGORITHMS",
+    "wants_error_feedback",
+]
+
+#: Public op name -> the family `Policy.ops` names (aliases share a family).
+OP_FAMILIES: dict[str, str] = {
+    "all_reduce": "all_reduce",
+    "reduce": "reduce",
+    "all_gather": "all_gather",
+    "all_gather_into_tensor": "all_gather",
+    "reduce_scatter": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "broadcast": "broadcast",
+    "all_to_all": "all_to_all",
+    "all_to_all_single": "all_to_all",
+    "gather": "gather",
+    "scatter": "scatter",
+    "send": "p2p",
+    "recv": "p2p",
+    "isend": "p2p",
+    "irecv": "p2p",
+}
+FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(OP_FAMILIES.values()))
+#: Families whose op sums tensors (the others only move them).
+REDUCTIONS: frozenset[str] = frozenset({"all_reduce", "reduce", "reduce_scatter"})
+ALGORITHMS: tuple[str, ...] = ("auto", "direct", "two_phase", "gather")
+
+#: Codec ids that want error feedback by default even if their class does not
+#: declare ``wants_error_feedback`` (the biased compressors).
+_EF_BY_DEFAULT: frozenset[str] = frozenset({"sign", "topk", "randomk", "powersgd"})
+
+_SUM_LIKE = (dist.ReduceOp.SUM, dist.ReduceOp.AVG)
+_EXACT_OPS = (
+    dist.ReduceOp.MIN,
+    dist.ReduceOp.MAX,
+    dist.ReduceOp.PRODUCT,
+    dist.ReduceOp.BAND,
+    dist.ReduceOp.BOR,
+    dist.ReduceOp.BXOR,
+)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """When and how to compress. Frozen; make a new one with ``dataclasses.replace``.
+
+    Tuning guide, knob by knob:
+
+    Args:
+        codec: the codec used by calls that do not pass ``codec=`` (a spec string,
+            config dict or `Codec`). ``"none"`` (default) sends everything
+            through plain ``torch.distributed``: commpress is then a no-op.
+            Start with ``"bf16"`` (summable, always safe for gradients), then
+            ``"int8"`` (4x on fp32, ~0.4% error per block), and reach for
+            ``"sign"``/``"topk"`` (with error feedback) only when the link is
+            the bottleneck and ``commpress bench`` says so.
+        min_bytes: tensors smaller than this (bytes of the rank's contribution)
+            go uncompressed. Small messages are latency-bound: compressing them
+            costs encode time and saves nothing. 32 KiB is a sane floor on
+            fast links; raise it (1 MiB) on NVLink, lower it (4 KiB) on slow
+            Ethernet. For ``all_to_all`` the largest contribution of any rank
+            decides (it is only known after the descriptor exchange).
+        ops: op families to compress when ``codec=`` is not passed per call;
+            ``None`` (default) means all of `FAMILIES`: ``all_reduce``,
+            ``reduce``, ``all_gather``, ``reduce_scatter``, ``broadcast``,
+            ``all_to_all``, ``gather``, ``scatter``, ``p2p``. Restrict it to
+            ``{"all_reduce", "reduce_scatter"}`` to compress only gradients and
+            keep weights exact. A per-call ``codec=`` ignores this filter.
+        error_feedback: ``None`` (default): on for codecs that want it (``sign``,
+            ``topk``, ``randomk``, ``powersgd``; codecs declare
+            ``wants_error_feedback``), off otherwise. ``True`` forces it on for
+            every lossy codec, ``False`` off. It only affects reductions, and
+            never lossless codecs. Keep it on for biased codecs: without it
+            ``sign`` and ``topk`` do not converge.
+        algorithm: all-reduce/reduce algorithm. ``"auto"`` (default): ``direct``
+            for summable codecs (``fp16``/``bf16``: one backend all-reduce of the
+            cast payload), ``gather`` for tensors up to ``gather_bytes`` on up
+            to 8 ranks (one round, one quantization error), ``two_phase``
+            otherwise (bandwidth-optimal like a ring). Force one to study it.
+        verify: exchange a descriptor before every compressed collective (codec
+            hash, sizes, op); catches codec mismatches on every rank and is
+            what makes variable-size codecs possible on gloo. ``False`` skips it
+            for codecs of fixed size (``encoded_nbytes`` is not None): one
+            small collective less per call, but a mismatch between ranks is no
+            longer detected -- only do it when every rank is known to use the
+            same policy. Variable-size codecs (``zstd``, chains) always verify.
+        gather_bytes: the size up to which ``algorithm="auto"`` prefers the
+            ``gather`` all-reduce.
+        checksum: add a CRC32 of the payload to every wire buffer and check it on
+            arrival. Catches corruption in transit; costs a pass over the bytes
+            (and a host copy on GPU).
+
+    Raises:
+        ConfigError: a value is out of range or of the wrong type (the message
+            names it and the allowed values).
+
+    Example::
+
+        >>> from commpress.policy import Policy
+        >>> Policy(codec="int8", min_bytes=4096).codec
+        'int8'
+    """
+
+    codec: Any = "none"
+    min_bytes: int = 32 * 1024
+    ops: frozenset[str] | None = None
+    error_feedback: bool | None = None
+    algorithm: str = "auto"
+    verify: bool = True
+    gather_bytes: int = 256 * 1024
+    checksum: bool = False
+
+    def __post_init__(self) -> None:
+        codec = self.codec
+        if codec is None:
+            codec = "none"
+        if not isinstance(codec, Codec):
+            codec = get_codec(codec).spec  # validates; keeps the canonical string
+        object.__setattr__(self, "codec", codec)
+        for name in ("min_bytes", "gather_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"Policy.{name}={value!r} is not allowed; expected an int >= 0")
+        ops = self.ops
+        if ops is not None:
+            if isinstance(ops, str):
+                ops = [o.strip() for o in ops.split(",") if o.strip()]
+            if not isinstance(ops, Iterable):
+                raise ConfigError(
+                    f"Policy.ops={ops!r} is not allowed; expected names of {FAMILIES}"
+                )
+            families = set()
+            for o in ops:
+                family = OP_FAMILIES.get(o, o if o in FAMILIES else None)
+                if family is None:
+                    raise ConfigError(
+                        f"Policy.ops names unknown op {o!r}; choose from {list(FAMILIES)} "
+                        f"(or the op names {sorted(OP_FAMILIES)})"
+                    )
+                families.add(family)
+            object.__setattr__(self, "ops", frozenset(families))
+        for name in ("verify", "checksum"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"Policy.{name}={getattr(self, name)!r} is not allowed; expected a bool"
+                )
+        if self.error_feedback not in (None, True, False):
+            raise ConfigError(
+                f"Policy.error_feedback={self.error_feedback!r} is not allowed; "
+                "expected None, True or False"
+            )
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(
+                f"Policy.algorithm={self.algorithm!r} is not allowed; "
+                f"choose one of {list(ALGORITHMS)}"
+            )
+
+    @property
+    def codec_obj(self) -> Codec:
+        """The policy's codec as a `Codec`."""
+        return get_codec(self.codec)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Policy:
+        """A policy from ``COMMPRESS_*`` environment variables; keywords override them.
+
+        ========================== =========================================== ==============
+        variable                   meaning                                     example
+        ========================== =========================================== ==============
+        ``COMMPRESS_CODEC``        `codec`                                     ``int8:block=128``
+        ``COMMPRESS_MIN_BYTES``    `min_bytes` (suffixes k/K, m/M, g/G = 1024) ``64k``
+        ``COMMPRESS_OPS``          `ops`, comma-separated, or ``all``          ``all_reduce,gather``
+        ``COMMPRESS_ERROR_FEEDBACK`` `error_feedback`: ``auto``, ``1``, ``0``  ``1``
+        ``COMMPRESS_ALGORITHM``    `algorithm`                                 ``two_phase``
+        ``COMMPRESS_VERIFY``       `verify` (``1``/``0``)                      ``0``
+        ``COMMPRESS_GATHER_BYTES`` `gather_bytes`                              ``1M``
+        ``COMMPRESS_CHECKSUM``     `checksum` (``1``/``0``)                    ``1``
+        ========================== =========================================== ==============
+
+        Raises:
+            ConfigError: a variable holds a bad value (the message names the variable).
+        """
+        env = os.environ if environ is None else environ
+        kwargs: dict[str, Any] = {}
+        parsers = {
+            "codec": ("COMMPRESS_CODEC", str),
+            "min_bytes": ("COMMPRESS_MIN_BYTES", _parse_bytes),
+            "ops": ("COMMPRESS_OPS", _parse_ops),
+            "error_feedback": ("COMMPRESS_ERROR_FEEDBACK", _parse_tristate),
+            "algorithm": ("COMMPRESS_ALGORITHM", str),
+            "verify": ("COMMPRESS_VERIFY", _parse_bool),
+            "gather_bytes": ("COMMPRESS_GATHER_BYTES", _parse_bytes),
+            "checksum": ("COMMPRESS_CHECKSUM", _parse_bool),
+        }
+        for field_name, (var, parse) in parsers.items():
+            raw = env.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            try:
+                kwargs[field_name] = parse(raw.strip())
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(
+                    f"environment variable {var}={raw!r} is not valid: {exc}"
+                ) from None
+        kwargs.update(overrides)
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            names = ", ".join(
+                f"{parsers[k][0]}={env[parsers[k][0]]!r}"
+                for k in kwargs
+                if k in parsers and parsers[k][0] in env and k not in overrides
+            )
+            raise ConfigError(
+                f"{exc} (from the environment: {names or 'no COMMPRESS_* variables'})"
+            ) from None
+
+    def replace(self, **changes: Any) -> Policy:
+        """A copy with ``changes`` applied (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _parse_bytes(raw: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = raw.lower().removesuffix("ib").removesuffix("b")
+    scale = 1
+    if text and text[-1] in units:
+        scale = units[text[-1]]
+        text = text[:-1]
+    value = float(text)
+    if value < 0 or value != value:
+        raise ValueError("expected a byte count >= 0, e.g. 65536 or 64k")
+    return int(value * scale)
+
+
+def _parse_bool(raw: str) -> bool:
+    low = raw.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _parse_tristate(raw: str) -> bool | None:
+    return None if raw.lower() in ("auto", "default", "none") else _parse_bool(raw)
+
+
+def _parse_ops(raw: str) -> frozenset[str] | None:
+    if raw.lower() in ("all", "*"):
+        return None
+    return frozenset(o.strip() for o in raw.split(",") if o.strip())
+
+
+# ------------------------------------------------------------ global policy
+_global_lock = threading.Lock()
+_global: Policy | None = None
+_local = threading.local()
+
+
+def get_policy() -> Policy:
+    """The policy in effect on this thread: the innermost `using`, else the global one.
+
+    The global policy is built with `Policy.from_env` the first time it is needed.
+    """
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    global _global
+    if _global is None:
+        with _global_lock:
+            if _global is None:
+                _global = Policy.from_env()
+    return _global
+
+
+def set_policy(policy: Policy | None) -> Policy:
+    """Replace the global policy (None: rebuild it from the environment); returns the new one."""
+    global _global
+    if policy is not None and not isinstance(policy, Policy):
+        raise ConfigError(f"set_policy expects a Policy, got {type(policy).__name__}")
+    with _global_lock:
+        _global = policy if policy is not None else Policy.from_env()
+        return _global
+
+
+@contextlib.contextmanager
+def using(policy: Policy | None = None, **changes: Any) -> Iterator[Policy]:
+    """Use ``policy`` (or the current one with ``changes``) on this thread inside the block.
+
+    Example::
+
+        with using(codec="int8", min_bytes=0):
+            cdist.all_reduce(t)
+    """
+    base = policy if policy is not None else get_policy()
+    if not isinstance(base, Policy):
+        raise ConfigError(f"using expects a Policy, got {type(base).__name__}")
+    effective = dataclasses.replace(base, **changes) if changes else base
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(effective)
+    try:
+        yield effective
+    finally:
+        stack.pop()
+
+
+# ------------------------------------------------------------------ decide
+@dataclass(frozen=True)
+class Decision:
+    """What one call does.
+
+    Attributes:
+        codec: the codec, or None to call plain ``torch.distributed``.
+        algorithm: ``"direct"``, ``"two_phase"``, ``"gather"``, ``"powersgd"``,
+            ``"transport"``, or None when ``codec`` is None.
+        error_feedback: whether the call keeps a residual per key.
+        reason: why, in words (for logs and tests).
+        min_bytes: threshold still to apply once the sizes of every rank are known
+            (``all_to_all`` only; 0 elsewhere).
+    """
+
+    codec: Codec | None
+    algorithm: str | None
+    error_feedback: bool = False
+    reason: str = ""
+    min_bytes: int = 0
+
+    @property
+    def compressed(self) -> bool:
+        return self.codec is not None
+
+
+def wants_error_feedback(codec: Codec) -> bool:
+    """Whether ``codec`` wants error feedback by default (a chain: its first stage)."""
+    first = getattr(codec, "stages", (codec,))[0]
+    return bool(getattr(first, "wants_error_feedback", False)) or first.codec_id in _EF_BY_DEFAULT
+
+
+def _plain(reason: str) -> Decision:
+    return Decision(None, None, False, reason)
+
+
+def _op_name(reduce_op: Any) -> str:
+    return str(reduce_op).rsplit(".", 1)[-1]
+
+
+def decide(
+    op: str,
+    tensor: torch.Tensor,
+    reduce_op: Any = None,
+    codec: CodecLike | None = None,
+    *,
+    world_size: int | None = None,
+    nbytes: int | None = None,
+    policy: Policy | None = None,
+) -> Decision:
+    """Decide codec and algorithm for one call.
+
+    Args:
+        op: public op name (``"all_reduce"``, ``"broadcast"``, ... see `OP_FAMILIES`).
+        tensor: the rank's contribution (dtype and, unless ``nbytes`` is given, size).
+        reduce_op: ``torch.distributed.ReduceOp`` for reductions, else None.
+        codec: the per-call ``codec=``; None means the policy's codec.
+        world_size: ranks in the group (default: the default group's size).
+        nbytes: the size to compare with ``min_bytes`` (default ``tensor.nbytes``).
+        policy: default `get_policy()`.
+
+    Raises:
+        ConfigError: unknown op; ``powersgd`` requested for an op it cannot do; a forced
+            ``algorithm`` that cannot run this call.
+        UnsupportedDtypeError: ``AVG`` of a non-floating tensor.
+    """
+    policy = policy or get_policy()
+    family = OP_FAMILIES.get(op)
+    if family is None:
+        raise ConfigError(f"unknown op {op!r}; expected one of {sorted(OP_FAMILIES)}")
+    explicit = codec is not None
+    c = get_codec(codec if explicit else policy.codec)
+    reduction = family in REDUCTIONS
+    dtype = tensor.dtype
+    if reduction:
+        reduce_op = dist.ReduceOp.SUM if reduce_op is None else reduce_op
+        if reduce_op == dist.ReduceOp.AVG and not is_float(dtype):
+            raise UnsupportedDtypeError(
+                f"{op}: ReduceOp.AVG needs a floating tensor, got {dtype}; use SUM and divide"
+            )
+    if c.algorithm == "powersgd" and family not in ("all_reduce", "reduce"):
+        if explicit:
+            raise ConfigError(
+                f"{op}: codec {c.spec!r} is an all-reduce algorithm and cannot run {op}; "
+                "use it with all_reduce/reduce, or pick a codec such as 'int8' or 'bf16'"
+            )
+        return _plain(f"{c.spec} compresses all_reduce/reduce only")
+    if c.codec_id == "none":
+        return _plain("codec none")
+    if not explicit and policy.ops is not None and family not in policy.ops:
+        return _plain(f"{family} not in policy.ops")
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if world_size <= 1:
+        return _plain("single rank: nothing crosses a wire")
+    if not c.supports(dtype):
+        return _plain(f"{c.spec} does not take {dtype} (never lossy on non-floating data)")
+    if reduction and not any(reduce_op == r for r in _SUM_LIKE):
+        if not c.lossless or not any(reduce_op == r for r in _EXACT_OPS):
+            return _plain(f"ReduceOp.{_op_name(reduce_op)} is never reduced lossily")
+    size = tensor.numel() * tensor.element_size() if nbytes is None else nbytes
+    threshold = 0
+    if family == "all_to_all":
+        threshold = policy.min_bytes  # only the largest contribution counts: known later
+    elif size == 0 or size < policy.min_bytes:
+        return _plain(f"{size} bytes < min_bytes={policy.min_bytes}" if size else "empty tensor")
+    ef = (
+        reduction
+        and not c.lossless
+        and (
+            policy.error_feedback if policy.error_feedback is not None else wants_error_feedback(c)
+        )
+    )
+    if c.algorithm == "powersgd":
+        return Decision(c, "powersgd", True, "powersgd all-reduce")
+    if c.algorithm is not None:
+        raise ConfigError(
+            f"codec {c.spec!r} requires algorithm {c.algorithm!r}, which commpress does not know"
+        )
+    if not reduction:
+        return Decision(c, "transport", False, "encode once, move, decode", threshold)
+    if family == "reduce_scatter":
+        return Decision(c, "two_phase", ef, "reduce-scatter: first phase of two_phase")
+    sum_like = any(reduce_op == r for r in _SUM_LIKE)
+    algorithm = policy.algorithm
+    if algorithm == "direct" and not (c.summable and sum_like):
+        raise ConfigError(
+            f"{op}: Policy(algorithm='direct') needs a summable codec (fp16, bf16) and SUM/AVG; "
+            f"got codec {c.spec!r} with ReduceOp.{_op_name(reduce_op)}; use algorithm='auto'"
+        )
+    if algorithm == "auto":
+        if c.summable and sum_like:
+            algorithm = "direct"
+        elif size <= policy.gather_bytes and world_size <= 8:
+            algorithm = "gather"
+        else:
+            algorithm = "two_phase"
+    return Decision(c, algorithm, ef, f"{algorithm} all-reduce")

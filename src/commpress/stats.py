@@ -1,0 +1,188 @@
+"""Per-op counters of what the compressed collectives did: ``commpress.stats()``.
+
+Every call of a `commpress.distributed` function adds to the counters of its
+op (``"all_reduce"``, ``"broadcast"``, ...), in this process:
+
+- ``calls`` -- calls made; ``compressed`` -- how many of them were encoded
+  (the rest went to plain ``torch.distributed``: below ``min_bytes``,
+  integer data, MIN/MAX, codec ``none``, ...);
+- ``bytes_in`` -- bytes the plain ``torch.distributed`` call would have
+  handed to the backend from this rank (the input tensor, or for
+  ``all_to_all`` the input chunks);
+- ``bytes_wire`` -- bytes commpress handed to the backend from this rank:
+  packed buffers (wire headers included), the small size descriptors, and
+  for two-phase all-reduce the second-phase buffer too. For a call that was
+  not compressed it equals ``bytes_in``. ``ratio = bytes_in / bytes_wire``;
+- ``encode_s`` / ``transfer_s`` / ``decode_s`` -- host wall-clock seconds in
+  each stage (on CUDA: the time to enqueue the work, not device time).
+
+Counters are process-wide and thread-safe (async calls record from the
+engine's worker threads). `stats()` returns a frozen snapshot; printing it
+shows a table::
+
+    >>> import commpress
+    >>> commpress.reset_stats()
+    >>> print(commpress.stats())
+    op  calls  compressed  bytes_in  bytes_wire  ratio  encode_s  transfer_s  decode_s
+    (no calls recorded)
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, replace
+
+__all__ = ["OpStats", "Stats", "stats", "reset_stats", "CallRecord"]
+
+
+@dataclass(frozen=True)
+class OpStats:
+    """Counters of one op; see the module docstring for what each field counts."""
+
+    op: str
+    calls: int = 0
+    compressed: int = 0
+    bytes_in: int = 0
+    bytes_wire: int = 0
+    encode_s: float = 0.0
+    transfer_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        """``bytes_in / bytes_wire`` (1.0 when nothing was sent)."""
+        return self.bytes_in / self.bytes_wire if self.bytes_wire else 1.0
+
+    def __add__(self, other: OpStats) -> OpStats:
+        return replace(
+            self,
+            calls=self.calls + other.calls,
+            compressed=self.compressed + other.compressed,
+            bytes_in=self.bytes_in + other.bytes_in,
+            bytes_wire=self.bytes_wire + other.bytes_wire,
+            encode_s=self.encode_s + other.encode_s,
+            transfer_s=self.transfer_s + other.transfer_s,
+            decode_s=self.decode_s + other.decode_s,
+        )
+
+
+_COLUMNS = (
+    "op",
+    "calls",
+    "compressed",
+    "bytes_in",
+    "bytes_wire",
+    "ratio",
+    "encode_s",
+    "transfer_s",
+    "decode_s",
+)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot of every op's counters: ``stats()["all_reduce"].ratio``.
+
+    Attributes:
+        ops: op name -> `OpStats`, in the order the ops were first called.
+    """
+
+    ops: dict[str, OpStats] = field(default_factory=dict)
+
+    def __getitem__(self, op: str) -> OpStats:
+        """The counters of ``op`` (all zero if it was never called)."""
+        return self.ops.get(op, OpStats(op))
+
+    def __contains__(self, op: object) -> bool:
+        return op in self.ops
+
+    def __iter__(self):  # noqa: ANN204 - iterates OpStats
+        return iter(self.ops.values())
+
+    def total(self) -> OpStats:
+        """Every op's counters added up (op name ``"total"``)."""
+        out = OpStats("total")
+        for s in self.ops.values():
+            out = out + replace(s, op="total")
+        return out
+
+    def __str__(self) -> str:
+        rows = [list(_COLUMNS)]
+        for s in self.ops.values():
+            rows.append(
+                [
+                    s.op,
+                    str(s.calls),
+                    str(s.compressed),
+                    _human(s.bytes_in),
+                    _human(s.bytes_wire),
+                    f"{s.ratio:.2f}",
+                    f"{s.encode_s:.4f}",
+                    f"{s.transfer_s:.4f}",
+                    f"{s.decode_s:.4f}",
+                ]
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+        lines = [
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+            for r in rows
+        ]
+        if len(rows) == 1:
+            lines.append("(no calls recorded)")
+        return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)  # unreachable, keeps type checkers calm
+
+
+@dataclass
+class CallRecord:
+    """What one call did; algorithms fill it in, `record` adds it to the counters."""
+
+    op: str
+    compressed: bool = False
+    bytes_in: int = 0
+    bytes_wire: int = 0
+    encode_s: float = 0.0
+    transfer_s: float = 0.0
+    decode_s: float = 0.0
+
+
+_lock = threading.Lock()
+_ops: dict[str, OpStats] = {}
+
+
+def record(call: CallRecord) -> None:
+    """Add one call to its op's counters (thread-safe)."""
+    one = OpStats(
+        call.op,
+        1,
+        int(call.compressed),
+        call.bytes_in,
+        call.bytes_wire if call.compressed else call.bytes_in,
+        call.encode_s,
+        call.transfer_s,
+        call.decode_s,
+    )
+    with _lock:
+        _ops[call.op] = _ops[call.op] + one if call.op in _ops else one
+
+
+def stats() -> Stats:
+    """A snapshot of the per-op counters of this process (see the module docstring)."""
+    with _lock:
+        return Stats(dict(_ops))
+
+
+def reset_stats() -> None:
+    """Set every counter back to zero."""
+    with _lock:
+        _ops.clear()
