@@ -166,7 +166,7 @@ def test_plan_counts_wire_bytes():
     assert [i for i, _ in layout.matrices] == [0] and layout.raw == (1, 2)
     assert layout.factor_nbytes == 2 * 4096 * 4 * 4
     assert layout.raw_nbytes == 4096 * 4 + 64 * 2
-    assert layout.wire_nbytes == layout.raw_nbytes + layout.factor_nbytes
+    assert layout.wire_nbytes() == layout.raw_nbytes + layout.factor_nbytes
 
 
 # ------------------------------------------------------- multi-process bodies

@@ -198,7 +198,6 @@ class Plan:
     factor_nbytes: int
     input_nbytes: int
 
-    @property
     def wire_nbytes(self) -> int:
         """Bytes handed to the backend all-reduces in one call, per rank."""
         return self.raw_nbytes + self.factor_nbytes
