@@ -216,6 +216,7 @@ TABLE_COLUMNS: dict[str, str] = {
     "encode_share": "enc%",
     "decode_share": "dec%",
     "rel_err": "rel_err",
+    "compressed": "enc?",
     "speedup_fp32": "x fp32",
     "speedup_bf16": "x bf16",
     "status": "status",

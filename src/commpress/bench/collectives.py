@@ -20,6 +20,8 @@ Definitions (nccl-tests' conventions, on UNCOMPRESSED bytes):
   input tensor's bytes) and ``ratio`` is ``bytes_in / bytes_wire``;
 - ``encode_share``/``decode_share`` are the fractions of the median time spent
   encoding/decoding (also from stats).
+- ``compressed`` says whether commpress actually encoded the timed calls (the
+  policy sends tensors below ``min_bytes``, 32 KiB by default, uncompressed).
 - ``rel_err`` is ``||y - y_plain|| / ||y_plain||`` against plain fp32 on the
   same inputs, the largest over ranks.
 - ``speedup_fp32`` / ``speedup_bf16`` are the plain fp32 / plain bf16 median
@@ -266,6 +268,7 @@ def _stats_snapshot() -> dict[str, float]:
         "encode_s": total.encode_s,
         "decode_s": total.decode_s,
         "calls": float(total.calls),
+        "compressed": float(total.compressed),
     }
 
 
@@ -374,6 +377,7 @@ def run_case(rank: int, world_size: int, case: Case, warmup: int, iters: int) ->
         encode_share=None if is_baseline else enc_s / iters / median,
         decode_share=None if is_baseline else dec_s / iters / median,
         rel_err=err,
+        compressed=None if is_baseline else bool(stat.get("compressed")),
         iters=iters,
         status="ok",
     )
