@@ -220,6 +220,13 @@ def compress_hook(
             state.iteration += 1
 
 
+# DDP compares these annotations with the real objects (strings under
+# ``from __future__ import annotations`` would make it refuse the hook).
+compress_hook.__annotations__.update(
+    state=CompressionState, bucket=dist.GradBucket, **{"return": torch.futures.Future[torch.Tensor]}
+)
+
+
 def _flat(
     state: CompressionState,
     bucket: dist.GradBucket,
