@@ -7,6 +7,8 @@ Regenerate the golden file (only when an encoding change is intended)::
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import json
 import math
 import sys
@@ -341,6 +343,15 @@ def test_bit_packing_round_trips(bits):
         packed = pack_bits(codes, bits)
         assert packed.numel() == math.ceil(n * bits / 8)
         assert torch.equal(unpack_bits(packed, bits, n), codes)
+        # A slice that starts mid-word packs the same as a fresh tensor.
+        assert torch.equal(pack_bits(torch.cat([codes[:1], codes])[1:], bits), packed)
+
+
+@pytest.mark.parametrize("module", ["fp8", "quant", "sparse"])
+def test_docstring_examples_run(module):
+    mod = importlib.import_module(f"commpress.codecs.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0, result
 
 
 # ------------------------------------------------------------------ stochastic rounding

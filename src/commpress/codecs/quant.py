@@ -57,6 +57,7 @@ NaN and Inf
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -97,8 +98,11 @@ def nblocks(numel: int, block: int) -> int:
 
 
 def block_parts(x: torch.Tensor, block: int) -> list[tuple[int, torch.Tensor]]:
-    """``[(first element, 2-D view)]`` of flat ``x``: the full blocks as ``(n // block, block)``,
-    then the partial last block as ``(1, n % block)``. At most two parts, never a copy."""
+    """Split flat ``x`` into at most two 2-D views (never a copy).
+
+    Returns ``[(first element, view)]``: the full blocks as ``(n // block, block)``,
+    then the partial last block as ``(1, n % block)``.
+    """
     n = x.numel()
     m = n - n % block
     parts = []
@@ -120,7 +124,9 @@ def finite_absmax(x2d: torch.Tensor) -> torch.Tensor:
     return a.amax(dim=1).float()
 
 
-def per_element(x: torch.Tensor, block: int, row_stat) -> torch.Tensor:
+def per_element(
+    x: torch.Tensor, block: int, row_stat: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """Broadcast ``row_stat(x2d) -> (rows,)`` of every block back to flat float32 elements."""
     out = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
     for start, x2d in block_parts(x, block):
@@ -168,6 +174,8 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per = 8 // bits
     if per == 1:
         return codes
+    if codes.storage_offset() % per:
+        codes = codes.clone()  # the word views below need aligned storage
     n = codes.numel()
     m = n - n % per
     out = torch.empty(-(-n // per), dtype=torch.uint8, device=codes.device)
