@@ -308,14 +308,36 @@ def _error_line(text: str) -> str:
     return _observed_error(text)
 
 
+def check_method(method: str) -> str | None:
+    """Why ``method`` cannot be run (unknown codec or hook), or None."""
+    from commpress.bench.ddp import TORCH_HOOKS
+
+    if method == "fp32":
+        return None
+    if method.startswith("torch:"):
+        name = method.split(":", 1)[1]
+        return None if name in TORCH_HOOKS else f"unknown torch hook {name!r}; one of {TORCH_HOOKS}"
+    spec = method[3:-1] if method.startswith("ef(") and method.endswith(")") else method
+    try:
+        import commpress
+
+        commpress.get_codec(spec)
+    except Exception as exc:  # noqa: BLE001 - any reason becomes the row's status
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def run_method(
     method: str, cfg: StudyConfig, link: str = "none", timeout: float = 600.0
 ) -> dict[str, Any]:
     """Train ``method`` in a fresh subprocess (over an emulated ``link`` if not "none"); one row.
 
     A method that raises or kills its process is a row with ``status`` "error: ..."
-    (torch hooks: "does not run on gloo: ...").
+    (torch hooks: "does not run on gloo: ..."); an unknown method is one at once.
     """
+    problem = check_method(method)
+    if problem:
+        return {"method": method, "status": f"error: {problem}", "link": link}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
         argv = ["-m", "commpress.bench.convergence", method, json.dumps(asdict(cfg)), out]
