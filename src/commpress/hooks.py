@@ -18,12 +18,12 @@ gradient buffer; the hook returns a future of the *averaged* buffer.
   flat buffer (pre-divided by the group size, as torch's ``fp16_compress_hook``
   does, so fp16 cannot overflow), asynchronously.
 
-Error feedback for the flat-buffer path is kept per bucket index (key
-``("bucket", index)``): before sending, the bucket is compensated with its
-residual, and the new residual is what the codec drops from this rank's
-compensated bucket (``x - decode(encode(x))``, GRACE's residual memory).
-DDP rebuilds its buckets once after the first step; a bucket whose set of
-parameters changes starts with a zero residual.
+Error feedback for the flat-buffer path is done inside the compressed
+all-reduce (``cdist.all_reduce(..., key=...)``), keyed per bucket index and
+per state (two DDP models never share a residual); the residuals live in
+`commpress.distributed.error_feedback` and ``state.residuals()`` shows this
+state's. DDP rebuilds its buckets once after the first step; a bucket whose
+set of parameters changes starts with a zero residual.
 
 Checkpoints: ``state.state_dict()`` / ``state.load_state_dict()`` carry the
 step counter, the residuals and the PowerSGD memory. Residuals are per rank:
@@ -37,6 +37,7 @@ the process inside gloo. This hook runs every codec on gloo.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable
 from typing import Any
 
@@ -51,6 +52,7 @@ from .registry import CodecLike, get_codec
 __all__ = ["CompressionState", "compress_hook", "register", "FSDPReduceScatter"]
 
 _STATE_VERSION = 1
+_state_ids = itertools.count()
 
 
 class CompressionState:
@@ -77,7 +79,7 @@ class CompressionState:
         Turn it on for ``int4``/``int2`` and for ``int8``/``fp8`` on long runs;
         it is pointless for ``fp16``/``bf16`` and lossless codecs. PowerSGD
         always keeps its own error feedback. Costs one float32 copy of the
-        gradients of memory, and one extra local encode/decode per bucket.
+        gradients of memory.
     min_bytes
         Buckets smaller than this travel uncompressed (their latency, not
         their size, dominates). Default 0: compress every bucket. DDP's last
@@ -91,7 +93,6 @@ class CompressionState:
     Attributes:
         codec: the resolved `Codec`.
         iteration: steps seen so far (counted at each step's last bucket).
-        feedback: the `ErrorFeedback` of the flat-buffer path, or None.
         memory: the ``PowerSGDMemory`` of the PowerSGD path, or None.
     """
 
@@ -123,9 +124,7 @@ class CompressionState:
 
             error_feedback = wants_error_feedback(self.codec)
         self.error_feedback = error_feedback and not self.is_powersgd
-        self.feedback: ErrorFeedback | None = (
-            ErrorFeedback(self.codec) if self.error_feedback else None
-        )
+        self._uid = next(_state_ids)
         self.memory: Any = None
         if self.is_powersgd:
             from .algorithms.powersgd import PowerSGDMemory
@@ -147,7 +146,7 @@ class CompressionState:
             "version": _STATE_VERSION,
             "codec": self.codec.spec,
             "iteration": self.iteration,
-            "feedback": self.feedback.state_dict() if self.feedback is not None else None,
+            "feedback": self.residuals(),
             "memory": self.memory.state_dict() if self.memory is not None else None,
             "layouts": dict(self._layouts),
         }
@@ -173,13 +172,33 @@ class CompressionState:
                 f"{self.codec.spec!r}; build the state with the saved codec"
             )
         self.iteration = int(state["iteration"])
-        if self.feedback is not None and state["feedback"] is not None:
-            self.feedback.load_state_dict(state["feedback"])
+        if self.error_feedback:
+            ef = self._feedback()
+            for index in self._layouts:
+                ef.reset(self._ef_key(index))
+            for index, residual in state["feedback"].items():
+                # update() stores compensated - decoded: the residual itself.
+                ef.update(self._ef_key(index), residual.float(), torch.zeros_like(residual.float()))
         if self.memory is not None and state["memory"] is not None:
             self.memory.load_state_dict(state["memory"])
         self._layouts = dict(state["layouts"])
 
+    def residuals(self) -> dict[int, torch.Tensor]:
+        """Copies of this state's error-feedback residuals by bucket index (float32, CPU)."""
+        if not self.error_feedback:
+            return {}
+        stored = self._feedback().state_dict()["residuals"]
+        return {i: stored[self._ef_key(i)] for i in self._layouts if self._ef_key(i) in stored}
+
     # -------------------------------------------------------------- internals
+    def _feedback(self) -> ErrorFeedback:
+        from .distributed import error_feedback
+
+        return error_feedback(self.codec)
+
+    def _ef_key(self, index: int) -> Hashable:
+        return ("commpress.hooks", self._uid, "bucket", index)
+
     def _codec_for(self, nbytes: int) -> Codec:
         if self.iteration < self.start_iter or nbytes < self.min_bytes:
             return get_codec("none")
@@ -191,13 +210,13 @@ class CompressionState:
             return [self._param_names[id(p)] for p in params]
         return [("bucket", bucket.index(), i) for i in range(len(params))]
 
-    def _check_layout(self, bucket: dist.GradBucket, key: Hashable) -> None:
+    def _check_layout(self, bucket: dist.GradBucket) -> None:
         layout = tuple(self._param_keys(bucket)) + tuple(
             tuple(p.shape) for p in bucket.parameters()
         )
         if self._layouts.get(bucket.index()) != layout:
-            if self.feedback is not None:
-                self.feedback.reset(key)
+            if self.error_feedback:
+                self._feedback().reset(self._ef_key(bucket.index()))
             self._layouts[bucket.index()] = layout
 
 
@@ -235,18 +254,19 @@ def _flat(
     world: int,
 ) -> torch.futures.Future[torch.Tensor]:
     from . import distributed as cdist
-
-    buffer.div_(world)
-    if state.feedback is not None and codec == state.codec:
-        key = ("bucket", bucket.index())
-        state._check_layout(bucket, key)
-        compensated = state.feedback.compensate(buffer, key)
-        buffer.copy_(compensated)
-        state.feedback.update(key, compensated, codec.roundtrip(buffer))
     from .policy import using
 
-    with using(min_bytes=0):  # the state has decided already (state.min_bytes)
-        handle = cdist.all_reduce(buffer, group=state.group, async_op=True, codec=codec)
+    buffer.div_(world)
+    state._check_layout(bucket)
+    # The state has decided already: no size threshold, its own error-feedback choice.
+    with using(min_bytes=0, error_feedback=state.error_feedback):
+        handle = cdist.all_reduce(
+            buffer,
+            group=state.group,
+            async_op=True,
+            codec=codec,
+            key=state._ef_key(bucket.index()),
+        )
 
     def done(fut: torch.futures.Future[Any]) -> torch.Tensor:
         fut.value()  # re-raises a failure of the all-reduce
