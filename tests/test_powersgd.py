@@ -298,7 +298,13 @@ def _state_body(rank, world):
         all_reduce_many(ts, "powersgd:rank=2", average=True, memory=m, keys=keys)
         outs.append(ts)
     same = all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
-    return same, len(restored), restored.spec
+    try:  # a key reused for a tensor of another shape
+        all_reduce_many([torch.zeros(30, 40)], "powersgd:rank=2", average=True, memory=mem,
+                        keys=[keys[0]])  # fmt: skip
+        reused = "no error"
+    except ConfigError as exc:
+        reused = str(exc)
+    return same, len(restored), restored.spec, reused
 
 
 def _nonfinite_body(rank, world, spec):
@@ -409,8 +415,9 @@ def test_warm_start_aligns_q(pool2):
 @pytest.mark.parametrize("world", [2, 3])
 def test_memory_state_dict_round_trip(world, pool2, pool3):
     pool = pool2 if world == 2 else pool3
-    for same, keys, spec in pool.run(_state_body):
+    for same, keys, spec, reused in pool.run(_state_body):
         assert same and keys == 2 and spec == "powersgd:rank=2"
+        assert "distinct key" in reused, reused
 
 
 @pytest.mark.parametrize("spec", ["powersgd", "powersgd:orthogonalize=gram_schmidt"])

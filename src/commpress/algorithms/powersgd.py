@@ -263,6 +263,13 @@ def all_reduce_many(
         return
     world = dist.get_world_size(group)
     layout = plan(tensors, psgd)
+    for i, view in layout.matrices:  # before any communication: fail on every rank alike
+        residual = memory._residuals.get(keys[i])
+        if residual is not None and residual.shape != view:
+            raise ConfigError(
+                f"PowerSGD key {keys[i]!r} holds a residual of shape {tuple(residual.shape)} "
+                f"but its tensor is viewed as {view}; use a distinct key per tensor"
+            )
 
     # 1. Uncompressed tensors: one flat buffer per dtype, left running during step 2.
     raw_jobs = []
@@ -303,26 +310,28 @@ def _reduce_matrices(
     r = psgd.rank
     device = tensors[matrices[0][0]].device
     p_buf = torch.empty(sum(m * r for _, (m, _n) in matrices), device=device)
-    q_buf = torch.empty(sum(n * r for _, (_m, n) in matrices), device=device)
-    mats, ps, qs, q_starts = [], [], [], []
+    # Q is kept transposed, (r, n): P^T M reads M row by row, about twice as fast on
+    # CPU as M^T P; the buffer layout is private (the all-reduce only sums it).
+    qt_buf = torch.empty(sum(n * r for _, (_m, n) in matrices), device=device)
+    mats, ps, qts, q_starts = [], [], [], []
     p_off = q_off = 0
     for i, (m, n) in matrices:
         key = keys[i]
-        mat = tensors[i].detach().reshape(m, n).to(torch.float32, copy=True)
+        view = tensors[i].detach().reshape(m, n)
         residual = memory._residuals.get(key)
-        if residual is not None:
-            if residual.shape != (m, n):
-                raise ConfigError(
-                    f"PowerSGD key {key!r} holds a residual of shape {tuple(residual.shape)} but "
-                    f"its tensor is viewed as {(m, n)}; use a distinct key per tensor"
-                )
-            mat.add_(residual.to(device))
+        if residual is None:
+            mat = view.to(torch.float32, copy=True)
+        else:
+            # The residual's buffer becomes this call's work matrix and then the new
+            # residual: no m x n allocation per call. Popped, so a call that fails
+            # half-way leaves no half-updated residual behind (only a lost one).
+            mat = memory._residuals.pop(key).to(device).add_(view)
         q_start = _initial_q(psgd, memory, key, n, device)
         p = p_buf[p_off : p_off + m * r].view(m, r)
         torch.mm(mat, q_start, out=p)
         mats.append(mat)
         ps.append(p)
-        qs.append(q_buf[q_off : q_off + n * r].view(n, r))
+        qts.append(qt_buf[q_off : q_off + n * r].view(r, n))
         q_starts.append(q_start)
         p_off += m * r
         q_off += n * r
@@ -340,35 +349,35 @@ def _reduce_matrices(
         else:
             p.zero_()  # a clean placeholder; the output is set to NaN below
 
-    for mat, p, q, ok in zip(mats, ps, qs, finite, strict=True):
-        torch.mm(mat.T, p, out=q)
+    for mat, p, qt in zip(mats, ps, qts, strict=True):
+        torch.mm(p.T, mat, out=qt)
         # What this rank's own contribution loses: its residual (before averaging).
-        mat.addmm_(p, q.T, alpha=-1.0)
-        if not ok:
-            mat.zero_()
+        mat.addmm_(p, qt, alpha=-1.0)
 
-    dist.all_reduce(q_buf, group=group)
+    dist.all_reduce(qt_buf, group=group)
 
-    for (i, _view), mat, p, q, q_start, ok in zip(
-        matrices, mats, ps, qs, q_starts, finite, strict=True
+    for (i, _view), mat, p, qt, q_start, ok in zip(
+        matrices, mats, ps, qts, q_starts, finite, strict=True
     ):
         key = keys[i]
         t = tensors[i]
-        if ok:
-            out = p @ q.T
-            if average:
-                out.div_(world)
-            memory._residuals[key] = torch.nan_to_num_(mat, nan=0.0, posinf=0.0, neginf=0.0)
-            if psgd.warm_start:
-                # Keep the new Q unless it came back zero (or overflowed): the old one
-                # still spans a useful subspace. The test runs on device, no sync.
-                usable = torch.isfinite(q).all() & (q.abs().amax() > 0)
-                memory._q[key] = torch.where(usable, q, q_start)
-            t.copy_(out.view(t.shape))
-        else:
-            memory._residuals.pop(key, None)
+        if not ok:
             memory._q.pop(key, None)
             t.fill_(float("nan"))
+            continue
+        # A finite P means a finite input, so the residual is finite too.
+        memory._residuals[key] = mat
+        if psgd.warm_start:
+            # Keep the new Q unless it came back zero (or overflowed): the old one
+            # still spans a useful subspace. The test runs on device, no sync.
+            usable = torch.isfinite(qt).all() & (qt.abs().amax() > 0)
+            memory._q[key] = torch.where(usable, qt.T, q_start)
+        if average:
+            qt.div_(world)  # r x n, not the m x n product
+        if t.dtype == torch.float32 and t.is_contiguous():
+            torch.mm(p, qt, out=t.view(p.shape[0], qt.shape[1]))
+        else:
+            t.copy_((p @ qt).view(t.shape))
 
 
 def _initial_q(
