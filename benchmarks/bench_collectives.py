@@ -25,8 +25,9 @@ Columns:
 - ``x_fp32`` / ``x_bf16`` -- plain fp32 / plain bf16 median time over this row's
   (above 1: faster than the baseline);
 - ``rel_err`` -- ``||y - y_fp32|| / ||y_fp32||`` on the first call. PowerSGD's is
-  near 1 on purpose-free random data: a random matrix has no low-rank structure,
-  and PowerSGD relies on error feedback across steps (``tests/test_powersgd.py``);
+  near 1 here: a random matrix has no low-rank structure, and PowerSGD relies on
+  error feedback across steps to deliver what one call drops
+  (``tests/test_powersgd.py``);
 - ``identical`` -- every rank ended with the same bits.
 
 Run::
@@ -281,7 +282,7 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def _meta() -> dict[str, Any]:
+def _meta(load_before: float) -> dict[str, Any]:
     return {
         "benchmark": "bench_collectives",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -291,7 +292,8 @@ def _meta() -> dict[str, Any]:
         "torch": torch.__version__,
         "world_size": 2,
         "tensor": f"float32 {MATRIX[0]}x{MATRIX[1]} (64 MiB)",
-        "load1": os.getloadavg()[0],
+        "load1_before": load_before,
+        "load1_after": os.getloadavg()[0],
     }
 
 
@@ -327,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"rows for it say so ({netem.HOW_TO_SKIP})",
                 file=sys.stderr,
             )
+    load_before = os.getloadavg()[0]
     if args.link_check:
         rows = []
         for link in links:
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report.format_table(rows, title="plain transfers of 64 MiB on 2 gloo ranks"))
         if args.json:
             path = Path(args.json)
-            report.write_json(path.with_name(path.stem + "_link.json"), rows, _meta())
+            report.write_json(path.with_name(path.stem + "_link.json"), rows, _meta(load_before))
         return 0
     rows = run(links, args.repeats, args.quick)
     print(
@@ -347,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     if args.json:
-        print(f"wrote {report.write_json(args.json, rows, _meta())}")
+        print(f"wrote {report.write_json(args.json, rows, _meta(load_before))}")
     return 0
 
 

@@ -19,9 +19,15 @@ Every byte any rank sends leaves through the one shaped ``lo``, so RATE is
 the *aggregate* of all ranks' traffic in both directions -- a shared medium,
 not one full-duplex link per rank. A 2-rank send/recv reaches RATE; a 2-rank
 all-reduce, where both ranks send at once, gets RATE/2 per rank, i.e. it takes
-about twice as long as on two hosts joined by a full-duplex link of RATE
-(measured numbers are in ``benchmarks/bench_collectives.py``). Time *ratios*
-between codecs are unaffected, since every codec's traffic is shaped alike.
+about twice as long as on two hosts joined by a full-duplex link of RATE.
+Time *ratios* between codecs are unaffected, since every codec's traffic is
+shaped alike.
+
+Measured (``python benchmarks/bench_collectives.py --link-check``, 64 MiB
+float32, 2 gloo ranks, torch 2.13 CPU, 2 cores): at ``1gbit`` a send/recv
+runs at 124.4 MB/s (99.5% of 125 MB/s) and an all-reduce takes 1075 ms
+(62.4 MB/s of payload per rank, 124.8 MB/s across the loopback); at
+``10gbit`` a send/recv runs at 1257 MB/s.
 
 Burst: ``max(512 KiB, 4 ms of traffic at RATE)``. It must hold a few
 maximum-size loopback packets (64 KiB; a smaller bucket drops them and TCP

@@ -23,8 +23,8 @@ From a random ``Q`` (``(n, rank)``, drawn from a generator seeded with
 (``P = orth(M Q)``, ``Q = M^T P``) and sends ``(P, Q)`` as float32:
 ``(m + n) * rank * 4`` bytes. ``decode`` returns ``P Q^T`` cut to the
 original elements -- the projection of ``M`` onto the ``rank``-dimensional
-column space found by the iterations. Tensors of ``rank`` or more columns
-*and* rows exactly of rank <= ``rank`` come back to float32 rounding.
+column space found by the iterations. A compressed tensor whose matrix view
+has rank <= ``rank`` comes back exact to float32 rounding.
 
 A tensor is sent raw (one section: the tensor itself, any floating dtype,
 lossless) when it is 0-d or empty, when ``rank >= min(m, n)``, or when its
