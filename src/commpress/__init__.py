@@ -30,6 +30,8 @@ from .registry import get_codec, list_codecs, register_codec
 from .stats import reset_stats, stats
 
 from . import distributed  # noqa: E402, I001  (after the core: it builds on all of it)
+from . import hooks, moe  # noqa: E402, I001  (the drop-in face, built on distributed)
+from .patch import patch, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -39,6 +41,8 @@ __all__ = [
     "ErrorFeedback", "wire",
     # collectives
     "distributed", "Policy", "Engine", "Handle", "stats", "reset_stats",
+    # drop-in
+    "patch", "unpatch", "hooks", "moe",
     # errors
     "CommpressError", "ConfigError", "UnknownCodecError", "UnsupportedDtypeError",
     "UnsupportedDeviceError", "WireError", "CodecMismatchError", "CollectiveError",

@@ -130,12 +130,13 @@ def _future_failed(fut: Any) -> bool:
     return False
 
 
-def _as_work(result: Any) -> Any:
-    if result is None or isinstance(result, (dist.Work, int, bool)):
+def _as_torch_result(result: Any) -> Any:
+    """What the torch function returns: a ``Work`` when async, ``recv``'s rank, else None."""
+    if result is None or isinstance(result, (dist.Work, int)):
         return result
     if hasattr(result, "wait") and hasattr(result, "get_future"):
         return _HandleWork(result)
-    return result
+    return None  # blocking torch collectives return None, whatever commpress returned
 
 
 def _caller_is_internal(frame: types.FrameType | None) -> bool:
@@ -154,7 +155,7 @@ def _make_wrapper(original: Callable[..., Any], target: str) -> Callable[..., An
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not _installed or _caller_is_internal(sys._getframe(1)):
             return original(*args, **kwargs)
-        return _as_work(compressed(*args, **kwargs))
+        return _as_torch_result(compressed(*args, **kwargs))
 
     wrapper.__commpress_original__ = original  # type: ignore[attr-defined]
     return wrapper
