@@ -65,9 +65,9 @@ from .registry import CodecLike, get_codec
 from .stats import CallRecord, record
 
 try:  # PowerSGD lives in its own module; everything else works without it
-    from .algorithms import powersgd as _powersgd
+    from .algorithms import powersgd as _psgd
 except ImportError:  # pragma: no cover - only while the module is missing
-    _powersgd = None  # type: ignore[assignment]
+    _psgd = None  # type: ignore[assignment]
 
 __all__ = [
     "all_reduce",
@@ -118,13 +118,13 @@ def error_feedback(codec: CodecLike) -> ErrorFeedback:
 
 def powersgd_memory(codec: CodecLike) -> Any:
     """The ``PowerSGDMemory`` (warm-start Q and residuals) used for ``codec``'s all-reduces."""
-    if _powersgd is None:
+    if _psgd is None:
         raise ConfigError("commpress.algorithms.powersgd is not available in this installation")
     c = get_codec(codec)
     with _state_lock:
         memory = _psgd_memory.get(c)
         if memory is None:
-            memory = _psgd_memory[c] = _powersgd.PowerSGDMemory()
+            memory = _psgd_memory[c] = _psgd.PowerSGDMemory()
         return memory
 
 
@@ -396,14 +396,14 @@ def _reduce_flat(
     return out
 
 
-def _powersgd(call: _Call, tensor: torch.Tensor, op: Any, key: Hashable | None) -> None:
-    if _powersgd is None:
+def _powersgd_reduce(call: _Call, tensor: torch.Tensor, op: Any, key: Hashable | None) -> None:
+    if _psgd is None:
         raise ConfigError(
             "codec 'powersgd' needs commpress.algorithms.powersgd, which is not available"
         )
     codec = call.decision.codec
     work = tensor if tensor.is_contiguous() else tensor.contiguous()
-    wire_nbytes = _powersgd.plan([tensor], codec).wire_nbytes
+    wire_nbytes = _psgd.plan([tensor], codec).wire_nbytes()
     # PowerSGD's backend all-reduces abort gloo if the ranks' shapes differ: check first.
     comm = call.comm(tensor.device, tensor.dtype)
     d = exchange(
@@ -420,7 +420,7 @@ def _powersgd(call: _Call, tensor: torch.Tensor, op: Any, key: Hashable | None) 
             f"{[d.sizes_from(r)[0] for r in range(call.size)]} bytes); shapes must match"
         )
     t0 = time.perf_counter()
-    _powersgd.all_reduce_many(
+    _psgd.all_reduce_many(
         [work],
         codec,
         average=op == dist.ReduceOp.AVG,
@@ -473,7 +473,7 @@ def all_reduce(
         psgd_key = key if key is not None else _auto_key("all_reduce", group, tensor)
 
         def psgd_job() -> list[torch.Tensor]:
-            _powersgd(call, tensor, op, psgd_key)
+            _powersgd_reduce(call, tensor, op, psgd_key)
             return [tensor]
 
         return call.run(psgd_job, async_op, tensor.device, [tensor])
@@ -520,7 +520,7 @@ def reduce(
         def psgd_job() -> list[torch.Tensor]:
             # PowerSGD is an all-reduce; the non-destination ranks keep their input.
             work = tensor if call.rank == root else tensor.detach().clone()
-            _powersgd(call, work, op, psgd_key)
+            _powersgd_reduce(call, work, op, psgd_key)
             return [tensor]
 
         return call.run(psgd_job, async_op, tensor.device, [tensor])
@@ -608,9 +608,8 @@ def reduce_scatter(
     inputs = _check_list(input_list, "input_list")
     if _not_member(group):
         return None
-    call = _begin(
-        "reduce_scatter", group, output, op, codec, bytes_in=sum(_nbytes(t) for t in inputs)
-    )
+    nbytes = sum(_nbytes(t) for t in inputs)
+    call = _begin("reduce_scatter", group, output, op, codec, nbytes=nbytes, bytes_in=nbytes)
     if not call.decision.compressed:
         return call.plain(
             lambda a: dist.reduce_scatter(output, inputs, op, group, a), async_op, [output]
@@ -1018,6 +1017,51 @@ def _p2p_peer(
     return peer
 
 
+def _backend_error(op: str, exc: BaseException) -> BaseException:
+    if isinstance(exc, RuntimeError) and not isinstance(exc, CommpressError):
+        return CollectiveError(f"{op} failed in the backend ({exc}); the peer may have died")
+    return exc
+
+
+def _post_send(
+    op: str,
+    tensor: torch.Tensor,
+    dst: int | None,
+    group: Any,
+    tag: int,
+    group_dst: int | None,
+    codec: CodecLike | None,
+) -> Handle | None:
+    """Encode on this thread and post the send(s); the handle waits for the backend works."""
+    _check_tensor(tensor, "tensor")
+    if _not_member(group):
+        return None
+    call = _begin(op, group, tensor, None, codec)
+    peer = _p2p_peer(op, group, call.size, call.rank, "dst", dst, group_dst)
+    if not call.decision.compressed:
+        works = [dist.isend(tensor, _global(group, peer), group, tag)]
+        keep: list[Any] = []
+    else:
+        comm = call.comm(tensor.device, tensor.dtype)
+        try:
+            keep = transport.isend(comm, tensor, peer, tag, call.key)
+        except RuntimeError as exc:
+            raise _backend_error(op, exc) from exc
+        works = [w for w in keep if not isinstance(w, torch.Tensor)]
+    record(call.rec)
+
+    def complete() -> list[torch.Tensor]:
+        try:
+            for w in works:
+                w.wait()
+        except RuntimeError as exc:
+            raise _backend_error(op, exc) from exc
+        keep.clear()  # the send buffers may go now
+        return [tensor]
+
+    return Handle(completer=complete, poll=lambda: all(w.is_completed() for w in works))
+
+
 def isend(
     tensor: torch.Tensor,
     dst: int | None = None,
@@ -1027,38 +1071,14 @@ def isend(
     *,
     codec: CodecLike | None = None,
 ) -> Handle | None:
-    """Send ``tensor`` to rank ``dst`` without blocking; returns a `Handle`.
+    """Send ``tensor`` to rank ``dst`` (global) / ``group_dst`` without blocking.
 
-    The encode runs on the calling thread (so that sends stay in issue order);
-    the transfer runs in the background. Tags at and above
-    ``transport.P2P_TAG_BASE`` (2**30) are reserved for commpress payloads.
+    The encode runs on the calling thread, so that sends stay in issue order; the
+    transfer runs in the background. Returns a `Handle` (None on a rank outside
+    ``group``). Tags at and above ``transport.P2P_TAG_BASE`` (2**30) are reserved
+    for commpress payloads.
     """
-    _check_tensor(tensor, "tensor")
-    if _not_member(group):
-        return None
-    call = _begin("isend", group, tensor, None, codec)
-    peer = _p2p_peer("isend", group, call.size, call.rank, "dst", dst, group_dst)
-    if not call.decision.compressed:
-        work = dist.isend(tensor, _global(group, peer), group, tag)
-        record(call.rec)
-        return Handle(completer=lambda: (work.wait(), [tensor])[1], poll=work.is_completed)
-    comm = call.comm(tensor.device, tensor.dtype)
-    try:
-        keep = transport.isend(comm, tensor, peer, tag, call.key)
-    except RuntimeError as exc:
-        if isinstance(exc, CommpressError):
-            raise
-        raise CollectiveError(f"isend to rank {peer} failed in the backend: {exc}") from exc
-    works = [w for w in keep if not isinstance(w, torch.Tensor)]
-    record(call.rec)
-
-    def complete() -> list[torch.Tensor]:
-        for w in works:
-            w.wait()
-        keep.clear()
-        return [tensor]
-
-    return Handle(completer=complete, poll=lambda: all(w.is_completed() for w in works))
+    return _post_send("isend", tensor, dst, group, tag, group_dst, codec)
 
 
 def send(
@@ -1070,10 +1090,28 @@ def send(
     *,
     codec: CodecLike | None = None,
 ) -> None:
-    """Send ``tensor`` to rank ``dst`` (global) / ``group_dst``, compressed; blocks until done."""
-    handle = isend(tensor, dst, group, tag, group_dst, codec=codec)
+    """Send ``tensor`` to rank ``dst`` (global) / ``group_dst``, compressed; blocks until done.
+
+    A codec mismatch is raised by the receiver only (a send is one-way).
+    """
+    handle = _post_send("send", tensor, dst, group, tag, group_dst, codec)
     if handle is not None:
         handle.wait()
+
+
+def _recv_call(
+    op: str,
+    tensor: torch.Tensor,
+    src: int | None,
+    group: Any,
+    group_src: int | None,
+    codec: CodecLike | None,
+) -> tuple[_Call, int | None]:
+    call = _begin(op, group, tensor, None, codec)
+    peer = None
+    if src is not None or group_src is not None:
+        peer = _p2p_peer(op, group, call.size, call.rank, "src", src, group_src)
+    return call, peer
 
 
 def irecv(
@@ -1087,23 +1125,28 @@ def irecv(
 ) -> Handle | None:
     """Receive into ``tensor`` from rank ``src`` (None: any source) without blocking.
 
-    The receive is posted at once; a helper thread fetches the payload as soon as
-    its descriptor arrives, so the sender completes even before this handle is
-    waited on.
+    The first receive is posted at once, in issue order; a helper thread fetches the
+    payload as soon as its descriptor arrives, so the sender completes even before
+    this handle is waited on. Returns a `Handle` (None on a rank outside ``group``)
+    whose ``source_rank`` is the sender's global rank once it completed.
     """
     _check_tensor(tensor, "tensor")
     if _not_member(group):
         return None
-    call = _begin("irecv", group, tensor, None, codec)
-    peer = None
-    if src is not None or group_src is not None:
-        peer = _p2p_peer("irecv", group, call.size, call.rank, "src", src, group_src)
+    call, peer = _recv_call("irecv", tensor, src, group, group_src, codec)
     if not call.decision.compressed:
         work = dist.irecv(tensor, None if peer is None else _global(group, peer), group, tag)
         record(call.rec)
-        return Handle(completer=lambda: (work.wait(), [tensor])[1], poll=work.is_completed)
-    comm = call.comm(tensor.device, tensor.dtype)
-    pending = transport.post_recv(comm, tensor, peer, tag)
+
+        def complete_plain() -> list[torch.Tensor]:
+            try:
+                work.wait()
+            except RuntimeError as exc:
+                raise _backend_error("irecv", exc) from exc
+            return [tensor]
+
+        return Handle(completer=complete_plain, poll=work.is_completed)
+    pending = transport.post_recv(call.comm(tensor.device, tensor.dtype), tensor, peer, tag)
     handle = Handle()
     handle.source_rank = None  # type: ignore[attr-defined]
 
@@ -1111,9 +1154,7 @@ def irecv(
         try:
             source = transport.complete_recv(pending)
         except BaseException as exc:  # noqa: BLE001 - delivered through the handle
-            if isinstance(exc, RuntimeError) and not isinstance(exc, CommpressError):
-                exc = CollectiveError(f"irecv failed in the backend: {exc}")
-            handle._finish(exc=exc)
+            handle._finish(exc=_backend_error("irecv", exc))
             return
         handle.source_rank = _global(group, source)  # type: ignore[attr-defined]
         record(call.rec)
@@ -1136,14 +1177,15 @@ def recv(
 
     Returns:
         The sender's global rank (-1 on a rank outside ``group``), like torch.
+
+    Raises:
+        CodecMismatchError: the sender used another codec (its payload is drained first,
+            so the channel stays usable).
     """
     _check_tensor(tensor, "tensor")
     if _not_member(group):
         return -1
-    call = _begin("recv", group, tensor, None, codec)
-    peer = None
-    if src is not None or group_src is not None:
-        peer = _p2p_peer("recv", group, call.size, call.rank, "src", src, group_src)
+    call, peer = _recv_call("recv", tensor, src, group, group_src, codec)
     if not call.decision.compressed:
         source = dist.recv(tensor, None if peer is None else _global(group, peer), group, tag)
         record(call.rec)
@@ -1152,8 +1194,6 @@ def recv(
     try:
         source = transport.complete_recv(transport.post_recv(comm, tensor, peer, tag))
     except RuntimeError as exc:
-        if isinstance(exc, CommpressError):
-            raise
-        raise CollectiveError(f"recv failed in the backend: {exc}") from exc
+        raise _backend_error("recv", exc) from exc
     record(call.rec)
     return _global(group, source)

@@ -214,11 +214,6 @@ class Policy:
                 f"choose one of {list(ALGORITHMS)}"
             )
 
-    @property
-    def codec_obj(self) -> Codec:
-        """The policy's codec as a `Codec`."""
-        return get_codec(self.codec)
-
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Policy:
         """A policy from ``COMMPRESS_*`` environment variables; keywords override them.
