@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         # Report the script's exception the way the interpreter does for an unhandled
         # one (its sys.excepthook, exit status 1), starting at the script's own frame:
         # the command line would otherwise turn a CommpressError into a one-line message.
-        sys.excepthook(type(exc), exc, _script_traceback(exc.__traceback__))
+        tb = _script_traceback(exc.__traceback__)
+        sys.excepthook(type(exc), exc.with_traceback(tb), tb)
         return 1
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
@@ -115,8 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _script_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
-    skip = {os.path.abspath(__file__), os.path.abspath(runpy.__file__)}
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) in skip:
+    while tb is not None and tb.tb_frame.f_globals.get("__name__") in (__name__, "runpy"):
         tb = tb.tb_next
     return tb
 
@@ -127,9 +127,9 @@ def _usage_error(message: str) -> int:
 
 
 def _print_stats() -> None:
-    from . import stats as stats_module
+    from .stats import stats
 
     rank = os.environ.get("RANK")
     title = "commpress stats" + (f" (rank {rank})" if rank is not None else "")
     sys.stdout.flush()
-    print(f"{title}\n{stats_module.stats()}", flush=True)
+    print(f"{title}\n{stats()}", flush=True)
