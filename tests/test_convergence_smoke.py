@@ -29,7 +29,7 @@ def test_tiny_training_on_two_ranks_is_reproducible_and_codecs_stay_close():
         fp32 = pool.run(conv.train, "fp32", conv.TINY)
         again = pool.run(conv.train, "fp32", conv.TINY)[0]
         int8 = pool.run(conv.train, "int8", conv.TINY)[0]
-        ef_sign = pool.run(conv.train, "ef(sign)", conv.TINY)[0]
+        ef_sign = pool.run(conv.train, "ef-sign", conv.TINY)[0]
     assert fp32[0] == fp32[1]  # every rank reports the same row
     ref = fp32[0]
     assert again["curve"] == ref["curve"]  # same seed, same data order
@@ -42,11 +42,9 @@ def test_tiny_training_on_two_ranks_is_reproducible_and_codecs_stay_close():
 
 
 def test_an_unknown_method_is_a_row_not_a_crash():
-    row = conv.run_method("no_such_codec", conv.TINY, link="none")
-    assert row["status"].startswith("error: ") and "no_such_codec" in row["status"]
-    assert conv.run_method("torch:nope", conv.TINY)["status"].startswith(
-        "error: unknown torch hook"
-    )
+    codec, hook = conv.run_methods(["no_such_codec", "torch:nope"], conv.TINY, link="none")
+    assert codec["status"].startswith("error: ") and "no_such_codec" in codec["status"]
+    assert hook["status"].startswith("error: unknown torch hook")
 
 
 def test_a_dead_run_is_reported_with_its_abort_message():
