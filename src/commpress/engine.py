@@ -110,8 +110,18 @@ class Handle:
             self._resolve(future)
 
     def _resolve(self, future: torch.futures.Future) -> None:
-        if self._event is not None:
-            self._event.synchronize()  # only this thread blocks; the caller's stream is not synced
+        if self._event is not None and not self._event.query():
+            # CUDA work still running: resolve once it is done, on a helper thread, so that
+            # neither the caller nor the engine's worker blocks on the device.
+            def later() -> None:
+                self._event.synchronize()
+                self._set(future)
+
+            threading.Thread(target=later, name="commpress-future", daemon=True).start()
+            return
+        self._set(future)
+
+    def _set(self, future: torch.futures.Future) -> None:
         if self._exc is not None:
             future.set_exception(self._exc)
         else:
@@ -472,7 +482,7 @@ class Engine:
         for t in tensors:
             if t.is_cuda:
                 t.record_stream(stream)
-        with torch.cuda.stream(stream):
+        with torch.cuda.device(stream.device), torch.cuda.stream(stream):
             yield done
             done.event = stream.record_event()
 

@@ -416,7 +416,13 @@ def broadcast_buf(comm: Comm, buf: torch.Tensor | None, size: int, root: int) ->
     """Broadcast ``size`` bytes from group rank ``root`` (whose ``buf`` it is)."""
     if comm.rank != root:
         buf = torch.empty(size, dtype=torch.uint8, device=comm.device)
-    assert buf is not None and buf.numel() == size  # internal invariant, not user input
+    elif buf is None or buf.numel() != size:
+        # Only possible with verify=False if a codec's encoded_nbytes is wrong; sending a
+        # buffer of another size than the receivers expect would abort gloo.
+        raise comm.fail(
+            f"the packed buffer has {0 if buf is None else buf.numel()} bytes where {size} were "
+            f"announced; codec {comm.codec.spec!r} does not have the fixed size it declares"
+        )
     _timed(comm, dist.broadcast, buf, comm.global_rank(root), group=comm.group)
     comm.rec.bytes_wire += size
     return buf
