@@ -284,7 +284,9 @@ def test_randomk_marks_unsent_elements_nan_when_input_is_not_finite():
 @pytest.mark.parametrize(
     "spec, x, expected",
     [
-        ("int8:block=4", [127.0, 1.0, -127.0, 0.5], [127.0, 1.0, -127.0, 0.0]),
+        # Exact ties round up (toward +inf): 0.5 -> 1, -0.5 -> 0.
+        ("int8:block=4", [127.0, 1.0, -127.0, 0.5], [127.0, 1.0, -127.0, 1.0]),
+        ("int8:block=4", [127.0, 1.0, -127.0, -0.5], [127.0, 1.0, -127.0, 0.0]),
         ("int4:block=4", [7.0, -3.0, 1.4, 0.0], [7.0, -3.0, 1.0, 0.0]),
         ("int2:block=4", [2.0, -1.2, 0.9, 0.2], [2.0, -2.0, 0.0, 0.0]),
         ("int2:block=2", [2.0, -1.2, 0.9, 0.2], [2.0, -2.0, 0.9, 0.0]),

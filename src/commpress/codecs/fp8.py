@@ -44,6 +44,7 @@ from .quant import (
     ABSMAX_FLOOR,
     ARITH_SLACK,
     as_compute,
+    block_absmax,
     block_parts,
     check_bool,
     expect_sections,
@@ -82,8 +83,10 @@ class _FP8(Codec):
     def encoded_nbytes(self, numel: int, dtype: torch.dtype) -> int:
         return numel + 4 * nblocks(numel, self.block)
 
-    def _scale(self, x2d: torch.Tensor) -> torch.Tensor:
-        s = finite_absmax(x2d).clamp_min_(ABSMAX_FLOOR) / self.fp8_max
+    def _scale(self, x2d: torch.Tensor, absmax: torch.Tensor | None = None) -> torch.Tensor:
+        if absmax is None:
+            absmax = finite_absmax(x2d)
+        s = absmax.clamp_min_(ABSMAX_FLOOR) / self.fp8_max
         return _pow2_ceil(s) if self.pow2 else s
 
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,13 +104,14 @@ class _FP8(Codec):
         codes = torch.empty(n, dtype=self.fp8_dtype, device=x.device)
         scales = torch.empty(nblocks(n, self.block), dtype=torch.float32, device=x.device)
         for start, x2d in block_parts(x, self.block):
-            s = self._scale(x2d)
+            absmax, all_finite = block_absmax(x2d)
+            s = self._scale(x2d, absmax)
             row = start // self.block
             scales[row : row + x2d.shape[0]] = s
             # Multiply by the reciprocal (exact for pow2 scales); |x * inv| <= FP8_MAX up to
             # one float32 rounding, which the cast rounds back to FP8_MAX.
             q = x2d * s.reciprocal().unsqueeze(1)
-            if not self.has_inf:
+            if not self.has_inf and not all_finite:
                 # torch's e4m3fn cast saturates Inf to 448 on CPU; make it NaN everywhere.
                 q.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
             codes[start : start + x2d.numel()].view_as(x2d).copy_(q)

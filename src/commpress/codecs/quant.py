@@ -10,10 +10,13 @@ With ``L = 2**(bits-1) - 1`` (127, 7, 1) and ``absmax`` the largest finite
 ``|x|`` of the block, floored at ``2**-100`` so its inverse is finite::
 
     scale = max(absmax, 2**-100) / L
-    code  = round(x / scale)            # in -L..L; floor(x / scale + U[0,1)) if stochastic
+    code  = floor(x / scale + 1/2)      # in -L..L (exact ties round up);
+                                        # floor(x / scale + U[0,1)) if stochastic
 
 The most negative code (-128, -8, -2) is reserved: it marks an element that
-was NaN or +-Inf, and decodes to NaN at the same position. Codes travel in
+was NaN or +-Inf, and decodes to NaN at the same position. A block holding
+such codes has its scale stored negated, so decoding NaN-free data (the
+common case) skips the search for reserved codes. Codes travel in
 offset binary (``code + L + 1``, so the reserved code is 0), ``8 // bits``
 codes per byte, element ``i`` in bits ``bits * (i % per)`` and up of byte
 ``i // per``.
@@ -122,6 +125,21 @@ def finite_absmax(x2d: torch.Tensor) -> torch.Tensor:
     """Per-row max of ``|x|`` over finite values (0 where none), as float32 ``(rows,)``."""
     a = x2d.abs().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     return a.amax(dim=1).float()
+
+
+def block_absmax(x2d: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Per-row finite absmax as float32 ``(rows,)``, and whether every element is finite.
+
+    On CPU the common all-finite case costs one ``aminmax`` pass and no temporary
+    tensor; a part holding NaN/Inf falls back to `finite_absmax`. On other devices
+    the answer is always the masked path (``False``): checking would cost a host sync.
+    """
+    if x2d.device.type == "cpu" and x2d.numel():
+        lo, hi = torch.aminmax(x2d, dim=1)
+        absmax = torch.maximum(lo.neg_(), hi).float()
+        if bool(torch.isfinite(absmax).all()):
+            return absmax, True
+    return finite_absmax(x2d), False
 
 
 def per_element(
@@ -252,22 +270,30 @@ class _IntQuant(Codec):
         lv = self.levels
         codes = torch.empty(n, dtype=torch.uint8, device=x.device)
         scales = torch.empty(nblocks(n, self.block), dtype=torch.float32, device=x.device)
-        offset = torch.full((), lv + 1.0, dtype=torch.float32, device=x.device)
+        # Offset binary: x / scale + L + 1 lies in [1, 2L + 1] for finite x. The float ->
+        # uint8 copy truncates, so adding 0.5 first rounds to nearest (ties away from zero
+        # in code space).
+        offset = torch.full((), lv + 1.5, dtype=torch.float32, device=x.device)
         for start, x2d in block_parts(x, self.block):
-            absmax = self._scales(x2d)
-            row = start // self.block
-            scales[row : row + x2d.shape[0]] = absmax / lv
-            # Offset binary: x / scale + L + 1 lies in [1, 2L + 1] for finite x.
-            q = torch.addcmul(offset, x2d, (lv / absmax).unsqueeze(1))
+            absmax, all_finite = block_absmax(x2d)
+            absmax.clamp_min_(ABSMAX_FLOOR)
             if self.stochastic:
-                q.add_(torch.rand_like(q)).floor_()
+                # floor(x / scale + U[0, 1)) before the offset is added: near zero the sum
+                # stays exact (a large offset would round U up to 1 now and then), and the
+                # clamp catches L + U rounding up to L + 1 in float32.
+                q = x2d * (lv / absmax).unsqueeze(1)
+                q.add_(torch.rand_like(q)).floor_().clamp_(-lv, lv).add_(lv + 1)
             else:
-                q.round_()
-            # NaN and +-Inf take the reserved code 0.
-            q.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            if self.stochastic:
-                # x / scale == L plus a draw just below 1 can round up to L + 1 in float32.
-                q.clamp_(max=2 * lv + 1)
+                q = torch.addcmul(offset, x2d, (lv / absmax).unsqueeze(1))
+            step = absmax / lv
+            if not all_finite:
+                # NaN and +-Inf take the reserved code 0; their block's scale is stored
+                # negated so that decode knows which blocks hold reserved codes.
+                bad = ~torch.isfinite(x2d)
+                q.masked_fill_(bad, 0.0)
+                step = torch.where(bad.any(dim=1), -step, step)
+            row = start // self.block
+            scales[row : row + x2d.shape[0]] = step
             codes[start : start + x2d.numel()].view_as(x2d).copy_(q)
         return pack_bits(codes, self.bits), scales
 
@@ -280,16 +306,21 @@ class _IntQuant(Codec):
         )
         packed, scales = payload
         codes = unpack_bits(packed, self.bits, numel)
-        out = torch.empty(numel, dtype=dtype, device=packed.device)
-        for start, c2d in block_parts(codes, self.block):
+        flagged = scales.device.type != "cpu" or bool((scales < 0).any())
+        if flagged:
+            scales = scales.abs()
+        # Decode in float32 (exact products of code and scale, rounded once to ``dtype``).
+        work = torch.empty(numel, dtype=torch.float32, device=packed.device)
+        work.copy_(codes)
+        for start, w2d in block_parts(work, self.block):
             row = start // self.block
-            s = scales[row : row + c2d.shape[0]].unsqueeze(1)
-            # (code - L - 1) * scale in one pass; the offset times a scale is exact
-            # (a power of two), so code L + 1 decodes to exactly 0.
-            torch.addcmul(
-                s * -(self.levels + 1), c2d, s, out=out[start : start + c2d.numel()].view_as(c2d)
-            )
-        return out.masked_fill_(codes == 0, float("nan"))
+            s = scales[row : row + w2d.shape[0]].unsqueeze(1)
+            # (code - L - 1) * scale; L + 1 is a power of two, so the offset times the
+            # scale is exact and code L + 1 decodes to exactly 0.
+            torch.addcmul(s * -(self.levels + 1), w2d, s, out=w2d)
+        if flagged:
+            work.masked_fill_(codes == 0, float("nan"))
+        return work if dtype == torch.float32 else work.to(dtype)
 
 
 @register_codec
