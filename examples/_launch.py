@@ -1,7 +1,7 @@
 """Shared launcher for the examples: torchrun if present, else local gloo ranks.
 
 Under ``torchrun`` (``RANK`` in the environment) the function runs once, on
-this rank. Launched plainly, ``launch`` spawns ``world_size`` CPU processes
+this rank. Launched plainly, ``launch`` starts ``world_size`` CPU processes
 with a gloo process group each, so every example runs on a laptop.
 """
 
@@ -43,4 +43,9 @@ def launch(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> None:
         _run(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None, fn, args)
     else:
         init = f"tcp://127.0.0.1:{_free_port()}"
-        mp.spawn(_run, args=(world_size, init, fn, args), nprocs=world_size)
+        # fork where the platform has it: the ranks start at once instead of importing
+        # torch again (nothing here has started threads or a process group yet)
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        mp.start_processes(
+            _run, args=(world_size, init, fn, args), nprocs=world_size, start_method=method
+        )

@@ -42,7 +42,7 @@ def main(rank: int, world_size: int, codec: str, plain: bool, steps: int) -> Non
         commpress.hooks.register(ddp, commpress.hooks.CompressionState(codec=codec))
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
 
-    w_true = torch.randn(32, 1, generator=torch.Generator().manual_seed(1))
+    w_true = torch.randn(32, 1, generator=torch.Generator().manual_seed(1)) / 32**0.5
     data = torch.Generator().manual_seed(100 + rank)  # each rank its own shard
     for step in range(steps):
         x = torch.randn(64, 32, generator=data)
@@ -63,6 +63,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="DDP training with a commpress comm hook.")
     parser.add_argument("--codec", default="int8", help="codec spec for the hook (default: int8)")
     parser.add_argument("--plain", action="store_true", help="no hook: plain DDP")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     launch(main, args.codec, args.plain, args.steps)

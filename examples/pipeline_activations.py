@@ -3,7 +3,7 @@
 Rank 0 runs the first half of an MLP and sends its activations to rank 1
 (``commpress.pipeline.send_activation``, FP8); rank 1 runs the second half,
 computes the loss and sends the gradient of its input back (INT8); rank 0
-finishes the backward pass. Each step runs 4 micro-batches. A second run
+finishes the backward pass. Each step runs 2 micro-batches. A second run
 with ``codec="none"`` shows how close the compressed loss curve stays.
 
     python examples/pipeline_activations.py            # spawns 2 local ranks
@@ -19,7 +19,7 @@ from _launch import launch
 import commpress
 from commpress.pipeline import recv_activation, send_activation
 
-STEPS, MICRO, BATCH, WIDTH = 15, 4, 16, 256
+STEPS, MICRO, BATCH, WIDTH = 10, 2, 64, 256  # 64 KiB activations: above min_bytes
 
 
 def train(rank: int, act_codec: str, grad_codec: str) -> list[float]:

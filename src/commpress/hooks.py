@@ -38,6 +38,7 @@ the process inside gloo. This hook runs every codec on gloo.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Hashable
 from typing import Any
 
@@ -278,9 +279,11 @@ def _flat(
 def _powersgd(
     state: CompressionState, bucket: dist.GradBucket, codec: Codec, buffer: torch.Tensor
 ) -> torch.futures.Future[torch.Tensor]:
-    from .algorithms.powersgd import all_reduce_many
+    from .algorithms.powersgd import all_reduce_many, plan
+    from .stats import CallRecord, record
 
     grads = bucket.gradients()
+    t0 = time.perf_counter()
     all_reduce_many(
         grads,
         codec,
@@ -290,6 +293,16 @@ def _powersgd(
         keys=state._param_keys(bucket),
     )
     _copy_back(grads, buffer)
+    layout = plan(grads, codec)
+    record(
+        CallRecord(
+            "all_reduce",
+            compressed=True,
+            bytes_in=layout.input_nbytes,
+            bytes_wire=layout.wire_nbytes(),
+            transfer_s=time.perf_counter() - t0,
+        )
+    )
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     fut.set_result(buffer)
     return fut
