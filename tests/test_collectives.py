@@ -139,7 +139,8 @@ class _Skip(Exception):
 
 # -------------------------------------------------------------------- bounds
 def _b(codec, v: torch.Tensor) -> torch.Tensor:
-    return codec.error_bound(v.reshape(-1).float()).double()
+    # In the tensor's own dtype: a codec's bound includes rounding its decode to that dtype.
+    return codec.error_bound(v.reshape(-1)).double()
 
 
 def _b_reencode(codec, magnitude: torch.Tensor) -> torch.Tensor:
@@ -210,6 +211,36 @@ def _all_reduce_body(rank, world, specs):
 
 def test_all_reduce_matches_plain_within_bound(gloo):
     assert_reports(gloo.run(_all_reduce_body, LIVE))
+
+
+#: Relative rounding of casting the float32 result back to the input dtype.
+CAST_REL = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 0.0}
+
+
+def _dtypes_body(rank, world, specs):
+    rep = Report()
+    with using(Policy(min_bytes=0, error_feedback=False)):
+        for dtype in (torch.float16, torch.bfloat16, torch.float64):
+            xs = [x.to(dtype) for x in _inputs(world, seed=400)]
+            exact = sum(x.double() for x in xs)
+            for spec in specs:
+                for algorithm in ("auto", "two_phase", "gather"):
+                    name = f"all_reduce {dtype} {spec} {algorithm}"
+                    with rep.case(name), using(algorithm=algorithm):
+                        x = xs[rank].clone()
+                        cdist.all_reduce(x, codec=spec)
+                        algo = decide("all_reduce", x, R.SUM, spec, world_size=world).algorithm
+                        bound = reduce_bound(get_codec(spec), algo, xs, R.SUM, world)
+                        bound = bound + CAST_REL[dtype] * (exact.abs() + bound)
+                        rep.check(name, x.dtype == dtype, f"dtype became {x.dtype}")
+                        rep.within(name, x.double(), exact, bound)
+                        rep.digest(name, x)
+    return rep.result()
+
+
+def test_all_reduce_16bit_and_float64_inputs(gloo):
+    specs = [s for s in ("bf16", "fp16", "int8", "fp8", "zstd") if available(s)]
+    assert_reports(gloo.run(_dtypes_body, specs))
 
 
 def _reduce_body(rank, world, specs):
@@ -787,9 +818,10 @@ def test_error_feedback_keys_and_effect(gloo):
 def _noverify_body(rank, world):
     rep = Report()
     results = {}
-    for verify in (True, False):
+    for verify, checksum in ((True, False), (False, False), (True, True)):
         commpress.reset_stats()
-        with using(Policy(min_bytes=0, verify=verify, error_feedback=False)):
+        policy = Policy(min_bytes=0, verify=verify, checksum=checksum, error_feedback=False)
+        with using(policy):
             got = {}
             for algorithm in ("two_phase", "gather"):
                 with using(algorithm=algorithm):
@@ -817,18 +849,21 @@ def _noverify_body(rank, world):
             elif rank == 1:
                 cdist.recv(t, 0, codec="int8")
             got["send/recv"] = t
-            results[verify] = (got, commpress.stats().total().bytes_wire)
-    for name, t in results[True][0].items():
-        rep.exact(f"verify=False {name}", results[False][0][name], t)
+            results[verify, checksum] = (got, commpress.stats().total().bytes_wire)
+    base, nbytes = results[True, False]
+    for name, t in base.items():
+        rep.exact(f"verify=False {name}", results[False, False][0][name], t)
+        rep.exact(f"checksum=True {name}", results[True, True][0][name], t)
     rep.check(
         "verify=False sends fewer bytes",
-        results[False][1] < results[True][1],
-        repr((results[False][1], results[True][1])),
+        results[False, False][1] < nbytes,
+        repr((results[False, False][1], nbytes)),
     )
+    rep.check("checksum=True sends a CRC more", results[True, True][1] > nbytes)
     return rep.result()
 
 
-def test_verify_false_skips_descriptors_with_same_results(gloo):
+def test_verify_false_and_checksum_give_the_same_results(gloo):
     assert_reports(gloo.run(_noverify_body))
 
 
