@@ -710,6 +710,11 @@ def _errors_body(rank, world):
                 attempt("send", lambda: cdist.send(x, 1, codec="int8"))
             else:
                 attempt("send", lambda: cdist.recv(torch.empty(1000), 0, codec="int4"))
+        if rank == 0:
+            attempt("op", lambda: cdist.all_reduce(x.clone(), codec="int8"))
+        else:
+            attempt("op", lambda: cdist.broadcast(x.clone(), 0, codec="int8"))
+        attempt("numel", lambda: cdist.all_reduce(gaussian(1000 + 7 * rank), codec="int8"))
         wrong = torch.empty(world * 10 + (1 if rank == 1 else 0))
         attempt(
             "output size", lambda: cdist.all_gather_into_tensor(wrong, torch.ones(10), codec="int8")
@@ -744,6 +749,11 @@ def test_mismatch_and_bad_arguments_raise_on_every_rank(gloo):
     assert results[1]["send"][0] == "CodecMismatchError"
     assert "'int8'" in results[1]["send"][1] and "'int4'" in results[1]["send"][1]
     for r, res in enumerate(results):
+        kind, msg = res["op"]
+        assert kind == "CollectiveError" and "disagree on the op" in msg, (r, kind, msg)
+        assert "rank 0: all_reduce" in msg and "rank 1: broadcast" in msg, msg
+        kind, msg = res["numel"]
+        assert kind == "CollectiveError" and "number of elements" in msg and "1007" in msg, msg
         kind, msg = res["output size"]
         assert kind == "CollectiveError", (r, kind, msg)
         if r == 1:
