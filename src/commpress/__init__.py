@@ -13,6 +13,7 @@ from __future__ import annotations
 from . import codecs as _codecs  # noqa: F401  (registers the built-in codecs)
 from . import wire
 from .codec import Codec, Packet, PacketMeta
+from .engine import Engine, Handle
 from .errors import (
     CodecMismatchError,
     CollectiveError,
@@ -23,17 +24,16 @@ from .errors import (
     UnsupportedDtypeError,
     WireError,
 )
-from .engine import Engine, Handle
 from .feedback import ErrorFeedback
 from .policy import Policy
 from .registry import get_codec, list_codecs, register_codec
 from .stats import reset_stats, stats
 
-from . import distributed  # noqa: E402, I001  (after the core: it builds on all of it)
-from . import hooks, moe  # noqa: E402, I001  (the drop-in face, built on distributed)
-from .patch import patch, unpatch  # noqa: E402
-
 __version__ = "0.1.0"
+
+# The faces come last: each builds on the core imported above.
+from . import distributed, hooks, moe  # noqa: E402
+from .patch import patch, unpatch  # noqa: E402
 
 __all__ = [
     # codecs
