@@ -276,3 +276,36 @@ def test_ddp_built_while_patched_gets_the_compression_hook(pool):
         assert ((auto[i] - p).abs() <= bound + 1e-8).all()
         # torch's allreduce_hook calls dist.all_reduce, which the patch compresses too
         assert ((user[i] - p).abs() <= bound + 1e-8).all()
+
+
+def _fsdp2(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def run():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in (m[0], m[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+        out = m(torch.randn(16, 64, generator=torch.Generator().manual_seed(rank)))
+        out.pow(2).mean().backward()
+        return out.detach(), [p.grad.full_tensor() for p in m.parameters()]
+
+    plain = run()
+    commpress.reset_stats()
+    with commpress.patch(codec="int8", min_bytes=0, ops={"reduce_scatter"}):
+        grads_only = run()
+    return plain, grads_only, commpress.stats()
+
+
+def test_fsdp2_gradients_compressed_when_patched(pool):
+    (out, grads), (out_rs, grads_rs), stats = pool.run(_fsdp2)[0]
+    # FSDP2 calls dist.all_gather_single / dist.reduce_scatter_single: both intercepted
+    assert stats["reduce_scatter_tensor"].compressed == stats["reduce_scatter_tensor"].calls > 0
+    assert stats["all_gather_into_tensor"].calls > 0
+    assert stats["all_gather_into_tensor"].compressed == 0  # ops= kept parameters exact
+    assert torch.equal(out_rs, out)
+    for g_rs, g in zip(grads_rs, grads, strict=True):
+        assert 0 < ((g_rs - g).norm() / g.norm()).item() < 0.05
