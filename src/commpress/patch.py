@@ -270,6 +270,10 @@ def patch(codec: Any = None, **policy_kwargs: Any) -> Patch:
         while patched only changes the policy (no double wrapping); leaving the inner
         ``with`` block restores the outer policy.
 
+    The policy set is the process-wide one (`commpress.policy.set_policy`); call
+    ``patch`` outside ``commpress.policy.using`` blocks, whose thread-local policy
+    would otherwise be what ``unpatch`` restores globally.
+
     Raises:
         ConfigError: the codec spec is malformed or unknown, or a policy option is bad.
     """
