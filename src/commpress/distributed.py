@@ -387,8 +387,13 @@ def _reduce_flat(
         a, b = bounds[i]
         out[a:b] = algo.all_reduce(comms[i], flat[a:b], op, prepared)
 
+    fixed_size = comm.codec.encoded_nbytes(1, flat.dtype) is not None
     try:
-        call.engine.pipeline(len(bounds), prepare, finish, flat.device)
+        if algo is two_phase and fixed_size and flat.device.type == "cpu":
+            # Transfers in flight behind the codec work, one descriptor for the call.
+            two_phase.all_reduce_pipelined(comms, flat, op, bounds, out)
+        else:
+            call.engine.pipeline(len(bounds), prepare, finish, flat.device)
     finally:
         for c in comms:
             for f in ("bytes_wire", "encode_s", "transfer_s", "decode_s"):

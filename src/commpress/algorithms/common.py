@@ -56,6 +56,9 @@ __all__ = [
     "packed_size",
     "alltoallv",
     "allgatherv",
+    "alltoallv_start",
+    "allgatherv_start",
+    "wait_timed",
     "encode_pack",
     "unpack_decode",
     "acc_dtype",
@@ -202,9 +205,12 @@ def _row(
     return torch.tensor(row, dtype=torch.int64, device=comm.device)
 
 
-def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
+def _all_gather_flat(
+    out: torch.Tensor, inp: torch.Tensor, group: Any, async_op: bool = False
+) -> Any:
+    # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, inp, group=group)
+    return gather(out, inp, group=group, async_op=async_op)
 
 
 def _gather_rows(comm: Comm, row: torch.Tensor) -> list[list[int]]:
@@ -386,13 +392,43 @@ def alltoallv(
     One backend ``all_to_all_single`` over ``uint8`` with split sizes; every rank
     must know every size (from the descriptors), or the backend aborts.
     """
+    work, parts = alltoallv_start(comm, send, recv_sizes, async_op=False)
+    return parts
+
+
+def alltoallv_start(
+    comm: Comm,
+    send: Sequence[torch.Tensor | None],
+    recv_sizes: Sequence[int],
+    async_op: bool = True,
+) -> tuple[Any, list[torch.Tensor]]:
+    """`alltoallv`, optionally posted asynchronously: returns ``(work, received parts)``.
+
+    With ``async_op`` the parts are valid once ``work.wait()`` returned (see `wait_timed`).
+    Only the bytes for other ranks count as wire bytes.
+    """
     send_sizes = [0 if b is None else b.numel() for b in send]
     parts = [b for b in send if b is not None and b.numel()]
     inp = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=comm.device)
     out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=comm.device)
-    _timed(comm, dist.all_to_all_single, out, inp, list(recv_sizes), send_sizes, group=comm.group)
-    comm.rec.bytes_wire += inp.numel()
-    return list(torch.split(out, list(recv_sizes)))
+    work = _timed(
+        comm,
+        dist.all_to_all_single,
+        out,
+        inp,
+        list(recv_sizes),
+        send_sizes,
+        group=comm.group,
+        async_op=async_op,
+    )
+    comm.rec.bytes_wire += inp.numel() - send_sizes[comm.rank]
+    return work, list(torch.split(out, list(recv_sizes)))
+
+
+def wait_timed(comm: Comm, work: Any) -> None:
+    """Wait for an async backend op, counting the wait as transfer time."""
+    if work is not None:
+        _timed(comm, work.wait)
 
 
 def allgatherv(comm: Comm, buf: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
@@ -401,15 +437,23 @@ def allgatherv(comm: Comm, buf: torch.Tensor, sizes: Sequence[int]) -> list[torc
     Equal sizes: one ``all_gather_into_tensor``. Different sizes: each buffer is
     padded to the largest (the padding is sliced off on arrival).
     """
+    work, parts = allgatherv_start(comm, buf, sizes, async_op=False)
+    return parts
+
+
+def allgatherv_start(
+    comm: Comm, buf: torch.Tensor, sizes: Sequence[int], async_op: bool = True
+) -> tuple[Any, list[torch.Tensor]]:
+    """`allgatherv`, optionally posted asynchronously: returns ``(work, parts)``."""
     longest = max(sizes)
     if buf.numel() < longest:
         padded = torch.zeros(longest, dtype=torch.uint8, device=comm.device)
         padded[: buf.numel()] = buf
         buf = padded
     out = torch.empty(comm.size * longest, dtype=torch.uint8, device=comm.device)
-    _timed(comm, _all_gather_flat, out, buf, comm.group)
+    work = _timed(comm, _all_gather_flat, out, buf, comm.group, async_op)
     comm.rec.bytes_wire += longest
-    return [out[r * longest : r * longest + sizes[r]] for r in range(comm.size)]
+    return work, [out[r * longest : r * longest + sizes[r]] for r in range(comm.size)]
 
 
 def broadcast_buf(comm: Comm, buf: torch.Tensor | None, size: int, root: int) -> torch.Tensor:

@@ -2,10 +2,11 @@
 
 Phase 1, reduce-scatter: the flat tensor is split into ``world`` contiguous
 chunks (`chunk_bounds`: the first ``numel % world`` are one element longer);
-each rank encodes every chunk and one ``all_to_all`` sends chunk ``j`` to
-rank ``j`` (sizes known to all from the descriptor exchange). Rank ``j``
-decodes the ``world`` pieces of its chunk and reduces them in rank order in
-the accumulation dtype (float32 for 16-bit floats).
+each rank encodes every chunk but its own and one ``all_to_all`` sends chunk
+``j`` to rank ``j`` (sizes known to all from the descriptor exchange). Rank
+``j`` decodes the ``world - 1`` pieces of its chunk, adds its own piece
+exactly (it never crossed the wire: no encode, no decode, no error), and
+reduces in rank order in the accumulation dtype (float32 for 16-bit floats).
 
 Phase 2, all-gather: each rank encodes its reduced chunk (divided by
 ``world`` first for AVG), the packets are all-gathered and decoded. The
@@ -14,8 +15,12 @@ rank ends bit-identical. Packet sizes of phase 2 come from the codec when it
 has a fixed size, else from one more all-gather of one ``int64`` per rank.
 
 Wire bytes per rank: about ``2 (world-1)/world * size / ratio``, like a
-ring all-reduce. Error: each input's quantization error on the way in, plus
-one re-quantization of the sum (``gather`` avoids the second).
+ring all-reduce. Error: the other ranks' quantization errors on the way
+in, plus one re-quantization of the sum (``gather`` avoids the second).
+
+Chunked, for fixed-size codecs (`all_reduce_pipelined`): the phases of
+successive chunks overlap, transfers posted asynchronously while this thread
+does the codec work of the neighbouring chunks.
 
 ``reduce`` runs phase 1 and sends the encoded chunks to the root instead of
 all-gathering them; ``reduce_scatter`` is phase 1 alone, on the chunks the
@@ -39,7 +44,9 @@ from .common import (
     Comm,
     acc_dtype,
     allgatherv,
+    allgatherv_start,
     alltoallv,
+    alltoallv_start,
     chunk_bounds,
     encode_pack,
     exchange,
@@ -47,9 +54,18 @@ from .common import (
     packed_size,
     reduce_into,
     unpack_decode,
+    wait_timed,
 )
 
-__all__ = ["Prepared", "prepare", "all_reduce", "reduce", "reduce_scatter", "chunk_bounds"]
+__all__ = [
+    "Prepared",
+    "prepare",
+    "all_reduce",
+    "all_reduce_pipelined",
+    "reduce",
+    "reduce_scatter",
+    "chunk_bounds",
+]
 
 
 @dataclass
@@ -70,7 +86,12 @@ def prepare(
     """
     bounds = list(bounds) if bounds is not None else chunk_bounds(flat.numel(), comm.size)
     x = flat if comm.feedback is None else comm.feedback.compensate(flat, comm.key)
-    return Prepared(x, bounds, [encode_pack(comm, x[a:b]) for a, b in bounds])
+    # This rank's own chunk never crosses the wire: it enters the sum exactly.
+    bufs = [
+        _EMPTY.to(x.device) if j == comm.rank else encode_pack(comm, x[a:b])
+        for j, (a, b) in enumerate(bounds)
+    ]
+    return Prepared(x, bounds, bufs)
 
 
 def reduce_scatter(
@@ -92,7 +113,6 @@ def reduce_scatter(
         This rank's reduced chunk, 1-D, in the accumulation dtype.
     """
     p = prepared or prepare(comm, flat, bounds)
-    x, bufs = p.x, p.bufs
     start, stop = bounds[comm.rank]
     if comm.verify:
         d = exchange(
@@ -100,19 +120,28 @@ def reduce_scatter(
             algorithm="two_phase",
             dtype=flat.dtype,
             numel=flat.numel(),
-            sizes=[b.numel() for b in bufs],
+            sizes=[b.numel() for b in p.bufs],
             redop=op,
         )
         recv_sizes = d.sizes_to(comm.rank)
     else:
-        recv_sizes = [packed_size(comm, (stop - start,), x.dtype)] * comm.size
-    received = alltoallv(comm, bufs, recv_sizes)
+        recv_sizes = _phase1_sizes(comm, stop - start, p.x.dtype)
+    received = alltoallv(comm, p.bufs, recv_sizes)
+    return _sum_received(comm, flat.dtype, p, received, op)
+
+
+def _sum_received(
+    comm: Comm, dtype: torch.dtype, p: Prepared, received: list[torch.Tensor], op: Any
+) -> torch.Tensor:
+    """Decode this rank's chunk from every rank, reduce in rank order; feed back the error."""
+    start, stop = p.bounds[comm.rank]
     acc: torch.Tensor | None = None
     own: torch.Tensor | None = None
     for r, b in enumerate(received):
-        y = unpack_decode(comm, b, stop - start, r).to(acc_dtype(flat.dtype))
         if r == comm.rank:
-            own = y
+            y = own = p.x[start:stop].to(acc_dtype(dtype))
+        else:
+            y = unpack_decode(comm, b, stop - start, r).to(acc_dtype(dtype))
         if acc is None:
             acc = y.clone()
         else:
@@ -120,11 +149,22 @@ def reduce_scatter(
     assert acc is not None and own is not None  # world size >= 2 here
     if comm.feedback is not None:
         pieces = [
-            own if j == comm.rank else unpack_decode(comm, bufs[j]).to(own.dtype)
-            for j in range(comm.size)
+            p.x[a:b].to(own.dtype)
+            if j == comm.rank
+            else unpack_decode(comm, p.bufs[j]).to(own.dtype)
+            for j, (a, b) in enumerate(p.bounds)
         ]
-        comm.feedback.update(comm.key, x, torch.cat(pieces))
+        comm.feedback.update(comm.key, p.x, torch.cat(pieces))
     return acc
+
+
+_EMPTY = torch.empty(0, dtype=torch.uint8)
+
+
+def _phase1_sizes(comm: Comm, numel: int, dtype: torch.dtype) -> list[int]:
+    """Packed sizes this rank receives in phase 1 (nothing from itself)."""
+    size = packed_size(comm, (numel,), dtype)
+    return [0 if r == comm.rank else size for r in range(comm.size)]
 
 
 def _phase2_sizes(
@@ -178,3 +218,69 @@ def reduce(
     for r, ((a, b), part) in enumerate(zip(bounds, parts, strict=True)):
         out[a:b] = unpack_decode(comm, part, b - a, r)
     return out
+
+
+def all_reduce_pipelined(
+    comms: Sequence[Comm],
+    flat: torch.Tensor,
+    op: Any,
+    bounds: Sequence[tuple[int, int]],
+    out: torch.Tensor,
+) -> None:
+    """All-reduce ``flat`` chunk by chunk with the transfers in flight behind the codec work.
+
+    For codecs of fixed size only (every packed size is computable locally). Chunk
+    ``k``'s ``all_to_all`` and chunk ``k-1``'s ``all_gather`` travel (posted
+    asynchronously, in the same order on every rank) while this thread encodes
+    chunk ``k+1``, and sums / re-encodes / decodes the chunks whose transfers
+    finished: a three-stage software pipeline. One descriptor exchange covers the
+    whole call (``comms[0]`` carries it; ``comms[k]`` is chunk ``k``'s context, with
+    its own error-feedback key and stats record).
+
+    Args:
+        comms: one `Comm` per chunk.
+        flat: this rank's 1-D input.
+        op: SUM or AVG.
+        bounds: the chunks' ``(start, stop)`` ranges in ``flat``.
+        out: 1-D result in the accumulation dtype, written chunk by chunk.
+    """
+    first = comms[0]
+    dtype = flat.dtype
+    if first.verify:
+        exchange(
+            first,
+            algorithm="two_phase",
+            dtype=dtype,
+            numel=flat.numel(),
+            sizes=[flat.numel()] * first.size,
+            redop=op,
+        )
+    n = len(bounds)
+    world = first.size
+    phase1: dict[int, tuple[Prepared, Any, list[torch.Tensor]]] = {}
+    phase2: dict[int, tuple[list[tuple[int, int]], Any, list[torch.Tensor]]] = {}
+    for step in range(n + 2):
+        k = step
+        if k < n:
+            a, b = bounds[k]
+            p = prepare(comms[k], flat[a:b])
+            mine = p.bounds[first.rank]
+            recv_sizes = _phase1_sizes(comms[k], mine[1] - mine[0], p.x.dtype)
+            phase1[k] = (p, *alltoallv_start(comms[k], p.bufs, recv_sizes))
+        k = step - 1
+        if 0 <= k < n:
+            p, work, received = phase1.pop(k)
+            wait_timed(comms[k], work)
+            s = _sum_received(comms[k], dtype, p, received, op)
+            if op == dist.ReduceOp.AVG:
+                s = s / world
+            buf = encode_pack(comms[k], s)
+            sizes = [packed_size(comms[k], (hi - lo,), s.dtype) for lo, hi in p.bounds]
+            phase2[k] = (p.bounds, *allgatherv_start(comms[k], buf, sizes))
+        k = step - 2
+        if 0 <= k < n:
+            chunk_parts, work, parts = phase2.pop(k)
+            wait_timed(comms[k], work)
+            base = bounds[k][0]
+            for r, ((lo, hi), part) in enumerate(zip(chunk_parts, parts, strict=True)):
+                out[base + lo : base + hi] = unpack_decode(comms[k], part, hi - lo, r)
