@@ -283,7 +283,11 @@ class _Call:
             record(rec)
             return value
 
-        return self.engine.run(self.key, wrapped, async_op=async_op, device=device, tensors=tensors)
+        result = self.engine.run(
+            self.key, wrapped, async_op=async_op, device=device, tensors=tensors
+        )
+        # Like torch.distributed: a Handle when async, else None (never the output list).
+        return result if async_op else None
 
     def plain(self, fn: Callable[[bool], Any], async_op: bool, outputs: list[torch.Tensor]) -> Any:
         """Hand the call to plain torch.distributed, keeping issue order with queued calls.
