@@ -886,20 +886,20 @@ def _chunked_body(rank, world, specs):
         with using(Policy(min_bytes=0, error_feedback=False)):
             for spec in specs:
                 codec = get_codec(spec)
-                for algorithm in ("auto", "two_phase"):
-                    name = f"chunked all_reduce {spec} {algorithm}"
+                for algorithm, op in (("auto", R.SUM), ("two_phase", R.SUM), ("auto", R.AVG)):
+                    name = f"chunked all_reduce {spec} {algorithm} {op}"
                     with rep.case(name), using(algorithm=algorithm):
                         x = xs[rank].clone()
                         ref = x.clone()
                         dist.all_reduce(ref)
-                        h = cdist.all_reduce(x, codec=spec, async_op=True)
+                        if op == R.AVG:
+                            ref /= world
+                        h = cdist.all_reduce(x, op=op, codec=spec, async_op=True)
                         h.wait()
-                        algo = decide("all_reduce", x, R.SUM, spec, world_size=world).algorithm
+                        algo = decide("all_reduce", x, op, spec, world_size=world).algorithm
                         bound = torch.cat(
                             [
-                                reduce_bound(
-                                    codec, algo, [v[a : a + per] for v in xs], R.SUM, world
-                                )
+                                reduce_bound(codec, algo, [v[a : a + per] for v in xs], op, world)
                                 for a in range(0, 3001, per)
                             ]
                         )

@@ -60,9 +60,22 @@ import torch
 
 from .errors import ConfigError, UnsupportedDeviceError, UnsupportedDtypeError
 
-__all__ = ["Codec", "Packet", "PacketMeta", "FLOAT_DTYPES", "is_float", "DTYPE_CODES", "CODE_DTYPES"]
+__all__ = [
+    "Codec",
+    "Packet",
+    "PacketMeta",
+    "FLOAT_DTYPES",
+    "is_float",
+    "DTYPE_CODES",
+    "CODE_DTYPES",
+]
 
-FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+)
 
 #: Stable one-byte codes for dtypes, used by the wire header and by chains.
 #: Append only: a code, once given, never changes meaning.
@@ -215,13 +228,12 @@ class Codec:
     def check_tensor(self, tensor: torch.Tensor) -> None:
         """Raise a clear error when ``tensor`` cannot be encoded by this codec."""
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(
-                f"{self.spec}: expected a torch.Tensor, got {type(tensor).__name__}"
-            )
+            raise TypeError(f"{self.spec}: expected a torch.Tensor, got {type(tensor).__name__}")
         if not self.supports(tensor.dtype):
             allowed = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+            got = str(tensor.dtype).replace("torch.", "")
             raise UnsupportedDtypeError(
-                f"codec {self.spec!r} cannot encode dtype {str(tensor.dtype).replace('torch.', '')}: "
+                f"codec {self.spec!r} cannot encode dtype {got}: "
                 f"it is lossy and takes floating tensors only ({allowed}); "
                 "use a lossless codec ('none', 'lz4', 'zstd') for integer, bool or complex data"
             )

@@ -393,9 +393,9 @@ def _reduce_flat(
 
     fixed_size = comm.codec.encoded_nbytes(1, flat.dtype) is not None
     try:
-        if algo is two_phase and fixed_size and flat.device.type == "cpu":
+        if algo in (two_phase, direct) and fixed_size and flat.device.type == "cpu":
             # Transfers in flight behind the codec work, one descriptor for the call.
-            two_phase.all_reduce_pipelined(comms, flat, op, bounds, out)
+            algo.all_reduce_pipelined(comms, flat, op, bounds, out)
         else:
             call.engine.pipeline(len(bounds), prepare, finish, flat.device)
     finally:

@@ -38,7 +38,7 @@ _REGISTRY: dict[str, type[Codec]] = {}
 _entry_points_loaded = False
 
 C = TypeVar("C", bound=type[Codec])
-CodecLike = typing.Union[str, dict, Codec]
+CodecLike = str | dict | Codec
 
 
 def register_codec(cls: C) -> C:
@@ -53,7 +53,8 @@ def register_codec(cls: C) -> C:
     existing = _REGISTRY.get(name)
     if existing is not None and existing is not cls:
         raise ConfigError(
-            f"codec id {name!r} is already registered by {existing.__module__}.{existing.__qualname__}"
+            f"codec id {name!r} is already registered by "
+            f"{existing.__module__}.{existing.__qualname__}"
         )
     _REGISTRY[name] = cls
     return cls
@@ -184,7 +185,9 @@ def get_codec(spec: CodecLike) -> Codec:
         if name == "chain":
             stages = params.pop("stages", None)
             if not isinstance(stages, list) or params:
-                raise ConfigError(f"chain config {spec!r} must be {{'id': 'chain', 'stages': [...]}}")
+                raise ConfigError(
+                    f"chain config {spec!r} must be {{'id': 'chain', 'stages': [...]}}"
+                )
             from .codecs.chain import Chain
 
             return Chain(tuple(get_codec(s) for s in stages))

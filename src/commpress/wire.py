@@ -88,7 +88,8 @@ def pack(packet: Packet, checksum: bool = False) -> torch.Tensor:
     if len(meta.shape) > MAX_NDIM or len(sections) > MAX_SECTIONS or len(spec) > MAX_SPEC:
         raise WireError(
             f"packet too complex for the wire: ndim={len(meta.shape)} (max {MAX_NDIM}), "
-            f"sections={len(sections)} (max {MAX_SECTIONS}), spec bytes={len(spec)} (max {MAX_SPEC})"
+            f"sections={len(sections)} (max {MAX_SECTIONS}), "
+            f"spec bytes={len(spec)} (max {MAX_SPEC})"
         )
     from .registry import get_codec
 
@@ -101,17 +102,26 @@ def pack(packet: Packet, checksum: bool = False) -> torch.Tensor:
     raw_len = HEADER_FIXED + sum(len(b) for b in body)
     header_len = _pad8(raw_len)
     fixed = _FIXED.pack(
-        MAGIC, VERSION, flags, DTYPE_CODES[meta.dtype], len(meta.shape), len(sections),
-        len(spec), header_len, config_hash,
+        MAGIC,
+        VERSION,
+        flags,
+        DTYPE_CODES[meta.dtype],
+        len(meta.shape),
+        len(sections),
+        len(spec),
+        header_len,
+        config_hash,
     )
     header = fixed + b"".join(body) + bytes(header_len - raw_len)
     sizes = [t.numel() * t.element_size() for t in sections]
     total = header_len + sum(_pad8(n) for n in sizes)
     device = sections[0].device if sections else torch.device("cpu")
     out = torch.zeros(total, dtype=torch.uint8, device=device)
-    out[:header_len].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8), non_blocking=True)
+    out[:header_len].copy_(
+        torch.frombuffer(bytearray(header), dtype=torch.uint8), non_blocking=True
+    )
     pos = header_len
-    for t, n in zip(sections, sizes):
+    for t, n in zip(sections, sizes, strict=True):
         if n:
             out[pos : pos + n].copy_(t.view(torch.uint8))
         pos += _pad8(n)
@@ -139,9 +149,13 @@ def read_spec(buffer: torch.Tensor) -> str:
     return _parse_header(buffer)[0].spec
 
 
-def _parse_header(buffer: torch.Tensor) -> tuple[PacketMeta, int, int, list[tuple[torch.dtype, int]], int | None]:
+def _parse_header(
+    buffer: torch.Tensor,
+) -> tuple[PacketMeta, int, int, list[tuple[torch.dtype, int]], int | None]:
     fixed = _header_bytes(buffer)
-    magic, version, flags, dcode, ndim, nsec, spec_len, header_len, config_hash = _FIXED.unpack(fixed)
+    magic, version, flags, dcode, ndim, nsec, spec_len, header_len, config_hash = _FIXED.unpack(
+        fixed
+    )
     if magic != MAGIC:
         raise WireError(f"not a commpress wire buffer: magic {magic!r}, expected {MAGIC!r}")
     if version != VERSION:
@@ -161,7 +175,9 @@ def _parse_header(buffer: torch.Tensor) -> tuple[PacketMeta, int, int, list[tupl
     crc_len = 4 if flags & FLAG_CRC else 0
     raw_len = HEADER_FIXED + 8 * ndim + spec_len + _SECTION.size * nsec + crc_len
     if header_len != _pad8(raw_len):
-        raise WireError(f"wire header length field {header_len} is inconsistent (expected {_pad8(raw_len)})")
+        raise WireError(
+            f"wire header length field {header_len} is inconsistent (expected {_pad8(raw_len)})"
+        )
     if buffer.numel() < header_len:
         raise WireError(
             f"wire buffer is truncated: {buffer.numel()} bytes, its header alone needs {header_len}"
@@ -191,7 +207,9 @@ def _parse_header(buffer: torch.Tensor) -> tuple[PacketMeta, int, int, list[tupl
         dtype = CODE_DTYPES[code]
         itemsize = torch.empty((), dtype=dtype).element_size()
         if nbytes % itemsize:
-            raise WireError(f"wire section of {nbytes} bytes is not a whole number of {dtype} elements")
+            raise WireError(
+                f"wire section of {nbytes} bytes is not a whole number of {dtype} elements"
+            )
         sections.append((dtype, nbytes))
         total += _pad8(nbytes)
         if total > buffer.numel():
@@ -222,7 +240,11 @@ def unpack(buffer: torch.Tensor, codec: Codec | None = None) -> Packet:
     meta, config_hash, header_len, sections, crc = _parse_header(buffer)
     if codec is not None:
         if meta.spec != codec.spec or config_hash != codec.config_hash:
-            detail = "" if meta.spec != codec.spec else " (same spec, different config hash: mixed commpress versions?)"
+            detail = (
+                ""
+                if meta.spec != codec.spec
+                else " (same spec, different config hash: mixed commpress versions?)"
+            )
             raise CodecMismatchError(
                 f"codec mismatch: the buffer was encoded with {meta.spec!r} but the receiver "
                 f"expects {codec.spec!r}{detail}; every rank must use the same codec spec"

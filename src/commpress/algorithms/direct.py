@@ -4,11 +4,13 @@ For ``fp16``/``bf16`` (``Codec.summable``) the payload is a plain tensor the
 backend can add, so the whole all-reduce is one backend all-reduce of the
 cast tensor: no decode/re-encode hop, half the bytes of float32.
 
-Pre-scaling and overflow. Each rank encodes ``x / world_size`` (what torch's
-``fp16_compress_hook`` does), so the backend sums numbers whose total is the
-*mean*: for ``AVG`` that is the result, for ``SUM`` it is multiplied back by
-``world_size`` after decoding, in the accumulation dtype (float32 for 16-bit
-inputs). With ``fp16`` (largest finite 65504):
+Pre-scaling and overflow. With ``fp16`` each rank encodes ``x / world_size``
+(what torch's ``fp16_compress_hook`` does), so the backend sums numbers whose
+total is the *mean*: for ``AVG`` that is the result, for ``SUM`` it is
+multiplied back by ``world_size`` after decoding, in the accumulation dtype
+(float32 for 16-bit inputs). ``bf16`` has float32's range and skips the
+pre-scaling (its codec declares ``prescale = False``): AVG divides after the
+decode. With ``fp16`` (largest finite 65504):
 
 - an element overflows to +-Inf only when a partial sum of the scaled values
   exceeds 65504, i.e. when the mean (or a rank's ``x / world_size``) is
@@ -28,6 +30,7 @@ the decode is deterministic.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +38,9 @@ import torch
 import torch.distributed as dist
 
 from ..codec import Packet
-from .common import Comm, acc_dtype, exchange
+from .common import Comm, acc_dtype, exchange, wait_timed
 
-__all__ = ["Prepared", "prepare", "all_reduce", "reduce"]
+__all__ = ["Prepared", "prepare", "all_reduce", "all_reduce_pipelined", "reduce"]
 
 
 @dataclass
@@ -53,11 +56,16 @@ def prepare(comm: Comm, flat: torch.Tensor) -> Prepared:
     return Prepared(flat, _encode_scaled(comm, flat))
 
 
+def _prescale(comm: Comm) -> bool:
+    # Only narrow-range casts (fp16) need it; bf16 has float32's range.
+    return getattr(comm.codec, "prescale", True)
+
+
 def _encode_scaled(comm: Comm, flat: torch.Tensor) -> Packet:
     x = flat if comm.feedback is None else comm.feedback.compensate(flat, comm.key)
     x = x.to(acc_dtype(flat.dtype))
     t0 = time.perf_counter()
-    scaled = x / comm.size
+    scaled = x / comm.size if _prescale(comm) else x
     packet = comm.codec.encode(scaled)
     # The backend sums in place: never let it write into a view of the input.
     payload = tuple(
@@ -66,8 +74,8 @@ def _encode_scaled(comm: Comm, flat: torch.Tensor) -> Packet:
     )
     packet = Packet(payload, packet.meta)
     if comm.feedback is not None:
-        own = comm.codec.decode(packet).to(x.dtype) * comm.size
-        comm.feedback.update(comm.key, x, own)
+        own = comm.codec.decode(packet).to(x.dtype)
+        comm.feedback.update(comm.key, x, own * comm.size if _prescale(comm) else own)
     comm.rec.encode_s += time.perf_counter() - t0
     return packet
 
@@ -85,11 +93,19 @@ def _describe(comm: Comm, flat: torch.Tensor, packet: Packet, op: Any, root: int
         )
 
 
-def _finish(comm: Comm, packet: Packet, average: bool) -> torch.Tensor:
+def _finish(
+    comm: Comm, packet: Packet, average: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Decode the summed packet (into ``out`` if given) and undo or apply the scaling."""
     t0 = time.perf_counter()
-    out = comm.codec.decode(packet)
-    if not average:
-        out = out * comm.size
+    if out is None:
+        out = comm.codec.decode(packet)
+    else:
+        comm.codec.decode(packet, out=out)
+    if _prescale(comm) and not average:
+        out.mul_(comm.size)
+    elif not _prescale(comm) and average:
+        out.div_(comm.size)
     comm.rec.decode_s += time.perf_counter() - t0
     return out
 
@@ -126,3 +142,48 @@ def reduce(
     if comm.rank != root:
         return None
     return _finish(comm, packet, op == dist.ReduceOp.AVG)
+
+
+def all_reduce_pipelined(
+    comms: Sequence[Comm],
+    flat: torch.Tensor,
+    op: Any,
+    bounds: Sequence[tuple[int, int]],
+    out: torch.Tensor,
+) -> None:
+    """Chunked `all_reduce` with each chunk's backend all-reduce in flight while the
+    next chunk is encoded and the previous one decoded (same order on every rank).
+
+    One descriptor exchange covers the call (``comms[0]``); ``out`` is the 1-D result
+    in the accumulation dtype.
+    """
+    first = comms[0]
+    if first.verify:
+        exchange(
+            first,
+            algorithm="direct",
+            dtype=flat.dtype,
+            numel=flat.numel(),
+            sizes=[0] * first.size,
+            redop=op,
+        )
+    average = op == dist.ReduceOp.AVG
+    pending: list[tuple[int, Packet, list[Any]]] = []
+
+    def drain(upto: int) -> None:
+        while len(pending) > upto:
+            k, packet, works = pending.pop(0)
+            for w in works:
+                wait_timed(comms[k], w)
+            a, b = bounds[k]
+            _finish(comms[k], packet, average, out[a:b])
+
+    for k, (a, b) in enumerate(bounds):
+        packet = _encode_scaled(comms[k], flat[a:b])
+        works = []
+        for section in packet.payload:
+            works.append(dist.all_reduce(section, group=comms[k].group, async_op=True))
+            comms[k].rec.bytes_wire += section.numel() * section.element_size()
+        pending.append((k, packet, works))
+        drain(1)
+    drain(0)

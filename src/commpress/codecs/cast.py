@@ -48,7 +48,9 @@ class NoneCodec(Codec):
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (x,)
 
-    def _decode(self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def _decode(
+        self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
+    ) -> torch.Tensor:
         return payload[0]
 
 
@@ -69,7 +71,9 @@ class _Cast(Codec):
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (x.to(self.wire_dtype),)
 
-    def _decode(self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def _decode(
+        self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
+    ) -> torch.Tensor:
         return payload[0].to(dtype)
 
 
@@ -83,6 +87,8 @@ class FP16(_Cast):
 
     codec_id: ClassVar[str] = "fp16"
     wire_dtype: ClassVar[torch.dtype] = torch.float16
+    #: The all-reduce divides by the world size before the cast (fp16 overflows at 65504).
+    prescale: ClassVar[bool] = True
     rel_bound: ClassVar[float] = 2.0**-11
     abs_bound: ClassVar[float] = 2.0**-25
 
@@ -94,5 +100,7 @@ class BF16(_Cast):
 
     codec_id: ClassVar[str] = "bf16"
     wire_dtype: ClassVar[torch.dtype] = torch.bfloat16
+    #: bf16 has float32's range: no division before the cast, no multiplication after.
+    prescale: ClassVar[bool] = False
     rel_bound: ClassVar[float] = 2.0**-8
     abs_bound: ClassVar[float] = 0.0

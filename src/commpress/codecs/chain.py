@@ -97,7 +97,9 @@ class Chain(Codec):
         idx = torch.tensor(index, dtype=torch.int64, device=x.device)
         return (idx, *sections)
 
-    def _decode(self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def _decode(
+        self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
+    ) -> torch.Tensor:
         if not payload:
             raise WireError(f"chain {self.spec!r}: packet has no index section")
         index = payload[0].tolist()
@@ -114,8 +116,10 @@ class Chain(Codec):
                 raise WireError(f"chain {self.spec!r}: index section is corrupted")
             tables.append([rows[i : i + 3] for i in range(0, len(rows), 3)])
             pos += 1 + 3 * count
-        for stage, table in zip(reversed(self.stages[1:]), reversed(tables)):
-            if sum(r[2] for r in table) != len(sections) or any(r[2] < 0 or r[1] < 0 for r in table):
+        for stage, table in zip(reversed(self.stages[1:]), reversed(tables), strict=True):
+            if sum(r[2] for r in table) != len(sections) or any(
+                r[2] < 0 or r[1] < 0 for r in table
+            ):
                 raise WireError(f"chain {self.spec!r}: index does not match the payload sections")
             restored = []
             start = 0

@@ -18,8 +18,16 @@ from .checks import (
 )
 
 __all__ = [
-    "SHAPES", "check_bad_input", "check_config", "check_golden", "check_nonfinite",
-    "check_roundtrip", "gaussian", "golden_digest", "heavy_tailed", "zeros",
+    "SHAPES",
+    "check_bad_input",
+    "check_config",
+    "check_golden",
+    "check_nonfinite",
+    "check_roundtrip",
+    "gaussian",
+    "golden_digest",
+    "heavy_tailed",
+    "zeros",
 ]
 
 from .dist import DistPool, RankDied, RemoteError, free_port  # noqa: E402

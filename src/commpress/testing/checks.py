@@ -36,27 +36,42 @@ __all__ = [
 ]
 
 #: Shapes every codec should survive: 0-d, empty, odd, not a multiple of any block, 2-D, 3-D.
-SHAPES: tuple[tuple[int, ...], ...] = ((), (0,), (1,), (7,), (257,), (1000,), (33, 31), (2, 0, 3), (3, 5, 129))
+SHAPES: tuple[tuple[int, ...], ...] = (
+    (),
+    (0,),
+    (1,),
+    (7,),
+    (257,),
+    (1000,),
+    (33, 31),
+    (2, 0, 3),
+    (3, 5, 129),
+)
 
 
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def gaussian(shape: int | tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+def gaussian(
+    shape: int | tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0
+) -> torch.Tensor:
     """Standard normal data, deterministic for a seed."""
     shape = (shape,) if isinstance(shape, int) else shape
     return torch.randn(shape, generator=_generator(seed), dtype=torch.float64).to(dtype)
 
 
-def heavy_tailed(shape: int | tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+def heavy_tailed(
+    shape: int | tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0
+) -> torch.Tensor:
     """Student-t (2 degrees of freedom) data: rare huge values, like real gradients."""
     shape = (shape,) if isinstance(shape, int) else shape
     g = _generator(seed)
     z = torch.randn(shape, generator=g, dtype=torch.float64)
-    chi2 = torch.randn(shape, generator=g, dtype=torch.float64) ** 2 + torch.randn(
-        shape, generator=g, dtype=torch.float64
-    ) ** 2
+    chi2 = (
+        torch.randn(shape, generator=g, dtype=torch.float64) ** 2
+        + torch.randn(shape, generator=g, dtype=torch.float64) ** 2
+    )
     t = z / torch.sqrt(chi2 / 2 + 1e-12)
     if dtype == torch.float16:
         t = t.clamp(-6e4, 6e4)
@@ -87,7 +102,9 @@ def check_roundtrip(codec: Codec, tensor: torch.Tensor, via_wire: bool = True) -
     decoded = codec.decode(packet)
     assert decoded.shape == tensor.shape, f"{codec.spec}: shape {decoded.shape} != {tensor.shape}"
     assert decoded.dtype == tensor.dtype, f"{codec.spec}: dtype {decoded.dtype} != {tensor.dtype}"
-    assert decoded.device == tensor.device, f"{codec.spec}: device {decoded.device} != {tensor.device}"
+    assert decoded.device == tensor.device, (
+        f"{codec.spec}: device {decoded.device} != {tensor.device}"
+    )
     if codec.lossless:
         a = decoded.contiguous().view(-1)
         b = tensor.contiguous().view(-1)
@@ -146,7 +163,7 @@ def check_golden(codec: Codec, tensor: torch.Tensor, expected: str) -> None:
 
 
 def check_bad_input(codec: Codec) -> None:
-    """Non-tensors raise TypeError; dtypes the codec does not support raise UnsupportedDtypeError."""
+    """Non-tensors raise TypeError; unsupported dtypes raise UnsupportedDtypeError."""
     try:
         codec.encode([1.0, 2.0])  # type: ignore[arg-type]
     except TypeError as exc:

@@ -75,7 +75,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, pg_timeout: float, tasks: Any, results: Any) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, pg_timeout: float, tasks: Any, results: Any
+) -> None:
     import torch
     import torch.distributed as dist
 
