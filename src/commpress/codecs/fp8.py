@@ -32,6 +32,7 @@ decodes +-Inf to NaN -- never to a finite number.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -62,6 +63,12 @@ def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:
     p = torch.exp2(torch.ceil(torch.log2(s)))
     # log2 rounds; where it rounded down across a power of two, step up once.
     return torch.where(p < s, p * 2, p)
+
+
+@functools.cache
+def _fp8_table(fp8_dtype: torch.dtype) -> torch.Tensor:
+    """float32 value of every fp8 bit pattern (index = the pattern as a uint8)."""
+    return torch.arange(256, dtype=torch.uint8).view(fp8_dtype).float()
 
 
 @dataclass(frozen=True, repr=False)
@@ -123,9 +130,14 @@ class _FP8(Codec):
         nb = nblocks(numel, self.block)
         expect_sections(self.spec, payload, [(torch.uint8, numel), (torch.float32, nb)])
         raw, scales = payload
-        out = torch.empty(numel, dtype=dtype, device=raw.device)
+        if dtype == torch.float32 and raw.device.type == "cpu":
+            # torch's float8 -> float32 cast is slow on CPU; a 256-entry table lookup
+            # gives the same values (NaN included) about 1.6x faster.
+            out = _fp8_table(self.fp8_dtype).index_select(0, raw.int())
+        else:
+            out = torch.empty(numel, dtype=dtype, device=raw.device)
+            out.copy_(raw.view(self.fp8_dtype))
         # fp8 values are exact in every output dtype; the product is rounded once.
-        out.copy_(raw.view(self.fp8_dtype))
         for start, o2d in block_parts(out, self.block):
             row = start // self.block
             o2d.mul_(scales[row : row + o2d.shape[0]].unsqueeze(1))
