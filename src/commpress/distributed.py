@@ -804,25 +804,37 @@ def gather(
             lambda a: dist.gather(tensor, outputs or None, g, group, a), async_op, outputs
         )
     comm = call.comm(tensor.device, tensor.dtype)
-    if call.rank == root and (
-        len(outputs) != call.size
-        or any(t.numel() != tensor.numel() or t.dtype != tensor.dtype for t in outputs)
-    ):
-        return call.reject(
-            comm,
-            CollectiveError(
-                f"gather: on dst, gather_list must hold {call.size} tensors of {tensor.numel()} "
-                f"elements of {tensor.dtype}; got {len(outputs)} with "
-                f"{[t.numel() for t in outputs]} elements"
-            ),
-            async_op,
-        )
+    problem = _root_list_problem(call, root, "gather", "dst", "gather_list", outputs, tensor)
+    if problem is not None:
+        return call.reject(comm, problem, async_op)
 
     def job() -> list[torch.Tensor]:
         transport.gather(comm, tensor, outputs if call.rank == root else None, root)
         return outputs
 
     return call.run(job, async_op, tensor.device, [tensor, *outputs])
+
+
+def _root_list_problem(
+    call: _Call,
+    root: int,
+    op: str,
+    role: str,
+    name: str,
+    tensors: list[torch.Tensor],
+    tensor: torch.Tensor,
+) -> CollectiveError | None:
+    """The error for a root's ``gather_list``/``scatter_list`` that does not fit, or None."""
+    if call.rank != root or (
+        len(tensors) == call.size
+        and all(t.numel() == tensor.numel() and t.dtype == tensor.dtype for t in tensors)
+    ):
+        return None
+    return CollectiveError(
+        f"{op}: on {role}, {name} must hold {call.size} tensors of {tensor.numel()} "
+        f"elements of {tensor.dtype}; got {len(tensors)} with "
+        f"{[t.numel() for t in tensors]} elements"
+    )
 
 
 def scatter(
@@ -857,19 +869,9 @@ def scatter(
             lambda a: dist.scatter(tensor, inputs or None, g, group, a), async_op, [tensor]
         )
     comm = call.comm(tensor.device, tensor.dtype)
-    if call.rank == root and (
-        len(inputs) != call.size
-        or any(t.numel() != tensor.numel() or t.dtype != tensor.dtype for t in inputs)
-    ):
-        return call.reject(
-            comm,
-            CollectiveError(
-                f"scatter: on src, scatter_list must hold {call.size} tensors of {tensor.numel()} "
-                f"elements of {tensor.dtype}; got {len(inputs)} with "
-                f"{[t.numel() for t in inputs]} elements"
-            ),
-            async_op,
-        )
+    problem = _root_list_problem(call, root, "scatter", "src", "scatter_list", inputs, tensor)
+    if problem is not None:
+        return call.reject(comm, problem, async_op)
 
     def job() -> list[torch.Tensor]:
         transport.scatter(comm, tensor, inputs if call.rank == root else None, root)
