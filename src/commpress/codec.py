@@ -51,6 +51,7 @@ docstring states what it does with non-finite values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -180,7 +181,7 @@ class Codec:
 
         return get_codec(config)
 
-    @property
+    @functools.cached_property
     def spec(self) -> str:
         """Canonical spec string; parameters at their default are left out."""
         parts = []
@@ -191,7 +192,7 @@ class Codec:
             parts.append(f"{f.name}={_format_value(value)}")
         return self.codec_id + (":" + ",".join(parts) if parts else "")
 
-    @property
+    @functools.cached_property
     def config_hash(self) -> int:
         """64-bit hash of the full config; the wire header carries it."""
         blob = json.dumps(self.config(), sort_keys=True, default=str).encode()

@@ -22,6 +22,7 @@ registered under its ``codec_id`` the first time the registry is consulted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from collections.abc import Callable
 from importlib import metadata
@@ -57,6 +58,7 @@ def register_codec(cls: C) -> C:
             f"{existing.__module__}.{existing.__qualname__}"
         )
     _REGISTRY[name] = cls
+    _from_spec.cache_clear()
     return cls
 
 
@@ -196,6 +198,13 @@ def get_codec(spec: CodecLike) -> Codec:
         raise ConfigError(
             f"codec must be a spec string, a config dict or a Codec, got {type(spec).__name__}"
         )
+    return _from_spec(spec)
+
+
+@functools.lru_cache(maxsize=1024)
+def _from_spec(spec: str) -> Codec:
+    # Codecs are immutable, so one instance per spec string can be shared; the wire and
+    # the collectives resolve specs on every call.
     stages = parse_spec(spec)
     codecs = [_build(name, params) for name, params in stages]
     if len(codecs) == 1:
