@@ -16,8 +16,10 @@ from .checks import (
     heavy_tailed,
     zeros,
 )
+from .dist import DistPool, RankDied, RemoteError, free_port
 
 __all__ = [
+    # codec checks
     "SHAPES",
     "check_bad_input",
     "check_config",
@@ -28,8 +30,9 @@ __all__ = [
     "golden_digest",
     "heavy_tailed",
     "zeros",
+    # multi-process runner
+    "DistPool",
+    "RankDied",
+    "RemoteError",
+    "free_port",
 ]
-
-from .dist import DistPool, RankDied, RemoteError, free_port  # noqa: E402
-
-__all__ += ["DistPool", "RankDied", "RemoteError", "free_port"]
