@@ -9,8 +9,9 @@ op (``"all_reduce"``, ``"broadcast"``, ...), in this process:
 - ``bytes_in`` -- bytes the plain ``torch.distributed`` call would have
   handed to the backend from this rank (the input tensor, or for
   ``all_to_all`` the input chunks);
-- ``bytes_wire`` -- bytes commpress handed to the backend from this rank:
-  packed buffers (wire headers included), the small size descriptors, and
+- ``bytes_wire`` -- bytes commpress handed to the backend from this rank for
+  other ranks: packed buffers (wire headers included; an all-to-all's piece
+  for this rank itself is not counted), the small size descriptors, and
   for two-phase all-reduce the second-phase buffer too. For a call that was
   not compressed it equals ``bytes_in``. ``ratio = bytes_in / bytes_wire``;
 - ``encode_s`` / ``transfer_s`` / ``decode_s`` -- host wall-clock seconds in
