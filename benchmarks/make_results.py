@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +304,38 @@ def _reading(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def _targets(data: dict[str, Any]) -> list[str]:
+    """The targets this page reports against, each with the measured value: hit or missed."""
+    lines = ["## Targets (reported, not tuned for)", ""]
+    head = {(r["tensor"], r["codec"]): r for r in data.get("headline", [])}
+    for codec, want in SPEEDUP_TARGETS.items():
+        r = next((v for (t, c), v in head.items() if c == codec), None)
+        where = "4096x4096" if codec.startswith("powersgd") else "64 MiB"
+        if r is None:
+            lines.append(f"- {codec} >= {want}x plain fp32 ({where}, 1 Gbit/s): not measured")
+            continue
+        got = r["x_fp32"]
+        verdict = "**hit**" if got >= want else f"**missed** by {want - got:.2f}x"
+        lines.append(
+            f"- {codec} >= {want}x plain fp32 ({where}, 2 ranks, 1 Gbit/s): measured "
+            f"{got:.2f}x (range {r['x_fp32_range']}; {r['x_bf16']:.2f}x plain bf16): {verdict}"
+        )
+    conv = {r["method"]: r for r in data.get("convergence", [])}
+    for method, tol in LOSS_TARGETS.items():
+        r = conv.get(method)
+        if r is None or r.get("rel_gap") is None:
+            status = r["status"] if r else "not run"
+            lines.append(f"- {method} final train loss within {tol:.0%} of fp32: {status}")
+            continue
+        gap = r["rel_gap"]
+        verdict = "**hit**" if gap <= tol else f"**missed** by {100 * (gap - tol):.2f} points"
+        lines.append(
+            f"- {method} final train loss within {tol:.0%} of fp32: measured {gap:+.2%} "
+            f"(held-out {r['heldout_gap']:+.2%}): {verdict}"
+        )
+    return lines + [""]
+
+
 def render(
     info: dict[str, Any],
     before: dict[str, Any],
@@ -335,7 +368,8 @@ def render(
         f"Load while measuring (a shared machine; other engineers' test runs compete for the "
         f"cores): before load average {before['load1']} (1 min) / {before['load5']} (5 min), "
         f"{before['pytest_procs']} pytest processes; after {after['load1']} / {after['load5']}, "
-        f"{after['pytest_procs']} pytest processes. Absolute times are noisy; ratios measured "
+        f"{after['pytest_procs']} pytest processes; highest 1-min load average seen between "
+        f"sections {after.get('load1_max_seen', '-')}. Absolute times are noisy; ratios measured "
         f"in the same invocation are the headline.",
         "",
         "Link emulation: ranks run in a private network namespace whose loopback is shaped by "
@@ -349,6 +383,7 @@ def render(
         ),
         "",
     ]
+    md += _targets(data)
     head = data.get("headline")
     if head:
         md += [
@@ -390,7 +425,7 @@ def render(
         ]
     conv = data.get("convergence")
     if conv:
-        cfg = data["convergence_config"]
+        cfg = StudyConfig(**data["convergence_config"])
         for r in conv:
             t = LOSS_TARGETS.get(r["method"])
             if t is not None and r.get("rel_gap") is not None:
@@ -532,13 +567,57 @@ How to read these numbers:
   points on NVLink/InfiniBand, are not measured."""
 
 
+#: Section -> file in benchmarks/results/ its rows are saved to.
+SECTION_FILES = {
+    "headline": "headline.json",
+    "bench_collectives": "collectives_64mib.json",
+    "breakeven": "breakeven.json",
+    "ddp_hooks": "ddp_hooks.json",
+    "convergence": "convergence.json",
+}
+
+
+def load_run() -> dict[str, Any]:
+    """`render`'s arguments from benchmarks/results/ (what the last run saved)."""
+    _, run = report.read_json(OUT / "run.json")
+    data: dict[str, Any] = {}
+    for section, name in SECTION_FILES.items():
+        if (OUT / name).exists():
+            data[section] = report.read_json(OUT / name)[0]
+    sweeps = {}
+    for name in ("loopback", "1gbit", "10gbit"):
+        if (OUT / f"sweep_{name}.json").exists():
+            sweeps[name] = report.read_json(OUT / f"sweep_{name}.json")[0]
+    data["sweeps"] = sweeps
+    data["convergence_config"] = run.get("convergence_config")
+    return {
+        "info": run["info"],
+        "before": run["before"],
+        "after": run["after"],
+        "link_ok": run["link_ok"],
+        "link_why": run["link_why"],
+        "data": data,
+        "elapsed": run["elapsed"],
+        "quick": run["quick"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes and steps: check the pipeline")
     p.add_argument("--skip", default="", help="comma list of sections to skip (for debugging)")
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="measure nothing: rebuild RESULTS.md from benchmarks/results/*.json",
+    )
     args = p.parse_args(argv)
+    if args.render_only:
+        PAGE.write_text(render(**load_run()))
+        print(f"wrote {PAGE}", file=sys.stderr)
+        return 0
     skip = set(filter(None, args.skip.split(",")))
     OUT.mkdir(exist_ok=True)
     t_start = time.perf_counter()
@@ -546,8 +625,11 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load()
     link_ok, link_why = netem.link_available()
 
+    loads = [load_before["load1"]]
+
     def log(msg: str) -> None:
-        stamp = f"[make_results {time.perf_counter() - t_start:5.0f}s]"
+        loads.append(round(os.getloadavg()[0], 2))
+        stamp = f"[make_results {time.perf_counter() - t_start:5.0f}s load {loads[-1]:.2f}]"
         print(f"{stamp} {msg}", file=sys.stderr, flush=True)
 
     data: dict[str, Any] = {}
@@ -615,12 +697,21 @@ def main(argv: list[str] | None = None) -> int:
             title=f"train loss (window mean), 2 ranks, {cfg.steps} steps",
             ylabel="cross-entropy (nats/byte)",
         )
-        data["convergence_config"] = cfg
+        data["convergence_config"] = asdict(cfg)
     load_after = load()
-    elapsed = time.perf_counter() - t_start
-    PAGE.write_text(
-        render(info, load_before, load_after, link_ok, link_why, data, elapsed, args.quick)
-    )
+    load_after["load1_max_seen"] = max(loads + [load_after["load1"]])
+    run = {
+        "info": info,
+        "before": load_before,
+        "after": load_after,
+        "link_ok": link_ok,
+        "link_why": link_why,
+        "elapsed": time.perf_counter() - t_start,
+        "quick": args.quick,
+        "convergence_config": data.get("convergence_config"),
+    }
+    report.write_json(OUT / "run.json", [], run)
+    PAGE.write_text(render(**load_run()))
     log(f"wrote {PAGE.relative_to(HERE.parent)}")
     return 0
 
