@@ -236,6 +236,13 @@ def _table(rows: list[dict[str, Any]], columns: list[str] | None = None, **kw: A
     return "```text\n" + report.format_table(rows, columns, **kw) + "\n```\n"
 
 
+def _wrap(label: str) -> str:
+    """A codec name broken over lines, so that bar-chart labels do not overlap."""
+    for sep in ("-", ":", "+"):
+        label = label.replace(sep, sep + "\n")
+    return label
+
+
 def _curve_rows(conv: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in conv:
@@ -655,9 +662,10 @@ def main(argv: list[str] | None = None) -> int:
         data["headline"] = summarize(raw)
         report.write_json(OUT / "headline.json", data["headline"], info)
         report.plot(
-            [r for r in data["headline"]],
+            [{**r, "codec": _wrap(r["codec"])} for r in data["headline"]],
             x="codec",
             y="x_fp32",
+            series="tensor",
             path=OUT / "headline_speedup.png",
             kind="bar",
             title="all_reduce speedup over plain fp32, 2 ranks, 1 Gbit/s",
