@@ -152,6 +152,13 @@ def headline(repeats: int, size: int, iters: int, shape: tuple[int, int]) -> lis
     return rows
 
 
+def _share(rows: list[dict[str, Any]]) -> float | None:
+    """Median encode+decode share of the time; None where stats recorded none (baselines,
+    and PowerSGD, whose algorithm does not report encode/decode seconds)."""
+    shares = [(r.get("encode_share") or 0) + (r.get("decode_share") or 0) for r in rows]
+    return statistics.median(shares) if any(shares) else None
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (shape, codec): medians and ranges of speedup and time over repeats."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -177,9 +184,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "x_bf16": statistics.median(s16),
                 "x_bf16_range": f"{min(s16):.2f}..{max(s16):.2f}",
                 "rel_err": statistics.median(r["rel_err"] for r in rs),
-                "enc_dec_share": statistics.median(
-                    (r["encode_share"] or 0) + (r["decode_share"] or 0) for r in rs
-                ),
+                "enc_dec_share": _share(rs),
                 "target_x_fp32": target,
                 "target": None
                 if target is None
@@ -280,8 +285,12 @@ def _reading(data: dict[str, Any]) -> list[str]:
             f"At 1 Gbit/s, all_reduce of a {r['tensor']}: **{codec}** {verdict} against plain fp32 "
             f"({r['x_fp32']:.2f}x, range {r['x_fp32_range']}) and {vs16} plain bf16 "
             f"({r['x_bf16']:.2f}x); it moves {r['ratio']:.2f}x fewer bytes, with relative "
-            f"error {r['rel_err']:.1e}; encode+decode take "
-            f"{100 * r['enc_dec_share']:.0f}% of its time."
+            f"error {r['rel_err']:.1e}; "
+            + (
+                f"encode+decode take {100 * r['enc_dec_share']:.0f}% of its time."
+                if r["enc_dec_share"] is not None
+                else "commpress.stats records no encode/decode time for it."
+            )
         )
     for name, label in (
         ("loopback", "unshaped loopback (memory speed)"),
@@ -589,7 +598,6 @@ How to read these numbers:
 
 #: Section -> file in benchmarks/results/ its rows are saved to.
 SECTION_FILES = {
-    "headline": "headline.json",
     "bench_collectives": "collectives_64mib.json",
     "breakeven": "breakeven.json",
     "ddp_hooks": "ddp_hooks.json",
@@ -601,6 +609,8 @@ def load_run() -> dict[str, Any]:
     """`render`'s arguments from benchmarks/results/ (what the last run saved)."""
     _, run = report.read_json(OUT / "run.json")
     data: dict[str, Any] = {}
+    if (OUT / "headline_raw.json").exists():
+        data["headline"] = summarize(report.read_json(OUT / "headline_raw.json")[0])
     for section, name in SECTION_FILES.items():
         if (OUT / name).exists():
             data[section] = report.read_json(OUT / name)[0]
