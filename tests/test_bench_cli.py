@@ -190,3 +190,20 @@ def test_link_unavailable_says_why_in_one_line_and_exits_nonzero(monkeypatch, ca
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert "unshare: not permitted" in err and "without --link" in err
+
+
+def test_break_even_models():
+    from commpress.bench.breakeven import codec_rows, predicted_speedup
+
+    # 1 GB/s codec, ratio 4, 1 Gbit/s (0.125 GB/s) link: serial 1/(1/1 + 1/(4*0.125)) / (1/0.125)
+    assert predicted_speedup(1.0, 4.0, 1.0, pipelined=False) == pytest.approx(8 / 3)
+    assert predicted_speedup(1.0, 4.0, 1.0, pipelined=True) == pytest.approx(4.0)
+    assert predicted_speedup(1.0, 4.0, 16.0, pipelined=True) == pytest.approx(0.5)  # codec-bound
+    (row,) = codec_rows(["int8"], nbytes=1 << 16, repeats=1)
+    assert row["status"] == "ok" and row["ratio"] > 3.5
+    gbit = 8 * row["codec_GBps"]
+    assert row["break_even_pipelined_gbit"] == pytest.approx(gbit)
+    assert row["break_even_serial_gbit"] == pytest.approx(gbit * (1 - 1 / row["ratio"]))
+    # At the serial break-even speed the serial model predicts a tie.
+    tie = predicted_speedup(row["codec_GBps"], row["ratio"], row["break_even_serial_gbit"], False)
+    assert tie == pytest.approx(1.0)
