@@ -467,7 +467,11 @@ def render(
             "train loss = mean of the last 10% of steps; `gap` = relative to fp32. The step "
             "budget was chosen so the whole study fits in ~10 minutes on this machine; it "
             "is short training, so small gaps are within run-to-run noise of the codecs' "
-            "rounding, and it says nothing about long runs.",
+            "rounding, and it says nothing about long runs. commpress codecs run through "
+            "`commpress.hooks.compress_hook`; `ef-` = error feedback on. torch's own "
+            "`fp16_compress_hook` is the DDP baseline that runs on gloo; its `powerSGD_hook` "
+            "is not trained here because it aborts or hangs gloo runs (see the hooks table). "
+            "`step_ms` is the median step time over the emulated 1 Gbit/s link.",
             "",
             _table(
                 conv,
