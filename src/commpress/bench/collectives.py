@@ -40,7 +40,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -166,7 +166,6 @@ class SweepConfig:
     iters: int = 5
     link: str = "none"
     shape: tuple[int, ...] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for op in self.ops:
