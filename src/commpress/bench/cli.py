@@ -192,18 +192,10 @@ def _measure_in_namespace(netem: Any, config: SweepConfig, progress: bool) -> li
 
 def _inner_main(config_json: str, out: str, progress: str) -> int:
     """The child of `_measure_in_namespace`: measure and write rows to ``out``."""
-    rows = measure(_config_from_json(config_json), progress == "1")
+    rows = measure(SweepConfig.from_dict(json.loads(config_json)), progress == "1")
     with open(out, "w") as f:
         json.dump(rows, f)
     return 0
-
-
-def _config_from_json(text: str) -> SweepConfig:
-    fields = json.loads(text)
-    for key in ("ops", "codecs", "sizes", "shape"):
-        if fields.get(key) is not None:
-            fields[key] = tuple(fields[key])
-    return SweepConfig(**fields)
 
 
 #: Terminal columns and their headers (every column goes to --json/--csv).

@@ -176,6 +176,15 @@ class SweepConfig:
         if self.iters < 1 or self.warmup < 0:
             raise ValueError(f"need iters >= 1 and warmup >= 0, got {self.iters}, {self.warmup}")
 
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> SweepConfig:
+        """The inverse of ``dataclasses.asdict`` after a JSON round trip (lists -> tuples)."""
+        fields = dict(fields)
+        for key in ("ops", "codecs", "sizes", "shape"):
+            if fields.get(key) is not None:
+                fields[key] = tuple(fields[key])
+        return cls(**fields)
+
     def cases(self) -> list[Case]:
         """Every (op, size, baseline-or-codec) case, baselines first within a size."""
         names = list(BASELINES) + list(self.codecs)
@@ -429,7 +438,4 @@ def sweep_rows(**fields: Any) -> list[dict[str, Any]]:
         netem.run_function("1gbit", "commpress.bench.collectives:sweep_rows",
                            {"ops": ["all_reduce"], "sizes": [67108864]})
     """
-    for key in ("ops", "codecs", "sizes", "shape"):
-        if fields.get(key) is not None:
-            fields[key] = tuple(fields[key])
-    return add_speedups(list(sweep(SweepConfig(**fields))))
+    return add_speedups(list(sweep(SweepConfig.from_dict(fields))))
