@@ -42,7 +42,7 @@ from commpress.bench.breakeven import codec_rows
 from commpress.bench.cli import format_rows
 from commpress.bench.collectives import BASELINES, sweep_rows
 from commpress.bench.convergence import METHODS, StudyConfig, study
-from commpress.bench.ddp import probe_torch_hooks
+from commpress.bench.ddp import clean_error, probe_torch_hooks
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results"
@@ -510,7 +510,9 @@ def render(
             "hooks that run once more, on the transformer.",
             "",
             _table(
-                hooks, ["hook", "status", "runs", "step_ms", "error"], formats={"step_ms": "{:.1f}"}
+                hooks,
+                ["hook", "status", "runs", "step_ms", "error"],
+                formats={"step_ms": "{:.1f}", "error": clean_error},
             ),
         ]
     be = data.get("breakeven")

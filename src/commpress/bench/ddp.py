@@ -121,6 +121,23 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
+_WRAPPER = re.compile(r"^(RuntimeError: )?Got the following error when running the callback: ")
+
+
+def clean_error(message: str) -> str:
+    """Drop the wrappers torch puts around an error raised inside a comm-hook future.
+
+    ``"RuntimeError: Got the following error when running the callback: RuntimeError:
+    Got the following error ...: IndexError: too many indices"`` -> ``"IndexError: too
+    many indices"``.
+    """
+    while True:
+        stripped = _WRAPPER.sub("", message)
+        if stripped == message:
+            return message
+        message = stripped
+
+
 def _observed_error(text: str) -> str:
     """The most telling line of a dead probe's output: its innermost error, with location.
 
@@ -141,7 +158,7 @@ def _observed_error(text: str) -> str:
     if not hits:
         return lines[-1][:240] if lines else "no output"
     i = hits[-1]
-    message = lines[i]
+    message = clean_error(lines[i])
     if ":" not in message:  # a bare "AssertionError": say where it came from
         where = [ln for ln in lines[:i] if ln.startswith("File ")]
         if where:
