@@ -2,6 +2,7 @@
 
     python benchmarks/make_results.py            # the full run, ~15-20 minutes on 2 CPU cores
     python benchmarks/make_results.py --quick    # every section, tiny sizes (checks the pipeline)
+    python benchmarks/make_results.py --render-only  # rebuild the page from results/*.json
 
 Sections, each a function that returns rows (written by `commpress.bench.report`):
 
