@@ -417,7 +417,12 @@ def render(
             "Median over repeats (each a fresh pair of ranks, 3 timed iterations each, a "
             "time being the slower rank's); ranges are min..max over repeats. `x fp32` / "
             "`x bf16`: plain fp32 / plain bf16 time over this codec's time in the same "
-            "invocation. PowerSGD rank 4 runs on one 4096x4096 matrix (64 MiB).",
+            "invocation. PowerSGD rank 4 runs on one 4096x4096 matrix (64 MiB). `rel_err` is "
+            "one call against plain fp32 on random data: sign, top-k and PowerSGD drop most of "
+            "a single call's signal by design and make it up over steps with error feedback "
+            "(a random matrix has no low-rank structure) -- the convergence table is where "
+            "they are judged. `enc_dec_share`: encode+decode seconds from `commpress.stats` "
+            "over the call's time ('-': none recorded).",
             "",
             _table(
                 head,
