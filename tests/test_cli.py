@@ -154,6 +154,9 @@ class Broken(Codec):
     def _encode(self, x):
         raise RuntimeError("boom")
 
+    def _decode(self, payload, numel, dtype):
+        raise RuntimeError("never reached: encode fails first")
+
 
 def test_a_broken_codec_is_reported_and_fails_the_run(capsys):
     args = argparse.Namespace(

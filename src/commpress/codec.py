@@ -50,6 +50,7 @@ docstring states what it does with non-finite values.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import hashlib
@@ -157,7 +158,7 @@ class Packet:
 
 
 @dataclass(frozen=True)
-class Codec:
+class Codec(abc.ABC):
     """Base class of every codec; see the module docstring for the contract."""
 
     codec_id: ClassVar[str] = ""
@@ -305,13 +306,15 @@ class Codec:
         return self.decode(self.encode(tensor))
 
     # ------------------------------------------------------- for subclasses
+    @abc.abstractmethod
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError(f"{type(self).__name__} must implement _encode")
+        """Encode flat ``x`` into 1-D payload sections (see the module docstring)."""
 
+    @abc.abstractmethod
     def _decode(
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
     ) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement _decode")
+        """Inverse of `_encode`: a 1-D tensor of ``numel`` elements of ``dtype``."""
 
 
 def _format_value(value: Any) -> str:

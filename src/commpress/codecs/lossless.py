@@ -43,6 +43,7 @@ so a hostile header cannot make the receiver allocate gigabytes.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -125,12 +126,13 @@ class _Lossless(Codec):
         super().check_tensor(tensor)
 
     # -------------------------------------------------------- per format
+    @abc.abstractmethod
     def _compress(self, data: np.ndarray) -> bytes:
-        raise NotImplementedError
+        """The compressed bytes of ``data``."""
 
+    @abc.abstractmethod
     def _decompress(self, data: memoryview, nbytes: int) -> bytes:
         """Exactly ``nbytes`` bytes from ``data``; raise WireError on anything else."""
-        raise NotImplementedError
 
     # ----------------------------------------------------------- contract
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
