@@ -287,9 +287,13 @@ class Engine:
             helps when encoding is slower than the wire; on a machine with few
             cores keep it at 0 or 1 -- gloo and the training loop need cores too.
         chunk_bytes: all-reduces of tensors larger than this are cut into chunks of
-            about this many bytes, pipelined as above. Smaller chunks overlap
-            better but pay the per-collective latency (and a descriptor exchange)
-            per chunk; 4 MiB (default) is a few hundred microseconds on a 10 GB/s
+            about this many bytes and pipelined. On CPU with a fixed-size codec
+            the chunks' transfers are posted asynchronously and travel while the
+            calling thread encodes and decodes the neighbouring chunks, with one
+            descriptor exchange per call; variable-size codecs (zstd, chains)
+            encode ahead on the encode threads instead, one descriptor per chunk.
+            Smaller chunks overlap better but pay the per-collective latency per
+            chunk; 4 MiB (default) is a few hundred microseconds on a 10 GB/s
             link. 0 disables chunking. Every rank must use the same value.
         num_sms: CUDA only: SMs reserved for encode/decode through a green context
             (DeepSeek-V3 reserved 20 of 132 on H800 for communication). None: no
