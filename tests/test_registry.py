@@ -264,3 +264,18 @@ def test_entry_point_that_is_not_a_codec(isolated_registry, monkeypatch):
     )
     with pytest.raises(ConfigError, match="junk"):
         list_codecs()
+
+
+def test_a_lossy_codec_without_a_declared_bound_is_refused_clearly():
+    @dataclass(frozen=True, repr=False)
+    class NoBound(Codec):
+        codec_id: ClassVar[str] = "test_nobound"
+
+        def _encode(self, x):
+            return (x,)
+
+        def _decode(self, payload, numel, dtype):
+            return payload[0]
+
+    with pytest.raises(TypeError, match="declares no error_bound"):
+        NoBound().error_bound(torch.ones(3))

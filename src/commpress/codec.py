@@ -221,10 +221,17 @@ class Codec(abc.ABC):
         """Elementwise bound on ``|decode(encode(x)) - x|`` for finite ``x``.
 
         Returns a float32 tensor shaped like ``x``. Lossless codecs return zeros.
+
+        Raises:
+            TypeError: a lossy codec that declares no bound (its author must override
+                this; codecs without an elementwise bound return ``+inf``, as PowerSGD does).
         """
         if self.lossless:
             return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        raise NotImplementedError(f"{type(self).__name__} must define error_bound")
+        raise TypeError(
+            f"lossy codec {self.spec!r} ({type(self).__name__}) declares no error_bound; "
+            "override error_bound(x) with its elementwise bound (or +inf if it has none)"
+        )
 
     # --------------------------------------------------------------- encoding
     def check_tensor(self, tensor: torch.Tensor) -> None:
