@@ -70,6 +70,8 @@ __all__ = [
     "is_float",
     "DTYPE_CODES",
     "CODE_DTYPES",
+    "saturating_cast",
+    "fresh_output",
 ]
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (
@@ -264,18 +266,26 @@ class Codec(abc.ABC):
         payload = tuple(self._encode(flat))
         return Packet(payload, PacketMeta(torch.Size(tensor.shape), tensor.dtype, self.spec))
 
-    def decode(self, packet: Packet, out: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self, packet: Packet, out: torch.Tensor | None = None, *, accumulate: bool = False
+    ) -> torch.Tensor:
         """Decode ``packet`` to a tensor of its original shape and dtype.
 
         Args:
             packet: made by ``encode`` of an equal codec (or by ``wire.unpack``).
-            out: optional destination of the right shape and dtype; written in place
-                and returned.
+            out: optional destination of the packet's shape; written in place and
+                returned. Its dtype must be the packet's, except with ``accumulate``.
+            accumulate: add the decoded tensor to ``out`` instead of overwriting it,
+                as ``out += decode(packet)`` would (the decoded value is rounded to the
+                packet's dtype first), but without a temporary where the codec has a
+                fused kernel. ``out`` may then be of any floating dtype (a float32
+                accumulator for 16-bit packets).
 
         Raises:
             CodecMismatchError: the packet was made by another codec config.
             WireError: the payload does not match the packet's shape and dtype.
-            ValueError: ``out`` has the wrong shape or dtype.
+            ValueError: ``out`` is missing (with ``accumulate``) or has the wrong shape
+                or dtype.
         """
         from .errors import CodecMismatchError, WireError
 
@@ -291,6 +301,18 @@ class Codec(abc.ABC):
             raise WireError(
                 f"packet header names dtype {meta.dtype}, which {self.spec!r} cannot produce"
             )
+        if out is not None:
+            _check_out(out, meta, accumulate)
+            if out.is_contiguous() and self._decode_into(
+                packet.payload, meta.numel, meta.dtype, out.view(-1), accumulate
+            ) is not None:
+                return out
+        elif accumulate:
+            raise ValueError("decode(accumulate=True) needs an out tensor to add to")
+        else:
+            fresh = self._decode_into(packet.payload, meta.numel, meta.dtype, None, False)
+            if fresh is not None:
+                return fresh.view(meta.shape)
         flat = self._decode(packet.payload, meta.numel, meta.dtype)
         if flat.numel() != meta.numel or flat.dtype != meta.dtype:
             raise WireError(
@@ -300,12 +322,10 @@ class Codec(abc.ABC):
         result = flat.view(meta.shape)
         if out is None:
             return result
-        if out.shape != meta.shape or out.dtype != meta.dtype:
-            raise ValueError(
-                f"out has shape {tuple(out.shape)} and dtype {out.dtype}, expected "
-                f"{tuple(meta.shape)} and {meta.dtype}"
-            )
-        out.copy_(result)
+        if accumulate:
+            out.add_(result)
+        else:
+            out.copy_(result)
         return out
 
     def roundtrip(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -322,6 +342,64 @@ class Codec(abc.ABC):
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
     ) -> torch.Tensor:
         """Inverse of `_encode`: a 1-D tensor of ``numel`` elements of ``dtype``."""
+
+    def _decode_into(
+        self,
+        payload: tuple[torch.Tensor, ...],
+        numel: int,
+        dtype: torch.dtype,
+        out: torch.Tensor | None,
+        accumulate: bool,
+    ) -> torch.Tensor | None:
+        """Optional fused path: decode straight into flat contiguous ``out`` (or add to it).
+
+        ``out`` None: into a new 1-D tensor of ``numel`` elements of ``dtype``, allocated
+        only after ``payload`` was validated (a hostile header must not allocate). Return
+        the written tensor, or None to let `decode` fall back to `_decode` plus a copy or
+        an add; a codec that writes must first validate ``payload`` as `_decode` does.
+        """
+        return None
+
+
+def fresh_output(
+    payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype, out: torch.Tensor | None
+) -> torch.Tensor:
+    """``out``, or (for ``_decode_into`` with ``out=None``) a new flat tensor on the
+    payload's device; call it only after the payload was validated."""
+    if out is not None:
+        return out
+    return torch.empty(numel, dtype=dtype, device=payload[0].device)
+
+
+def _check_out(out: torch.Tensor, meta: PacketMeta, accumulate: bool) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    dtype_ok = is_float(out.dtype) if accumulate and is_float(meta.dtype) else (
+        out.dtype == meta.dtype
+    )
+    if out.shape != meta.shape or not dtype_ok:
+        want = "a floating dtype" if accumulate and is_float(meta.dtype) else str(meta.dtype)
+        raise ValueError(
+            f"out has shape {tuple(out.shape)} and dtype {out.dtype}, expected "
+            f"{tuple(meta.shape)} and {want}"
+        )
+
+
+def saturating_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` where a finite value that rounds past ``dtype``'s range becomes its
+    largest finite value (with the sign) instead of Inf; NaN and +-Inf pass through.
+
+    Decoders use it for narrower output dtypes: a decoded value may exceed the input's
+    largest magnitude by the codec's error, and must not turn a finite input into Inf.
+    """
+    y = t.to(dtype)
+    if dtype == t.dtype or not dtype.is_floating_point:
+        return y
+    over = y.isinf() & t.isfinite()
+    if bool(over.any()):
+        big = torch.full((), torch.finfo(dtype).max, dtype=dtype, device=y.device)
+        y = torch.where(over, torch.where(t < 0, -big, big), y)
+    return y
 
 
 def _format_value(value: Any) -> str:

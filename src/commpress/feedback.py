@@ -7,7 +7,9 @@ like the uncompressed run (Karimireddy et al., 2019).
 
 Keys name a stream of tensors that are "the same thing" over time -- a
 parameter's gradient, a DDP bucket index. Two different tensors must never
-share a key. The residual is kept in float32 on the tensor's device.
+share a key. The residual is kept on the tensor's device in float32, or in
+float64 for float64 tensors (a float32 residual would round their values, and
+turn magnitudes beyond float32's range into Inf).
 
 Gradient accumulation: call ``compensate`` only when the gradient is actually
 communicated (once per optimizer step), not per micro-batch.
@@ -28,7 +30,12 @@ from .codec import Codec, Packet
 from .errors import CodecMismatchError, ConfigError
 from .registry import CodecLike, get_codec
 
-__all__ = ["ErrorFeedback"]
+__all__ = ["ErrorFeedback", "residual_dtype"]
+
+
+def residual_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where residuals are kept: float64 for float64 tensors, float32 for the rest."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class ErrorFeedback:
@@ -57,12 +64,12 @@ class ErrorFeedback:
         return len(self._residuals)
 
     def compensate(self, tensor: torch.Tensor, key: Hashable) -> torch.Tensor:
-        """``tensor + residual[key]`` in float32 (the residual is zero the first time).
+        """``tensor + residual[key]`` in `residual_dtype` (the residual is zero the first time).
 
         Raises:
             ConfigError: the stored residual for ``key`` has another shape.
         """
-        x = tensor.detach().float()
+        x = tensor.detach().to(residual_dtype(tensor.dtype))
         r = self._residuals.get(key)
         if r is None:
             return x
@@ -79,16 +86,17 @@ class ErrorFeedback:
         Non-finite residuals (from NaN/Inf inputs) are stored as zeros so one bad step
         does not poison every later one; the NaN itself still reaches the output.
         """
-        r = compensated.float() - decoded.float()
+        dtype = residual_dtype(compensated.dtype)
+        r = compensated.to(dtype) - decoded.to(dtype)
         self._residuals[key] = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
 
     def encode(self, tensor: torch.Tensor, key: Hashable) -> Packet:
         """Encode ``tensor + residual`` and keep the new residual; returns the packet.
 
-        The packet decodes to ``tensor.dtype`` (the compensation is done in float32).
+        The packet decodes to ``tensor.dtype`` (the compensation is done in `residual_dtype`).
         """
         x = self.compensate(tensor, key)
-        packet = self.codec.encode(x.to(tensor.dtype) if tensor.dtype != torch.float32 else x)
+        packet = self.codec.encode(x.to(tensor.dtype) if tensor.dtype != x.dtype else x)
         self.update(key, x, self.codec.decode(packet))
         return packet
 
@@ -120,4 +128,6 @@ class ErrorFeedback:
                 f"error feedback state was saved with codec {state['codec']!r}, this one uses "
                 f"{self.codec.spec!r}; residuals do not carry over between codecs (call reset())"
             )
-        self._residuals = {k: v.detach().float().clone() for k, v in state["residuals"].items()}
+        self._residuals = {
+            k: v.detach().to(residual_dtype(v.dtype)).clone() for k, v in state["residuals"].items()
+        }

@@ -39,11 +39,13 @@ from typing import ClassVar
 
 import torch
 
-from ..codec import Codec, check_range
+from .. import kernels
+from ..codec import Codec, check_range, fresh_output, saturating_cast
 from ..registry import register_codec
 from .quant import (
     ABSMAX_FLOOR,
     ARITH_SLACK,
+    FLOAT32_MAX,
     as_compute,
     block_absmax,
     block_parts,
@@ -105,7 +107,22 @@ class _FP8(Codec):
         base = self.rel_error * ax + self.subnormal_error * scale + ARITH_SLACK * (ax + absmax)
         return finish_bound(flat, base, flat.dtype).view(x.shape)
 
+    def _sections(self, numel: int) -> list[tuple[torch.dtype, int]]:
+        return [(torch.uint8, numel), (torch.float32, nblocks(numel, self.block))]
+
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not kernels.usable(x):
+            return self._encode_reference(x)
+        n = x.numel()
+        codes = torch.empty(n, dtype=torch.uint8)
+        scales = torch.empty(nblocks(n, self.block), dtype=torch.float32)
+        kernels.fp8_encode(
+            x, self.fp8_dtype, self.fp8_max, self.block, self.pow2, codes, scales
+        )
+        return codes, scales
+
+    def _encode_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The definition (plain torch ops, any device); the kernel matches it bit for bit."""
         x = as_compute(x)
         n = x.numel()
         codes = torch.empty(n, dtype=self.fp8_dtype, device=x.device)
@@ -124,24 +141,38 @@ class _FP8(Codec):
             codes[start : start + x2d.numel()].view_as(x2d).copy_(q)
         return codes.view(torch.uint8), scales
 
+    def _decode_into(
+        self,
+        payload: tuple[torch.Tensor, ...],
+        numel: int,
+        dtype: torch.dtype,
+        out: torch.Tensor | None,
+        accumulate: bool,
+    ) -> torch.Tensor | None:
+        if not kernels.usable(*payload, *([] if out is None else [out])):
+            return None
+        expect_sections(self.spec, payload, self._sections(numel))
+        codes, scales = payload
+        out = fresh_output(payload, numel, dtype, out)
+        table = _fp8_table(self.fp8_dtype)
+        kernels.fp8_decode(codes, scales, table, self.block, out, dtype, accumulate)
+        return out
+
     def _decode(
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
     ) -> torch.Tensor:
-        nb = nblocks(numel, self.block)
-        expect_sections(self.spec, payload, [(torch.uint8, numel), (torch.float32, nb)])
+        expect_sections(self.spec, payload, self._sections(numel))
         raw, scales = payload
-        if dtype == torch.float32 and raw.device.type == "cpu":
-            # torch's float8 -> float32 cast is slow on CPU; a 256-entry table lookup
-            # gives the same values (NaN included) about 1.6x faster.
-            out = _fp8_table(self.fp8_dtype).index_select(0, raw.int())
-        else:
-            out = torch.empty(numel, dtype=dtype, device=raw.device)
-            out.copy_(raw.view(self.fp8_dtype))
-        # fp8 values are exact in every output dtype; the product is rounded once.
+        # float32 value of every code (a table: torch's float8 cast is slow on CPU), times
+        # the scale: fp8 values are exact in float32, so the product is rounded once.
+        out = _fp8_table(self.fp8_dtype).to(raw.device).index_select(0, raw.int())
+        finite = out.isfinite()
         for start, o2d in block_parts(out, self.block):
             row = start // self.block
             o2d.mul_(scales[row : row + o2d.shape[0]].unsqueeze(1))
-        return out
+        # A finite code saturates instead of rounding past float32's max (absmax near it).
+        out = torch.where(finite, out.clamp(-FLOAT32_MAX, FLOAT32_MAX), out)
+        return out if dtype == torch.float32 else saturating_cast(out, dtype)
 
 
 @register_codec

@@ -66,7 +66,8 @@ from typing import ClassVar
 
 import torch
 
-from ..codec import Codec, check_range
+from .. import kernels
+from ..codec import Codec, check_range, fresh_output, saturating_cast
 from ..errors import ConfigError, WireError
 from ..registry import register_codec
 
@@ -74,6 +75,8 @@ __all__ = ["Int8", "Int4", "Int2", "Sign"]
 
 #: Smallest absmax used to build a scale: keeps ``L / absmax`` finite and the scale normal.
 ABSMAX_FLOOR = 2.0**-100
+#: Largest finite float32: decoded products saturate here instead of rounding to Inf.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 #: Relative float32 arithmetic slack in the bounds (a few roundings of 2**-24 each).
 ARITH_SLACK = 2.0**-20
 #: (relative, absolute) rounding when the float32 result is cast to the input dtype;
@@ -160,8 +163,9 @@ def finish_bound(x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> tor
     ``dtype``. Elements where ``x`` is NaN or Inf get an Inf bound.
     """
     rel, absolute = OUT_ROUNDING[dtype]
-    ax = x.abs().float()
-    bound = base + rel * (ax + base) + absolute
+    bound = base + absolute
+    if rel:  # (0 * Inf would be NaN where |x| + base overflows float32)
+        bound = bound + rel * (x.abs().float() + base)
     return bound.masked_fill_(~torch.isfinite(x), float("inf"))
 
 
@@ -264,7 +268,26 @@ class _IntQuant(Codec):
         base = (step if self.stochastic else step / 2) + ARITH_SLACK * absmax
         return finish_bound(flat, base, flat.dtype).view(x.shape)
 
+    def _fast(self, *tensors: torch.Tensor) -> bool:
+        # The kernels pack whole blocks into whole bytes; stochastic rounding stays on
+        # the reference path (it draws from torch's generator).
+        return (
+            not self.stochastic
+            and self.block % (8 // self.bits) == 0
+            and kernels.usable(*tensors)
+        )
+
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self._fast(x):
+            return self._encode_reference(x)
+        n = x.numel()
+        codes = torch.empty(-(-n * self.bits // 8), dtype=torch.uint8)
+        scales = torch.empty(nblocks(n, self.block), dtype=torch.float32)
+        kernels.quant_encode(x, self.bits, self.block, codes, scales)
+        return codes, scales
+
+    def _encode_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The definition (plain torch ops, any device); the kernels match it bit for bit."""
         x = as_compute(x)
         n = x.numel()
         lv = self.levels
@@ -272,19 +295,20 @@ class _IntQuant(Codec):
         scales = torch.empty(nblocks(n, self.block), dtype=torch.float32, device=x.device)
         # Offset binary: x / scale + L + 1 lies in [1, 2L + 1] for finite x. The float ->
         # uint8 copy truncates, so adding 0.5 first rounds to nearest (ties away from zero
-        # in code space).
-        offset = torch.full((), lv + 1.5, dtype=torch.float32, device=x.device)
+        # in code space). Two float32 roundings (product, then sum), never a fused one.
+        offset = lv + 1.5
         for start, x2d in block_parts(x, self.block):
             absmax, all_finite = block_absmax(x2d)
             absmax.clamp_min_(ABSMAX_FLOOR)
+            inv = torch.full_like(absmax, lv).div_(absmax).unsqueeze(1)
+            q = x2d * inv
             if self.stochastic:
                 # floor(x / scale + U[0, 1)) before the offset is added: near zero the sum
                 # stays exact (a large offset would round U up to 1 now and then), and the
                 # clamp catches L + U rounding up to L + 1 in float32.
-                q = x2d * (lv / absmax).unsqueeze(1)
                 q.add_(torch.rand_like(q)).floor_().clamp_(-lv, lv).add_(lv + 1)
             else:
-                q = torch.addcmul(offset, x2d, (lv / absmax).unsqueeze(1))
+                q.add_(offset)
             step = absmax / lv
             if not all_finite:
                 # NaN and +-Inf take the reserved code 0; their block's scale is stored
@@ -297,30 +321,49 @@ class _IntQuant(Codec):
             codes[start : start + x2d.numel()].view_as(x2d).copy_(q)
         return pack_bits(codes, self.bits), scales
 
+    def _sections(self, numel: int) -> list[tuple[torch.dtype, int]]:
+        return [
+            (torch.uint8, -(-numel * self.bits // 8)),
+            (torch.float32, nblocks(numel, self.block)),
+        ]
+
+    def _decode_into(
+        self,
+        payload: tuple[torch.Tensor, ...],
+        numel: int,
+        dtype: torch.dtype,
+        out: torch.Tensor | None,
+        accumulate: bool,
+    ) -> torch.Tensor | None:
+        if not self._fast(*payload, *([] if out is None else [out])):
+            return None
+        expect_sections(self.spec, payload, self._sections(numel))
+        codes, scales = payload
+        out = fresh_output(payload, numel, dtype, out)
+        kernels.quant_decode(codes, scales, self.bits, self.block, out, dtype, accumulate)
+        return out
+
     def _decode(
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
     ) -> torch.Tensor:
-        nb = nblocks(numel, self.block)
-        expect_sections(
-            self.spec, payload, [(torch.uint8, -(-numel * self.bits // 8)), (torch.float32, nb)]
-        )
+        expect_sections(self.spec, payload, self._sections(numel))
         packed, scales = payload
         codes = unpack_bits(packed, self.bits, numel)
         flagged = scales.device.type != "cpu" or bool((scales < 0).any())
         if flagged:
             scales = scales.abs()
-        # Decode in float32 (exact products of code and scale, rounded once to ``dtype``).
+        # Decode in float32: (code - L - 1) * scale, one rounding (L + 1 is exact), then
+        # saturated: a block whose absmax is near float32's max may round past it.
         work = torch.empty(numel, dtype=torch.float32, device=packed.device)
         work.copy_(codes)
+        work.sub_(self.levels + 1)
         for start, w2d in block_parts(work, self.block):
             row = start // self.block
-            s = scales[row : row + w2d.shape[0]].unsqueeze(1)
-            # (code - L - 1) * scale; L + 1 is a power of two, so the offset times the
-            # scale is exact and code L + 1 decodes to exactly 0.
-            torch.addcmul(s * -(self.levels + 1), w2d, s, out=w2d)
+            w2d.mul_(scales[row : row + w2d.shape[0]].unsqueeze(1))
+        work.clamp_(-FLOAT32_MAX, FLOAT32_MAX)
         if flagged:
             work.masked_fill_(codes == 0, float("nan"))
-        return work if dtype == torch.float32 else work.to(dtype)
+        return work if dtype == torch.float32 else saturating_cast(work, dtype)
 
 
 @register_codec
@@ -435,7 +478,9 @@ class Sign(Codec):
 
     @staticmethod
     def _mean_abs(x2d: torch.Tensor) -> torch.Tensor:
-        return x2d.abs().sum(dim=1, dtype=torch.float32) / x2d.shape[1]
+        # Summed in float64: no overflow for values near float32's max, and the fast
+        # kernel (another summation order) lands within one float32 ulp of it.
+        return (x2d.abs().sum(dim=1, dtype=torch.float64) / x2d.shape[1]).float()
 
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.detach().reshape(-1)
@@ -447,7 +492,21 @@ class Sign(Codec):
         # Every element of a block with a non-finite value may be off by Inf.
         return bound.masked_fill_(~torch.isfinite(scale), float("inf")).view(x.shape)
 
+    def _sections(self, numel: int) -> list[tuple[torch.dtype, int]]:
+        return [(torch.uint8, -(-numel // 8)), (torch.float32, nblocks(numel, self.block))]
+
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not kernels.usable(x):
+            return self._encode_reference(x)
+        n = x.numel()
+        bits = torch.empty(-(-n // 8), dtype=torch.uint8)
+        scales = torch.empty(nblocks(n, self.block), dtype=torch.float32)
+        kernels.sign_encode(x, self.block, bits, scales)
+        return bits, scales
+
+    def _encode_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The definition (plain torch ops, any device); the kernel matches it (scales
+        within one float32 ulp, bits exactly)."""
         x = as_compute(x)
         n = x.numel()
         scales = torch.empty(nblocks(n, self.block), dtype=torch.float32, device=x.device)
@@ -456,20 +515,32 @@ class Sign(Codec):
             scales[row : row + x2d.shape[0]] = self._mean_abs(x2d)
         return pack_bits(x.lt(0).view(torch.uint8), 1), scales
 
+    def _decode_into(
+        self,
+        payload: tuple[torch.Tensor, ...],
+        numel: int,
+        dtype: torch.dtype,
+        out: torch.Tensor | None,
+        accumulate: bool,
+    ) -> torch.Tensor | None:
+        if not kernels.usable(*payload, *([] if out is None else [out])):
+            return None
+        expect_sections(self.spec, payload, self._sections(numel))
+        bits, scales = payload
+        out = fresh_output(payload, numel, dtype, out)
+        kernels.sign_decode(bits, scales, self.block, out, dtype, accumulate)
+        return out
+
     def _decode(
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
     ) -> torch.Tensor:
-        expect_sections(
-            self.spec,
-            payload,
-            [(torch.uint8, -(-numel // 8)), (torch.float32, nblocks(numel, self.block))],
-        )
+        expect_sections(self.spec, payload, self._sections(numel))
         packed, scales = payload
         negative = unpack_bits(packed, 1, numel).view(torch.bool)
-        out = torch.empty(numel, dtype=dtype, device=packed.device)
+        out = torch.empty(numel, dtype=torch.float32, device=packed.device)
         for start, b2d in block_parts(negative, self.block):
             row = start // self.block
-            s = scales[row : row + b2d.shape[0]].to(dtype).unsqueeze(1)
+            s = scales[row : row + b2d.shape[0]].unsqueeze(1)
             # A select, not (1 - 2b) * s: an Inf scale must give +-Inf, never 0 * Inf = NaN.
             torch.where(b2d, -s, s, out=out[start : start + b2d.numel()].view_as(b2d))
-        return out
+        return out if dtype == torch.float32 else saturating_cast(out, dtype)
