@@ -166,3 +166,22 @@ def test_env_switch_forces_the_reference_path_silently():
     r = _run(code, {"COMMPRESS_KERNELS": "reference"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "spec", ["none", "bf16", "fp16", "int8", "int4", "int2:block=6", "fp8", "sign", "topk", "zstd"]
+)
+@pytest.mark.parametrize("checksum", [False, True])
+def test_encode_pack_writes_the_same_bytes_as_pack(spec, checksum):
+    codec = commpress.get_codec(spec)
+    for x in (gaussian(1001, seed=5), gaussian((3, 0)), edge_values(torch.float32)):
+        expected = commpress.wire.pack(codec.encode(x), checksum=checksum)
+        got = commpress.wire.encode_pack(codec, x, checksum=checksum)
+        assert torch.equal(got, expected), spec
+        # Into a slice of a larger buffer at an 8-byte boundary (a send buffer).
+        big = torch.full((expected.numel() + 16,), 0xAB, dtype=torch.uint8)
+        commpress.wire.encode_pack(codec, x, checksum=checksum, out=big[8 : 8 + expected.numel()])
+        assert torch.equal(big[8 : 8 + expected.numel()], expected), spec
+        assert bool((big[:8] == 0xAB).all()) and bool((big[-8:] == 0xAB).all())
+    with pytest.raises(ValueError, match="bytes"):
+        commpress.wire.encode_pack(codec, gaussian(10), out=torch.empty(3, dtype=torch.uint8))

@@ -219,6 +219,11 @@ class Codec(abc.ABC):
         """Exact payload bytes for a tensor of ``numel`` elements, or None if data-dependent."""
         return None
 
+    def sections(self, numel: int, dtype: torch.dtype) -> list[tuple[torch.dtype, int]] | None:
+        """The payload's layout, ``[(section dtype, elements)]``, when it is known in advance
+        (then ``wire.encode_pack`` encodes straight into the wire buffer), else None."""
+        return None
+
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
         """Elementwise bound on ``|decode(encode(x)) - x|`` for finite ``x``.
 
@@ -265,6 +270,25 @@ class Codec(abc.ABC):
         flat = tensor.detach().contiguous().view(-1)
         payload = tuple(self._encode(flat))
         return Packet(payload, PacketMeta(torch.Size(tensor.shape), tensor.dtype, self.spec))
+
+    def encode_into(self, tensor: torch.Tensor, payload: tuple[torch.Tensor, ...]) -> None:
+        """Encode ``tensor`` into preallocated payload sections laid out as `sections` says.
+
+        Used by ``wire.encode_pack`` to write straight into a wire buffer; codecs with
+        fused kernels write each section in place, the others encode and copy.
+
+        Raises:
+            UnsupportedDtypeError, UnsupportedDeviceError: as `encode`.
+            ValueError: the codec has no fixed layout, or ``payload`` does not match it.
+        """
+        self.check_tensor(tensor)
+        layout = self.sections(tensor.numel(), tensor.dtype)
+        got = [(t.dtype, t.numel()) for t in payload]
+        if layout is None or got != layout or any(not t.is_contiguous() for t in payload):
+            raise ValueError(
+                f"{self.spec}: encode_into needs contiguous sections {layout}, got {got}"
+            )
+        self._encode_into(tensor.detach().contiguous().view(-1), payload)
 
     def decode(
         self, packet: Packet, out: torch.Tensor | None = None, *, accumulate: bool = False
@@ -342,6 +366,11 @@ class Codec(abc.ABC):
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
     ) -> torch.Tensor:
         """Inverse of `_encode`: a 1-D tensor of ``numel`` elements of ``dtype``."""
+
+    def _encode_into(self, x: torch.Tensor, payload: tuple[torch.Tensor, ...]) -> None:
+        """Optional fused path of `encode_into` (flat ``x``); default: encode, then copy."""
+        for dst, src in zip(payload, self._encode(x), strict=True):
+            dst.copy_(src)
 
     def _decode_into(
         self,

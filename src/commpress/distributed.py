@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from .algorithms import direct, gather, transport, two_phase
+from .algorithms import direct, gather, hierarchical, transport, two_phase
 from .algorithms.common import Comm, acc_dtype, exchange, reject
 from .codec import Codec
 from .engine import Engine, Handle, get_engine
@@ -94,7 +94,12 @@ __all__ = [
 
 ReduceOp = dist.ReduceOp
 _SUM = dist.ReduceOp.SUM
-_ALGORITHMS: dict[str, Any] = {"direct": direct, "two_phase": two_phase, "gather": gather}
+_ALGORITHMS: dict[str, Any] = {
+    "direct": direct,
+    "two_phase": two_phase,
+    "gather": gather,
+    "hierarchical": hierarchical,
+}
 
 
 # ------------------------------------------------------------- state stores
@@ -348,6 +353,8 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _write(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if src.data_ptr() == dst.data_ptr() and src.dtype == dst.dtype and dst.is_contiguous():
+        return  # computed in place
     with torch.no_grad():
         dst.copy_(src.view(dst.shape))
 
@@ -369,8 +376,14 @@ def _reduce_flat(
     """All-reduce (root None) or reduce a 1-D tensor with the decided algorithm, in chunks."""
     algo = _ALGORITHMS[call.decision.algorithm]  # type: ignore[index]
     per = call.engine.chunk_bytes // max(flat.element_size(), 1)
+    # two_phase all-reduces in place when the tensor is its own accumulator (float32,
+    # float64): every chunk is encoded before its part of the result is written, so no
+    # full-size temporary is needed.
+    in_place = algo is two_phase and root is None and flat.dtype == acc_dtype(flat.dtype)
     if root is not None or call.engine.chunk_bytes == 0 or flat.numel() <= per:
         if root is None:
+            if in_place:
+                return two_phase.all_reduce(comm, flat, op, out=flat)
             return algo.all_reduce(comm, flat, op)
         return algo.reduce(comm, flat, op, root)
     # Chunked all-reduce: chunk k+1 is encoded (engine threads) while chunk k is on the wire.
@@ -381,7 +394,11 @@ def _reduce_flat(
         )
         for i in range(len(bounds))
     ]
-    out = torch.empty(flat.numel(), dtype=acc_dtype(flat.dtype), device=flat.device)
+    out = (
+        flat
+        if in_place
+        else torch.empty(flat.numel(), dtype=acc_dtype(flat.dtype), device=flat.device)
+    )
 
     def prepare(i: int) -> Any:
         a, b = bounds[i]

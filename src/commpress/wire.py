@@ -40,7 +40,7 @@ import torch
 from .codec import CODE_DTYPES, DTYPE_CODES, Codec, Packet, PacketMeta
 from .errors import CodecMismatchError, ConfigError, WireError
 
-__all__ = ["pack", "unpack", "read_spec", "MAGIC", "VERSION", "HEADER_FIXED"]
+__all__ = ["pack", "encode_pack", "unpack", "read_spec", "MAGIC", "VERSION", "HEADER_FIXED"]
 
 MAGIC = b"CMPR"
 VERSION = 1
@@ -66,6 +66,58 @@ def _crc(sections: list[torch.Tensor]) -> int:
     return crc
 
 
+def _header(
+    meta: PacketMeta, config_hash: int, sections: list[tuple[torch.dtype, int]], crc: int | None
+) -> bytes:
+    """The header for ``sections`` (``(dtype, bytes)`` each), padded to a multiple of 8."""
+    spec = meta.spec.encode()
+    if meta.dtype not in DTYPE_CODES:
+        raise WireError(f"dtype {meta.dtype} has no wire code; supported: {list(DTYPE_CODES)}")
+    for dtype, _ in sections:
+        if dtype not in DTYPE_CODES:
+            raise WireError(f"payload section dtype {dtype} has no wire code")
+    if len(meta.shape) > MAX_NDIM or len(sections) > MAX_SECTIONS or len(spec) > MAX_SPEC:
+        raise WireError(
+            f"packet too complex for the wire: ndim={len(meta.shape)} (max {MAX_NDIM}), "
+            f"sections={len(sections)} (max {MAX_SECTIONS}), "
+            f"spec bytes={len(spec)} (max {MAX_SPEC})"
+        )
+    body = [struct.pack(f"<{len(meta.shape)}q", *meta.shape), spec]
+    body += [_SECTION.pack(DTYPE_CODES[d], n) for d, n in sections]
+    if crc is not None:
+        body.append(struct.pack("<I", crc))
+    raw_len = HEADER_FIXED + sum(len(b) for b in body)
+    header_len = _pad8(raw_len)
+    fixed = _FIXED.pack(
+        MAGIC,
+        VERSION,
+        FLAG_CRC if crc is not None else 0,
+        DTYPE_CODES[meta.dtype],
+        len(meta.shape),
+        len(sections),
+        len(spec),
+        header_len,
+        config_hash,
+    )
+    return fixed + b"".join(body) + bytes(header_len - raw_len)
+
+
+def _header_len(meta: PacketMeta, nsections: int, checksum: bool) -> int:
+    raw = HEADER_FIXED + 8 * len(meta.shape) + len(meta.spec.encode()) + _SECTION.size * nsections
+    return _pad8(raw + (4 if checksum else 0))
+
+
+def _write_header(out: torch.Tensor, header: bytes) -> None:
+    out[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+
+
+def _zero_padding(out: torch.Tensor, pos: int, nbytes: int) -> None:
+    # Section padding is zero so that equal packets give equal bytes (golden tests, CRC).
+    pad = _pad8(nbytes) - nbytes
+    if pad:
+        out[pos + nbytes : pos + nbytes + pad].zero_()
+
+
 def pack(packet: Packet, checksum: bool = False) -> torch.Tensor:
     """Serialize ``packet`` into one 1-D ``uint8`` tensor on the payload's device.
 
@@ -78,54 +130,93 @@ def pack(packet: Packet, checksum: bool = False) -> torch.Tensor:
         `uint8` tensor: header followed by the 8-byte aligned sections.
     """
     meta = packet.meta
-    spec = meta.spec.encode()
-    if meta.dtype not in DTYPE_CODES:
-        raise WireError(f"dtype {meta.dtype} has no wire code; supported: {list(DTYPE_CODES)}")
     sections = [t.detach().contiguous().view(-1) for t in packet.payload]
     for t in sections:
         if t.dtype not in DTYPE_CODES:
             raise WireError(f"payload section dtype {t.dtype} has no wire code")
-    if len(meta.shape) > MAX_NDIM or len(sections) > MAX_SECTIONS or len(spec) > MAX_SPEC:
-        raise WireError(
-            f"packet too complex for the wire: ndim={len(meta.shape)} (max {MAX_NDIM}), "
-            f"sections={len(sections)} (max {MAX_SECTIONS}), "
-            f"spec bytes={len(spec)} (max {MAX_SPEC})"
-        )
-    from .registry import get_codec
-
-    config_hash = get_codec(meta.spec).config_hash
-    flags = FLAG_CRC if checksum else 0
-    body = [struct.pack(f"<{len(meta.shape)}q", *meta.shape), spec]
-    body += [_SECTION.pack(DTYPE_CODES[t.dtype], t.numel() * t.element_size()) for t in sections]
-    if checksum:
-        body.append(struct.pack("<I", _crc(sections)))
-    raw_len = HEADER_FIXED + sum(len(b) for b in body)
-    header_len = _pad8(raw_len)
-    fixed = _FIXED.pack(
-        MAGIC,
-        VERSION,
-        flags,
-        DTYPE_CODES[meta.dtype],
-        len(meta.shape),
-        len(sections),
-        len(spec),
-        header_len,
-        config_hash,
-    )
-    header = fixed + b"".join(body) + bytes(header_len - raw_len)
     sizes = [t.numel() * t.element_size() for t in sections]
-    total = header_len + sum(_pad8(n) for n in sizes)
-    device = sections[0].device if sections else torch.device("cpu")
-    out = torch.zeros(total, dtype=torch.uint8, device=device)
-    out[:header_len].copy_(
-        torch.frombuffer(bytearray(header), dtype=torch.uint8), non_blocking=True
+    header = _header(
+        meta,
+        _config_hash(meta.spec),
+        [(t.dtype, n) for t, n in zip(sections, sizes, strict=True)],
+        _crc(sections) if checksum else None,
     )
-    pos = header_len
+    total = len(header) + sum(_pad8(n) for n in sizes)
+    device = sections[0].device if sections else torch.device("cpu")
+    out = torch.empty(total, dtype=torch.uint8, device=device)
+    _write_header(out, header)
+    pos = len(header)
     for t, n in zip(sections, sizes, strict=True):
         if n:
             out[pos : pos + n].copy_(t.view(torch.uint8))
+        _zero_padding(out, pos, n)
         pos += _pad8(n)
     return out
+
+
+def encode_pack(
+    codec: Codec,
+    tensor: torch.Tensor,
+    checksum: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``pack(codec.encode(tensor))`` in one step.
+
+    A codec that declares its layout (`Codec.sections`) encodes straight into the
+    wire buffer's sections: no payload tensors, no copy. Others encode, then pack.
+
+    Args:
+        codec: the codec.
+        tensor: what to encode.
+        checksum: as in `pack`.
+        out: optional 1-D ``uint8`` destination of exactly the packed size (8-byte
+            aligned, e.g. a slice of a larger send buffer at a multiple of 8).
+
+    Returns:
+        The wire buffer (``out`` when given).
+    """
+    layout = codec.sections(tensor.numel(), tensor.dtype)
+    if layout is None:
+        buf = pack(codec.encode(tensor), checksum=checksum)
+        if out is None:
+            return buf
+        _check_dest(out, buf.numel())
+        out.copy_(buf)
+        return out
+    codec.check_tensor(tensor)
+    meta = PacketMeta(torch.Size(tensor.shape), tensor.dtype, codec.spec)
+    sizes = [(d, n * d.itemsize) for d, n in layout]
+    header_len = _header_len(meta, len(layout), checksum)
+    total = header_len + sum(_pad8(n) for _, n in sizes)
+    if out is None:
+        out = torch.empty(total, dtype=torch.uint8, device=tensor.device)
+    _check_dest(out, total)
+    views = []
+    pos = header_len
+    for dtype, nbytes in sizes:
+        views.append(out[pos : pos + nbytes].view(dtype))
+        _zero_padding(out, pos, nbytes)
+        pos += _pad8(nbytes)
+    codec.encode_into(tensor, tuple(views))
+    crc = _crc(views) if checksum else None
+    _write_header(out, _header(meta, codec.config_hash, sizes, crc))
+    return out
+
+
+def _check_dest(out: torch.Tensor, total: int) -> None:
+    if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != total:
+        raise ValueError(
+            f"encode_pack: out must be a 1-D uint8 tensor of {total} bytes, got "
+            f"{out.dtype} of shape {tuple(out.shape)}"
+        )
+    if out.storage_offset() % 8 or not out.is_contiguous():
+        raise ValueError("encode_pack: out must be contiguous and start on an 8-byte boundary")
+
+
+def _config_hash(spec: str) -> int:
+    from .registry import get_codec
+
+    return get_codec(spec).config_hash
 
 
 def _header_bytes(buffer: torch.Tensor) -> bytes:
@@ -271,6 +362,15 @@ def unpack(buffer: torch.Tensor, codec: Codec | None = None) -> Packet:
     if crc is not None and _crc(views) != crc:
         raise WireError("wire buffer checksum mismatch: the payload was corrupted in transit")
     return Packet(tuple(views), meta)
+
+
+def layout_nbytes(
+    spec: str, shape: tuple[int, ...], layout: list[tuple[torch.dtype, int]], checksum: bool
+) -> int:
+    """Length of the packed buffer of a codec layout (`Codec.sections`), without encoding."""
+    meta = PacketMeta(torch.Size(shape), torch.float32, spec)
+    sizes = sum(_pad8(n * d.itemsize) for d, n in layout)
+    return _header_len(meta, len(layout), checksum) + sizes
 
 
 def packed_nbytes(packet: Packet, checksum: bool = False) -> int:

@@ -60,6 +60,7 @@ __all__ = [
     "allgatherv_start",
     "wait_timed",
     "encode_pack",
+    "encode_pack_many",
     "unpack_decode",
     "acc_dtype",
     "reduce_into",
@@ -332,6 +333,12 @@ def _mismatch(comm: Comm, rows: list[list[int]]) -> CodecMismatchError:
 def _packed_size_cached(
     codec: Codec, shape: tuple[int, ...], dtype: torch.dtype, checksum: bool
 ) -> int:
+    numel = 1
+    for d in shape:
+        numel *= d
+    layout = codec.sections(numel, dtype)
+    if layout is not None:
+        return wire.layout_nbytes(codec.spec, shape, layout, checksum)
     packet = codec.encode(torch.zeros(shape, dtype=dtype))
     return wire.packed_nbytes(packet, checksum)
 
@@ -345,18 +352,53 @@ def packed_size(comm: Comm, shape: Sequence[int], dtype: torch.dtype) -> int:
 
 
 # ------------------------------------------------------------- encode/decode
-def encode_pack(comm: Comm, x: torch.Tensor) -> torch.Tensor:
-    """``wire.pack(codec.encode(x))``, timed as encode."""
+def encode_pack(comm: Comm, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``wire.encode_pack(codec, x)`` (into ``out`` when given), timed as encode."""
     t0 = time.perf_counter()
-    buf = wire.pack(comm.codec.encode(x), checksum=comm.checksum)
+    buf = wire.encode_pack(comm.codec, x, checksum=comm.checksum, out=out)
     comm.rec.encode_s += time.perf_counter() - t0
     return buf
 
 
+def encode_pack_many(comm: Comm, pieces: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Encode each piece (None: an empty buffer) into one contiguous send buffer.
+
+    For codecs of fixed size the packets are written straight into slices of one
+    allocation, so `alltoallv_start` sends them without concatenating; otherwise each
+    is packed on its own.
+    """
+    empty = torch.empty(0, dtype=torch.uint8, device=comm.device)
+    fixed = comm.codec.sections(1, pieces_dtype(pieces)) is not None
+    if not fixed:
+        return [empty if p is None else encode_pack(comm, p) for p in pieces]
+    sizes = [0 if p is None else packed_size(comm, p.shape, p.dtype) for p in pieces]
+    send = torch.empty(sum(sizes), dtype=torch.uint8, device=comm.device)
+    bufs = []
+    pos = 0
+    for p, n in zip(pieces, sizes, strict=True):
+        bufs.append(empty if p is None else encode_pack(comm, p, out=send[pos : pos + n]))
+        pos += n
+    return bufs
+
+
+def pieces_dtype(pieces: Sequence[torch.Tensor | None]) -> torch.dtype:
+    for p in pieces:
+        if p is not None:
+            return p.dtype
+    return torch.float32
+
+
 def unpack_decode(
-    comm: Comm, buf: torch.Tensor, numel: int | None = None, source: int | None = None
+    comm: Comm,
+    buf: torch.Tensor,
+    numel: int | None = None,
+    source: int | None = None,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
 ) -> torch.Tensor:
     """Decode a received wire buffer, checking the codec and (if given) the element count.
+
+    ``out``/``accumulate``: decode into ``out`` (or add to it) as `Codec.decode` does.
 
     Raises:
         CodecMismatchError: the buffer was made by another codec config.
@@ -370,9 +412,11 @@ def unpack_decode(
             f"received a tensor of {packet.meta.numel} elements (shape {tuple(packet.meta.shape)})"
             f"{who} where {numel} were expected; the ranks' tensor sizes do not match"
         )
-    out = comm.codec.decode(packet)
+    if out is not None and out.shape != packet.meta.shape:
+        out = out.view(packet.meta.shape)
+    result = comm.codec.decode(packet, out=out, accumulate=accumulate)
     comm.rec.decode_s += time.perf_counter() - t0
-    return out
+    return result
 
 
 # ----------------------------------------------------------------- transfers
@@ -409,7 +453,7 @@ def alltoallv_start(
     """
     send_sizes = [0 if b is None else b.numel() for b in send]
     parts = [b for b in send if b is not None and b.numel()]
-    inp = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=comm.device)
+    inp = _concat(parts, comm.device)
     out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=comm.device)
     work = _timed(
         comm,
@@ -423,6 +467,23 @@ def alltoallv_start(
     )
     comm.rec.bytes_wire += inp.numel() - send_sizes[comm.rank]
     return work, list(torch.split(out, list(recv_sizes)))
+
+
+def _concat(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``torch.cat(parts)``, or the span of one buffer when the parts are its adjacent
+    slices in order (what `encode_pack_many` makes): no copy then."""
+    if not parts:
+        return torch.empty(0, dtype=torch.uint8, device=device)
+    first = parts[0]
+    end = first.data_ptr()
+    for p in parts:
+        if p.data_ptr() != end or p.untyped_storage().data_ptr() != (
+            first.untyped_storage().data_ptr()
+        ):
+            return torch.cat(parts)
+        end += p.numel()
+    total = end - first.data_ptr()
+    return first.as_strided((total,), (1,))
 
 
 def wait_timed(comm: Comm, work: Any) -> None:

@@ -49,6 +49,7 @@ from .common import (
     alltoallv_start,
     chunk_bounds,
     encode_pack,
+    encode_pack_many,
     exchange,
     gather_sizes,
     packed_size,
@@ -86,11 +87,11 @@ def prepare(
     """
     bounds = list(bounds) if bounds is not None else chunk_bounds(flat.numel(), comm.size)
     x = flat if comm.feedback is None else comm.feedback.compensate(flat, comm.key)
-    # This rank's own chunk never crosses the wire: it enters the sum exactly.
-    bufs = [
-        _EMPTY.to(x.device) if j == comm.rank else encode_pack(comm, x[a:b])
-        for j, (a, b) in enumerate(bounds)
-    ]
+    # This rank's own chunk never crosses the wire: it enters the sum exactly. The others
+    # are encoded straight into one send buffer (fixed-size codecs).
+    bufs = encode_pack_many(
+        comm, [None if j == comm.rank else x[a:b] for j, (a, b) in enumerate(bounds)]
+    )
     return Prepared(x, bounds, bufs)
 
 
@@ -100,6 +101,7 @@ def reduce_scatter(
     bounds: Sequence[tuple[int, int]],
     op: Any,
     prepared: Prepared | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Phase 1: reduce chunk ``bounds[rank]`` of ``flat`` over the group.
 
@@ -108,9 +110,11 @@ def reduce_scatter(
         bounds: ``world`` ``(start, stop)`` ranges, the same on every rank.
         op: the reduce op (AVG is *not* applied here: the caller divides).
         prepared: `prepare`'s output for these bounds when the encode already ran.
+        out: where to reduce (this rank's chunk, in the accumulation dtype); may be the
+            chunk of ``flat`` itself, which the sum then overwrites in place.
 
     Returns:
-        This rank's reduced chunk, 1-D, in the accumulation dtype.
+        This rank's reduced chunk, 1-D, in the accumulation dtype (``out`` when given).
     """
     p = prepared or prepare(comm, flat, bounds)
     start, stop = bounds[comm.rank]
@@ -127,38 +131,59 @@ def reduce_scatter(
     else:
         recv_sizes = _phase1_sizes(comm, stop - start, p.x.dtype)
     received = alltoallv(comm, p.bufs, recv_sizes)
-    return _sum_received(comm, flat.dtype, p, received, op)
+    return _sum_received(comm, flat.dtype, p, received, op, out)
 
 
 def _sum_received(
-    comm: Comm, dtype: torch.dtype, p: Prepared, received: list[torch.Tensor], op: Any
+    comm: Comm,
+    dtype: torch.dtype,
+    p: Prepared,
+    received: list[torch.Tensor],
+    op: Any,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode this rank's chunk from every rank, reduce in rank order; feed back the error."""
+    """Decode this rank's chunk from every rank and reduce; feed back the error.
+
+    SUM/AVG of floating tensors decode straight into the accumulator (decode-and-add,
+    no temporary per piece): this rank's own exact piece first, then the others in rank
+    order. Every rank ends with the same result all the same: phase 2 spreads the
+    owner's sum. Other ops reduce in rank order through temporaries.
+    """
     start, stop = p.bounds[comm.rank]
-    acc: torch.Tensor | None = None
-    own: torch.Tensor | None = None
-    for r, b in enumerate(received):
-        if r == comm.rank:
-            y = own = p.x[start:stop].to(acc_dtype(dtype))
-        else:
-            y = unpack_decode(comm, b, stop - start, r).to(acc_dtype(dtype))
-        if acc is None:
-            acc = y.clone()
-        else:
-            reduce_into(acc, y, op)
-    assert acc is not None and own is not None  # world size >= 2 here
+    adt = acc_dtype(dtype)
+    own = p.x[start:stop]
+    if op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG) and adt.is_floating_point:
+        acc = out if out is not None else torch.empty(stop - start, dtype=adt, device=own.device)
+        if acc.data_ptr() != own.data_ptr():
+            acc.copy_(own)
+        for r, b in enumerate(received):
+            if r != comm.rank:
+                unpack_decode(comm, b, stop - start, r, out=acc, accumulate=True)
+    else:
+        acc = None
+        for r, b in enumerate(received):
+            y = own.to(adt) if r == comm.rank else unpack_decode(comm, b, stop - start, r).to(adt)
+            if acc is None:
+                acc = y.clone()
+            else:
+                reduce_into(acc, y, op)
+        assert acc is not None  # world size >= 2 here
+        if out is not None:
+            out.copy_(acc)
+            acc = out
     if comm.feedback is not None:
-        pieces = [
-            p.x[a:b].to(own.dtype)
-            if j == comm.rank
-            else unpack_decode(comm, p.bufs[j]).to(own.dtype)
-            for j, (a, b) in enumerate(p.bounds)
-        ]
-        comm.feedback.update(comm.key, p.x, torch.cat(pieces))
+        _feed_back(comm, p)
     return acc
 
 
-_EMPTY = torch.empty(0, dtype=torch.uint8)
+def _feed_back(comm: Comm, p: Prepared) -> None:
+    # The residual of every piece this rank sent: compensated input minus what the
+    # receiver decodes. The own piece never crossed the wire: its residual is zero.
+    decoded = p.x.clone()
+    for j, (a, b) in enumerate(p.bounds):
+        if j != comm.rank:
+            unpack_decode(comm, p.bufs[j], out=decoded[a:b])
+    comm.feedback.update(comm.key, p.x, decoded)  # type: ignore[union-attr]
 
 
 def _phase1_sizes(comm: Comm, numel: int, dtype: torch.dtype) -> list[int]:
@@ -176,29 +201,44 @@ def _phase2_sizes(
 
 
 def _own_sum(
-    comm: Comm, flat: torch.Tensor, op: Any, prepared: Prepared | None
+    comm: Comm,
+    flat: torch.Tensor,
+    op: Any,
+    prepared: Prepared | None,
+    out: torch.Tensor | None = None,
 ) -> tuple[list[tuple[int, int]], torch.Tensor]:
     p = prepared or prepare(comm, flat)
     bounds = p.bounds
-    s = reduce_scatter(comm, flat, bounds, op, p)
+    a, b = bounds[comm.rank]
+    s = reduce_scatter(comm, flat, bounds, op, p, None if out is None else out[a:b])
     if op == dist.ReduceOp.AVG:
-        s = s / comm.size
+        s.div_(comm.size)
     return bounds, s
 
 
 def all_reduce(
-    comm: Comm, flat: torch.Tensor, op: Any, prepared: Prepared | None = None
+    comm: Comm,
+    flat: torch.Tensor,
+    op: Any,
+    prepared: Prepared | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reduce the 1-D ``flat`` over the group; returns the result (accumulation dtype).
 
     ``prepared``: `prepare`'s output when the encode already ran (pipelining).
+    ``out``: 1-D destination in the accumulation dtype; may be ``flat`` itself (the
+    in-place all-reduce: no full-size temporary), since every chunk of ``flat`` was
+    encoded before any of ``out`` is written.
     """
-    bounds, s = _own_sum(comm, flat, op, prepared)
+    if out is None:
+        out = torch.empty(flat.numel(), dtype=acc_dtype(flat.dtype), device=flat.device)
+    bounds, s = _own_sum(comm, flat, op, prepared, out)
     buf = encode_pack(comm, s)
     parts = allgatherv(comm, buf, _phase2_sizes(comm, bounds, s.dtype, buf))
-    out = torch.empty(flat.numel(), dtype=s.dtype, device=s.device)
+    del buf
     for r, ((a, b), part) in enumerate(zip(bounds, parts, strict=True)):
-        out[a:b] = unpack_decode(comm, part, b - a, r)
+        # The owner too takes the decoded copy of its encoded sum (bit-identical ranks).
+        unpack_decode(comm, part, b - a, r, out=out[a:b])
     return out
 
 
@@ -242,7 +282,8 @@ def all_reduce_pipelined(
         flat: this rank's 1-D input.
         op: SUM or AVG.
         bounds: the chunks' ``(start, stop)`` ranges in ``flat``.
-        out: 1-D result in the accumulation dtype, written chunk by chunk.
+        out: 1-D result in the accumulation dtype, written chunk by chunk; may be
+            ``flat`` itself (chunk ``k`` is written only after it was encoded).
     """
     first = comms[0]
     dtype = flat.dtype
@@ -271,9 +312,12 @@ def all_reduce_pipelined(
         if 0 <= k < n:
             p, work, received = phase1.pop(k)
             wait_timed(comms[k], work)
-            s = _sum_received(comms[k], dtype, p, received, op)
+            lo, hi = p.bounds[first.rank]
+            base = bounds[k][0]
+            s = _sum_received(comms[k], dtype, p, received, op, out[base + lo : base + hi])
+            del received
             if op == dist.ReduceOp.AVG:
-                s = s / world
+                s.div_(world)
             buf = encode_pack(comms[k], s)
             sizes = [packed_size(comms[k], (hi - lo,), s.dtype) for lo, hi in p.bounds]
             phase2[k] = (p.bounds, *allgatherv_start(comms[k], buf, sizes))
@@ -283,4 +327,4 @@ def all_reduce_pipelined(
             wait_timed(comms[k], work)
             base = bounds[k][0]
             for r, ((lo, hi), part) in enumerate(zip(chunk_parts, parts, strict=True)):
-                out[base + lo : base + hi] = unpack_decode(comms[k], part, hi - lo, r)
+                unpack_decode(comms[k], part, hi - lo, r, out=out[base + lo : base + hi])

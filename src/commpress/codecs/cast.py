@@ -61,6 +61,9 @@ class NoneCodec(Codec):
     def encoded_nbytes(self, numel: int, dtype: torch.dtype) -> int:
         return numel * torch.empty((), dtype=dtype).element_size()
 
+    def sections(self, numel: int, dtype: torch.dtype) -> list[tuple[torch.dtype, int]]:
+        return [(dtype, numel)]
+
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (x,)
 
@@ -85,6 +88,9 @@ class _Cast(Codec):
     def encoded_nbytes(self, numel: int, dtype: torch.dtype) -> int:
         return numel * 2
 
+    def sections(self, numel: int, dtype: torch.dtype) -> list[tuple[torch.dtype, int]]:
+        return [(self.wire_dtype, numel)]
+
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
         ax = x.detach().abs().float()
         rel = self.rel_bound
@@ -102,6 +108,15 @@ class _Cast(Codec):
             kernels.bf16_encode(x, y)
             return (y,)
         return self._encode_reference(x)
+
+    def _encode_into(self, x: torch.Tensor, payload: tuple[torch.Tensor, ...]) -> None:
+        (y,) = payload
+        if self.wire_dtype == torch.bfloat16 and x.dtype == torch.float32 and kernels.usable(x, y):
+            kernels.bf16_encode(x, y)
+        elif self.saturate:
+            y.copy_(saturating_cast(x, self.wire_dtype))
+        else:
+            y.copy_(x)  # torch's cast, straight into the wire buffer
 
     def _encode_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The definition (torch's IEEE cast); the kernel matches it bit for bit."""

@@ -107,7 +107,7 @@ class _FP8(Codec):
         base = self.rel_error * ax + self.subnormal_error * scale + ARITH_SLACK * (ax + absmax)
         return finish_bound(flat, base, flat.dtype).view(x.shape)
 
-    def _sections(self, numel: int) -> list[tuple[torch.dtype, int]]:
+    def sections(self, numel: int, dtype: torch.dtype) -> list[tuple[torch.dtype, int]]:
         return [(torch.uint8, numel), (torch.float32, nblocks(numel, self.block))]
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -120,6 +120,15 @@ class _FP8(Codec):
             x, self.fp8_dtype, self.fp8_max, self.block, self.pow2, codes, scales
         )
         return codes, scales
+
+    def _encode_into(self, x: torch.Tensor, payload: tuple[torch.Tensor, ...]) -> None:
+        if not kernels.usable(x, *payload):
+            super()._encode_into(x, payload)
+            return
+        codes, scales = payload
+        kernels.fp8_encode(
+            x, self.fp8_dtype, self.fp8_max, self.block, self.pow2, codes, scales
+        )
 
     def _encode_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The definition (plain torch ops, any device); the kernel matches it bit for bit."""
@@ -151,7 +160,7 @@ class _FP8(Codec):
     ) -> torch.Tensor | None:
         if not kernels.usable(*payload, *([] if out is None else [out])):
             return None
-        expect_sections(self.spec, payload, self._sections(numel))
+        expect_sections(self.spec, payload, self.sections(numel, dtype))
         codes, scales = payload
         out = fresh_output(payload, numel, dtype, out)
         table = _fp8_table(self.fp8_dtype)
@@ -161,7 +170,7 @@ class _FP8(Codec):
     def _decode(
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
     ) -> torch.Tensor:
-        expect_sections(self.spec, payload, self._sections(numel))
+        expect_sections(self.spec, payload, self.sections(numel, dtype))
         raw, scales = payload
         # float32 value of every code (a table: torch's float8 cast is slow on CPU), times
         # the scale: fp8 values are exact in float32, so the product is rounded once.

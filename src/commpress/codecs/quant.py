@@ -286,6 +286,13 @@ class _IntQuant(Codec):
         kernels.quant_encode(x, self.bits, self.block, codes, scales)
         return codes, scales
 
+    def _encode_into(self, x: torch.Tensor, payload: tuple[torch.Tensor, ...]) -> None:
+        if not self._fast(x, *payload):
+            super()._encode_into(x, payload)
+            return
+        codes, scales = payload
+        kernels.quant_encode(x, self.bits, self.block, codes, scales)
+
     def _encode_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The definition (plain torch ops, any device); the kernels match it bit for bit."""
         x = as_compute(x)
@@ -321,7 +328,7 @@ class _IntQuant(Codec):
             codes[start : start + x2d.numel()].view_as(x2d).copy_(q)
         return pack_bits(codes, self.bits), scales
 
-    def _sections(self, numel: int) -> list[tuple[torch.dtype, int]]:
+    def sections(self, numel: int, dtype: torch.dtype) -> list[tuple[torch.dtype, int]]:
         return [
             (torch.uint8, -(-numel * self.bits // 8)),
             (torch.float32, nblocks(numel, self.block)),
@@ -337,7 +344,7 @@ class _IntQuant(Codec):
     ) -> torch.Tensor | None:
         if not self._fast(*payload, *([] if out is None else [out])):
             return None
-        expect_sections(self.spec, payload, self._sections(numel))
+        expect_sections(self.spec, payload, self.sections(numel, dtype))
         codes, scales = payload
         out = fresh_output(payload, numel, dtype, out)
         kernels.quant_decode(codes, scales, self.bits, self.block, out, dtype, accumulate)
@@ -346,7 +353,7 @@ class _IntQuant(Codec):
     def _decode(
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
     ) -> torch.Tensor:
-        expect_sections(self.spec, payload, self._sections(numel))
+        expect_sections(self.spec, payload, self.sections(numel, dtype))
         packed, scales = payload
         codes = unpack_bits(packed, self.bits, numel)
         flagged = scales.device.type != "cpu" or bool((scales < 0).any())
@@ -492,7 +499,7 @@ class Sign(Codec):
         # Every element of a block with a non-finite value may be off by Inf.
         return bound.masked_fill_(~torch.isfinite(scale), float("inf")).view(x.shape)
 
-    def _sections(self, numel: int) -> list[tuple[torch.dtype, int]]:
+    def sections(self, numel: int, dtype: torch.dtype) -> list[tuple[torch.dtype, int]]:
         return [(torch.uint8, -(-numel // 8)), (torch.float32, nblocks(numel, self.block))]
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -503,6 +510,13 @@ class Sign(Codec):
         scales = torch.empty(nblocks(n, self.block), dtype=torch.float32)
         kernels.sign_encode(x, self.block, bits, scales)
         return bits, scales
+
+    def _encode_into(self, x: torch.Tensor, payload: tuple[torch.Tensor, ...]) -> None:
+        if not kernels.usable(x, *payload):
+            super()._encode_into(x, payload)
+            return
+        bits, scales = payload
+        kernels.sign_encode(x, self.block, bits, scales)
 
     def _encode_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The definition (plain torch ops, any device); the kernel matches it (scales
@@ -525,7 +539,7 @@ class Sign(Codec):
     ) -> torch.Tensor | None:
         if not kernels.usable(*payload, *([] if out is None else [out])):
             return None
-        expect_sections(self.spec, payload, self._sections(numel))
+        expect_sections(self.spec, payload, self.sections(numel, dtype))
         bits, scales = payload
         out = fresh_output(payload, numel, dtype, out)
         kernels.sign_decode(bits, scales, self.block, out, dtype, accumulate)
@@ -534,7 +548,7 @@ class Sign(Codec):
     def _decode(
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
     ) -> torch.Tensor:
-        expect_sections(self.spec, payload, self._sections(numel))
+        expect_sections(self.spec, payload, self.sections(numel, dtype))
         packed, scales = payload
         negative = unpack_bits(packed, 1, numel).view(torch.bool)
         out = torch.empty(numel, dtype=torch.float32, device=packed.device)
