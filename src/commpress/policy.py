@@ -82,7 +82,7 @@ OP_FAMILIES: dict[str, str] = {
 FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(OP_FAMILIES.values()))
 #: Families whose op sums tensors (the others only move them).
 REDUCTIONS: frozenset[str] = frozenset({"all_reduce", "reduce", "reduce_scatter"})
-ALGORITHMS: tuple[str, ...] = ("auto", "direct", "two_phase", "gather")
+ALGORITHMS: tuple[str, ...] = ("auto", "direct", "two_phase", "gather", "hierarchical")
 
 #: Codec ids that want error feedback by default even if their class does not
 #: declare ``wants_error_feedback`` (the biased compressors).

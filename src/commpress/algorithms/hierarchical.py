@@ -1,0 +1,257 @@
+"""``hierarchical`` all-reduce: exact inside a host, compressed only across hosts.
+
+On ``N = H * L`` ranks (``H`` hosts, ``L`` ranks each; `commpress.topology`
+learns which is which), an all-reduce of a flat tensor of ``S`` bytes runs in
+three steps:
+
+1. intra-host reduce-scatter, uncompressed, in the accumulation dtype
+   (float32 for 16-bit inputs): local index ``l`` ends with the host's sum of
+   shard ``l`` (``ceil(numel / L)`` elements; the last shard is zero-padded);
+2. inter-host compressed all-reduce of shard ``l`` among the ``H`` ranks with
+   local index ``l`` (one per host): `two_phase` on the inter-host subgroup
+   (`direct` for summable codecs such as ``bf16``), through their public
+   functions; shards larger than `PIPELINE_BYTES` go chunk by chunk with the
+   transfers in flight behind the codec work (`two_phase.all_reduce_pipelined`);
+3. intra-host all-gather of the reduced shards, uncompressed.
+
+Only step 2 crosses the slow level, and it carries compressed bytes: each
+rank sends ``2 (H-1)/H * S / (L * ratio)`` bytes across hosts, so a host
+sends ``2 (H-1)/H * S / ratio`` -- the ``1/L`` of flat `two_phase`, where a
+host's ``L`` ranks each send ``(N-L)/N`` of their ``2 (N-1)/N * S / ratio``
+bytes to other hosts. This is DeepSeek-V3's NVLink/IB split and ZeRO++'s qgZ.
+
+Every rank ends bit-identical: step 2 gives the ``H`` owners of a shard the
+same bits (the `two_phase` guarantee), step 3 copies bits, and ``AVG``
+divides the same bits by ``N`` on each owner before step 3. Error: one
+quantization of each host's partial sum on the way in plus one of the total
+(`two_phase`'s), never of a single rank's input; the intra-host sums are
+exact float32 additions.
+
+A descriptor (`common.exchange`) over the whole group checks codec, op,
+dtype, element count and algorithm before anything moves, so a rank that
+runs another algorithm raises on every rank; the inner `two_phase` then
+skips its own descriptor for codecs of fixed size.
+
+``reduce`` runs the all-reduce and keeps the result on the root only (it
+pays the all-gather the root does not need; the two-level tree is left for
+when it matters). Error feedback (``comm.feedback``) applies to the shard
+this rank sends across hosts: the residual is of the host's partial sum.
+
+`cost` is the model `auto` can use; its docstring states the formula.
+
+Needs the same number of ranks on every host (`topology.of` raises
+`ConfigError` otherwise). On one host (``H == 1``) it is a plain exact
+all-reduce; with one rank per host (``L == 1``) it is `two_phase`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .. import topology
+from ..stats import CallRecord
+from . import direct, two_phase
+from .common import Comm, acc_dtype, exchange
+
+__all__ = [
+    "Prepared",
+    "prepare",
+    "all_reduce",
+    "reduce",
+    "cost",
+    "PIPELINE_BYTES",
+]
+
+#: Shards larger than this cross hosts in chunks of this size, each chunk's transfer
+#: in flight while the neighbouring chunks are encoded and decoded. Calls through
+#: `commpress.distributed` arrive already cut into ``Engine.chunk_bytes`` pieces
+#: (default 4 MiB) and reach this only with ``Engine(chunk_bytes=0)``.
+PIPELINE_BYTES = 4 << 20
+
+
+@dataclasses.dataclass
+class Prepared:
+    """The input in the accumulation dtype; the first step is communication, so no encode."""
+
+    x: torch.Tensor
+
+
+def prepare(comm: Comm, flat: torch.Tensor) -> Prepared:
+    """Local work only: the cast to the accumulation dtype (the encode comes after step 1)."""
+    return Prepared(flat.to(acc_dtype(flat.dtype)))
+
+
+def _fn(name: str) -> Any:
+    # torch 2.13 renamed the *_tensor collectives to *_single (the old names are deprecated).
+    single = {"rs": "reduce_scatter_single", "ag": "all_gather_single"}[name]
+    old = {"rs": "reduce_scatter_tensor", "ag": "all_gather_into_tensor"}[name]
+    return getattr(dist, single, None) or getattr(dist, old)
+
+
+def _timed(comm: Comm, fn: Any, *args: Any, **kwargs: Any) -> None:
+    t0 = time.perf_counter()
+    try:
+        fn(*args, **kwargs)
+    finally:
+        comm.rec.transfer_s += time.perf_counter() - t0
+
+
+def _inter_op(op: Any) -> Any:
+    # AVG is applied once, by N, at the end; the levels sum.
+    return dist.ReduceOp.SUM if op == dist.ReduceOp.AVG else op
+
+
+def _inter_all_reduce(comm: Comm, topo: topology.Topology, shard: torch.Tensor, op: Any) -> Any:
+    """Step 2 on the inter-host subgroup; returns the reduced shard (accumulation dtype)."""
+    fixed = comm.codec.encoded_nbytes(1, shard.dtype) is not None
+    inner = dataclasses.replace(
+        comm,
+        group=topo.inter,
+        rank=topo.host_index,
+        size=topo.hosts,
+        # The whole group's descriptor was checked already; only sizes of variable-size
+        # payloads still need the inner exchange.
+        verify=not fixed,
+    )
+    sum_like = op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG)
+    if comm.codec.summable and sum_like:
+        return direct.all_reduce(inner, shard, _inter_op(op))
+    nbytes = shard.numel() * shard.element_size()
+    if not (fixed and shard.device.type == "cpu" and nbytes > PIPELINE_BYTES):
+        return two_phase.all_reduce(inner, shard, _inter_op(op))
+    per = max(PIPELINE_BYTES // shard.element_size(), 1)
+    bounds = [(a, min(a + per, shard.numel())) for a in range(0, shard.numel(), per)]
+    comms = [
+        dataclasses.replace(
+            inner, rec=CallRecord(comm.op), key=None if comm.key is None else (comm.key, i)
+        )
+        for i in range(len(bounds))
+    ]
+    out = torch.empty_like(shard)
+    try:
+        two_phase.all_reduce_pipelined(comms, shard, _inter_op(op), bounds, out)
+    finally:
+        for c in comms:
+            for f in ("bytes_wire", "encode_s", "transfer_s", "decode_s"):
+                setattr(comm.rec, f, getattr(comm.rec, f) + getattr(c.rec, f))
+    return out
+
+
+def all_reduce(
+    comm: Comm, flat: torch.Tensor, op: Any, prepared: Prepared | None = None
+) -> torch.Tensor:
+    """Reduce the 1-D ``flat`` over ``comm.group`` in three steps (module docstring).
+
+    Args:
+        comm: the call's context (its group is the whole group).
+        flat: this rank's 1-D input.
+        op: the reduce op (SUM/AVG compress; exact ops need a lossless codec).
+        prepared: `prepare`'s output when it already ran.
+
+    Returns:
+        The result, 1-D, in the accumulation dtype, bit-identical on every rank.
+
+    Raises:
+        ConfigError: the hosts hold different numbers of ranks (on every rank).
+        CollectiveError / CodecMismatchError: as `common.exchange`.
+    """
+    topo = topology.of(comm.group, comm.device)
+    if comm.verify:
+        exchange(
+            comm,
+            algorithm="hierarchical",
+            dtype=flat.dtype,
+            numel=flat.numel(),
+            sizes=[0] * comm.size,
+            redop=op,
+        )
+    x = (prepared or prepare(comm, flat)).x
+    n, local = x.numel(), topo.local_size
+    shard_len = math.ceil(n / local)
+    elem = x.element_size()
+    if local > 1:
+        padded = x
+        if shard_len * local != n or not x.is_contiguous():
+            padded = torch.zeros(shard_len * local, dtype=x.dtype, device=x.device)
+            padded[:n] = x
+        shard = torch.empty(shard_len, dtype=x.dtype, device=x.device)
+        _timed(comm, _fn("rs"), shard, padded, _inter_op(op), group=topo.intra)
+        comm.rec.bytes_wire += (local - 1) * shard_len * elem
+    else:
+        shard = x
+    if topo.hosts > 1:
+        shard = _inter_all_reduce(comm, topo, shard, op)
+    elif local == 1:
+        shard = shard.clone()
+    if op == dist.ReduceOp.AVG:
+        shard = shard / comm.size
+    if local == 1:
+        return shard
+    out = torch.empty(shard_len * local, dtype=shard.dtype, device=shard.device)
+    _timed(comm, _fn("ag"), out, shard.contiguous(), group=topo.intra)
+    comm.rec.bytes_wire += shard_len * elem
+    return out[:n]
+
+
+def reduce(
+    comm: Comm, flat: torch.Tensor, op: Any, root: int, prepared: Prepared | None = None
+) -> torch.Tensor | None:
+    """`all_reduce`, the result returned on group rank ``root`` only (None elsewhere)."""
+    out = all_reduce(comm, flat, op, prepared)
+    return out if comm.rank == root else None
+
+
+def cost(
+    nbytes: int,
+    *,
+    hosts: int,
+    local: int,
+    ratio: float,
+    intra_Bps: float,
+    inter_Bps: float,
+    encode_Bps: float,
+    decode_Bps: float,
+    intra_latency_s: float = 5e-6,
+    inter_latency_s: float = 20e-6,
+    pipelined: bool = True,
+) -> float:
+    """Modelled seconds of one hierarchical all-reduce of ``nbytes`` per rank.
+
+    With ``S = nbytes``, ``H = hosts``, ``L = local``, ``r = ratio``::
+
+        t_intra  = 2 (L-1)/L * S / intra_Bps  + 2 (L-1) * intra_latency_s
+        t_wire   = 2 (H-1)/H * S / (L r) / inter_Bps + 2 * inter_latency_s
+        t_codec  = S/L / encode_Bps + (2H-1)/H * S/L / decode_Bps
+        t        = t_intra + (max(t_wire, t_codec) if pipelined else t_wire + t_codec)
+
+    ``t_intra`` is the reduce-scatter plus the all-gather inside a host (ring
+    cost, uncompressed); ``t_wire`` the compressed two-phase exchange of one
+    shard across hosts; ``t_codec`` its codec work (encode the shard's pieces
+    and the shard's sum: ``S/L`` bytes; decode ``H-1`` pieces and ``H``
+    sums). ``inter_Bps`` is the *per-rank* share of the slow link: a host
+    NIC of ``B`` shared by its ``L`` ranks gives ``B / L`` (the emulation);
+    one NIC per GPU (H800 nodes) gives the NIC's rate. Bandwidths are bytes
+    per second of payload, codec speeds bytes of input per second per rank.
+    Pipelining hides the shorter of wire and codec time, as
+    `two_phase.all_reduce_pipelined` does for chunked calls.
+
+    Example::
+
+        >>> round(cost(64 << 20, hosts=2, local=2, ratio=3.94, intra_Bps=2e9,
+        ...            inter_Bps=62.5e6, encode_Bps=1e9, decode_Bps=1e9), 3)
+        0.17
+    """
+    S, H, L = float(nbytes), hosts, local
+    t_intra = 2 * (L - 1) / L * S / intra_Bps + 2 * (L - 1) * intra_latency_s
+    if H == 1:
+        return t_intra
+    t_wire = 2 * (H - 1) / H * S / (L * ratio) / inter_Bps + 2 * inter_latency_s
+    t_codec = S / L / encode_Bps + (2 * H - 1) / H * S / L / decode_Bps
+    inter = max(t_wire, t_codec) if pipelined else t_wire + t_codec
+    return t_intra + inter
