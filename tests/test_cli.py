@@ -23,7 +23,7 @@ def _rows(text: str) -> dict[str, list[str]]:
     rows = {}
     for line in text.splitlines():
         cells = line.split()
-        if len(cells) == 5 and not cells[0].startswith("-"):
+        if len(cells) == 7 and not cells[0].startswith("-"):
             rows[cells[0]] = cells[1:]
     return rows
 
@@ -34,12 +34,14 @@ def test_codecs_table(capsys):
     assert "64 KiB of float32 (16384 Gaussian elements, seed 0) on cpu" in out
     assert out.splitlines()[1].split()[:2] == ["codec", "ratio"]
     rows = _rows(out)
-    assert list(rows) == ["tensor.clone()", "none", "bf16"]
-    assert rows["none"][0] == "1.00" and rows["none"][3] == "0"
-    assert rows["bf16"][0] == "2.00" and 1e-4 < float(rows["bf16"][3]) < 1e-2
-    for name in ("tensor.clone()", "none", "bf16"):
-        assert float(rows[name][1]) > 0 and float(rows[name][2]) > 0
-    assert "memory-bandwidth yardstick" in out
+    assert list(rows) == ["dst.copy_(x)", "tensor.clone()", "none", "bf16"]
+    assert rows["none"][0] == "1.00" and rows["none"][5] == "0"
+    assert rows["bf16"][0] == "2.00" and 1e-4 < float(rows["bf16"][5]) < 1e-2
+    assert rows["dst.copy_(x)"][2] == "1.00x" and rows["dst.copy_(x)"][4] == "1.00x"
+    for name in ("dst.copy_(x)", "tensor.clone()", "none", "bf16"):
+        assert float(rows[name][1]) > 0 and float(rows[name][3]) > 0
+        assert float(rows[name][2].rstrip("x")) > 0 and float(rows[name][4].rstrip("x")) > 0
+    assert "dst.copy_(x) into a preallocated buffer (memory speed)" in out
 
 
 def test_codecs_json(capsys):
@@ -48,7 +50,7 @@ def test_codecs_json(capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["size_bytes"] == 4096 and doc["numel"] == 1024 and doc["dtype"] == "float32"
     assert [r["codec"] for r in doc["rows"]] == ["none", "zstd", "bf16+lz4"]
-    assert doc["clone_gbps"] > 0
+    assert doc["clone_gbps"] > 0 and doc["copy_gbps"] > 0 and doc["threads"] == 1
     by_name = {r["codec"]: r for r in doc["rows"]}
     assert by_name["none"]["ratio"] == 1.0 and by_name["zstd"]["rel_l2_error"] == 0.0
     assert by_name["bf16+lz4"]["ratio"] > 1.9
@@ -60,8 +62,8 @@ def test_unsupported_dtype_shows_n_a(capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     rows = _rows(out)
-    assert rows["bf16"] == ["n/a"] * 4
-    assert rows["lz4"][3] == "0" and rows["none"][0] == "1.00"
+    assert rows["bf16"] == ["n/a"] * 6
+    assert rows["lz4"][5] == "0" and rows["none"][0] == "1.00"
     assert "bf16: n/a: does not take int32" in out
 
 
@@ -161,7 +163,7 @@ class Broken(Codec):
 def test_a_broken_codec_is_reported_and_fails_the_run(capsys):
     args = argparse.Namespace(
         size=4096, dtype="float32", codecs=[commpress.get_codec("none"), Broken()], repeat=1,
-        device="cpu", seed=0, json=False, progress=False,
+        device="cpu", seed=0, json=False, progress=False, threads=1,
     )
     assert cli_codecs.run(args) == 1
     out = capsys.readouterr().out

@@ -1,7 +1,8 @@
 """``commpress codecs``: ratio, speed and error of every codec on sample data.
 
 One row per registered codec (plus a few chains), measured on seeded
-Gaussian data of the requested size and dtype::
+Gaussian data of the requested size and dtype, on one thread unless
+``--threads`` says otherwise::
 
     commpress codecs                          # 16 MiB of float32 on the CPU
     commpress codecs --size 64MiB --dtype bfloat16 --repeat 5
@@ -10,10 +11,14 @@ Gaussian data of the requested size and dtype::
 Columns: ``ratio`` is input bytes / payload bytes; ``encode GB/s`` and
 ``decode GB/s`` are *uncompressed* bytes per second (1 GB = 1e9 bytes),
 median of ``--repeat`` runs after one warm-up; ``rel L2 error`` is
-``||decode(encode(x)) - x|| / ||x||``. The first row, ``tensor.clone()``, is
-the yardstick: a plain copy moves memory at that speed, so a codec near it
-is memory-bound and one far below it is compute-bound. Codecs that cannot
-take the dtype or the device show ``n/a``.
+``||decode(encode(x)) - x|| / ||x||``. Encode writes into a preallocated
+wire buffer (``wire.encode_pack(..., out=)``) where the codec declares its
+layout, decode into a preallocated tensor (``decode(packet, out=)``): what
+the collectives do. The yardstick is the first row, ``dst.copy_(x)`` into a
+preallocated buffer (one read and one write pass); the ``x copy_`` columns
+divide by it, so a codec at 1.0x runs at memory speed. ``tensor.clone()``
+shows what a fresh allocation costs on top (page faults). Codecs that
+cannot take the dtype or the device show ``n/a``.
 
 The measuring functions return rows (`CodecRow`); one writer turns them
 into the table, another into JSON.
@@ -35,12 +40,14 @@ from typing import IO, Any
 
 import torch
 
+from . import wire
 from .codec import Codec
 from .errors import CommpressError
 from .registry import get_codec, list_codecs
 
 __all__ = [
-    "CodecRow", "DEFAULT_SIZE", "DTYPES", "add_parser", "measure_clone", "measure_codec",
+    "CodecRow", "DEFAULT_SIZE", "DTYPES", "add_parser", "measure_clone", "measure_copy",
+    "measure_codec",
     "format_bytes", "parse_codec_list", "parse_size", "run", "sample", "format_table",
 ]
 
@@ -179,8 +186,15 @@ def _timer(device: torch.device) -> Callable[[Callable[[], Any], int], float]:
 
 
 def measure_clone(x: torch.Tensor, repeat: int) -> float:
-    """GB/s of ``x.clone()``: the memory-bandwidth yardstick."""
+    """GB/s of ``x.clone()`` (a fresh allocation each time)."""
     seconds = _timer(x.device)(x.clone, repeat)
+    return x.numel() * x.element_size() / seconds / 1e9
+
+
+def measure_copy(x: torch.Tensor, repeat: int) -> float:
+    """GB/s of ``dst.copy_(x)`` into a preallocated buffer: the memory-speed yardstick."""
+    dst = torch.empty_like(x)
+    seconds = _timer(x.device)(lambda: dst.copy_(x), repeat)
     return x.numel() * x.element_size() / seconds / 1e9
 
 
@@ -205,8 +219,13 @@ def measure_codec(codec: Codec, x: torch.Tensor, repeat: int) -> CodecRow:
         return CodecRow(codec.spec, note=f"n/a: {exc}")
     median_seconds = _timer(x.device)
     nbytes = x.numel() * x.element_size()
-    encode_s = median_seconds(lambda: codec.encode(x), repeat)
-    decode_s = median_seconds(lambda: codec.decode(packet), repeat)
+    if codec.sections(x.numel(), x.dtype) is not None:
+        buf = wire.encode_pack(codec, x)
+        encode_s = median_seconds(lambda: wire.encode_pack(codec, x, out=buf), repeat)
+    else:
+        encode_s = median_seconds(lambda: codec.encode(x), repeat)
+    dst = torch.empty_like(x)
+    decode_s = median_seconds(lambda: codec.decode(packet, out=dst), repeat)
     decoded = codec.decode(packet)
     return CodecRow(
         codec.spec,
@@ -257,15 +276,28 @@ def _fmt_err(v: float | None) -> str:
     return "n/a" if v is None else ("0" if v == 0 else f"{v:.2e}")
 
 
-def format_table(rows: list[CodecRow], clone_gbps: float, title: str) -> str:
-    """The rows as an aligned text table, the ``tensor.clone()`` yardstick first."""
-    header = ("codec", "ratio", "encode GB/s", "decode GB/s", "rel L2 error")
-    body = [("tensor.clone()", "-", _fmt_gbps(clone_gbps), _fmt_gbps(clone_gbps), "-")]
+def _fmt_x(v: float | None, yardstick: float) -> str:
+    return "n/a" if v is None or yardstick <= 0 else f"{v / yardstick:.2f}x"
+
+
+def format_table(
+    rows: list[CodecRow], clone_gbps: float, title: str, copy_gbps: float | None = None
+) -> str:
+    """The rows as an aligned text table, the ``dst.copy_(x)`` yardstick first."""
+    copy = clone_gbps if copy_gbps is None else copy_gbps
+    header = ("codec", "ratio", "encode GB/s", "x copy_", "decode GB/s", "x copy_",
+              "rel L2 error")
+    body = [
+        ("dst.copy_(x)", "-", _fmt_gbps(copy), "1.00x", _fmt_gbps(copy), "1.00x", "-"),
+        ("tensor.clone()", "-", _fmt_gbps(clone_gbps), _fmt_x(clone_gbps, copy),
+         _fmt_gbps(clone_gbps), _fmt_x(clone_gbps, copy), "-"),
+    ]
     notes = []
     for row in rows:
         body.append((
             row.codec, _fmt_ratio(row.ratio), _fmt_gbps(row.encode_gbps),
-            _fmt_gbps(row.decode_gbps), _fmt_err(row.rel_l2_error),
+            _fmt_x(row.encode_gbps, copy), _fmt_gbps(row.decode_gbps),
+            _fmt_x(row.decode_gbps, copy), _fmt_err(row.rel_l2_error),
         ))
         if row.note:
             notes.append(f"  {row.codec}: {row.note}")
@@ -279,7 +311,7 @@ def format_table(rows: list[CodecRow], clone_gbps: float, title: str) -> str:
     out = [title, line(header), line(tuple("-" * w for w in widths)), *map(line, body)]
     out.append(
         "ratio = input bytes / payload bytes; GB/s = uncompressed bytes per second (1e9); "
-        "tensor.clone() is the memory-bandwidth yardstick"
+        "x copy_ = GB/s / that of dst.copy_(x) into a preallocated buffer (memory speed)"
     )
     if notes:
         out += ["notes:", *notes]
@@ -303,6 +335,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="comma-separated codec specs (default: every registered codec and a few chains)",
     )
     p.add_argument("--repeat", type=_positive_int, default=3, help="timed runs (default: 3)")
+    p.add_argument(
+        "--threads", type=_positive_int, default=1,
+        help="torch (and kernel) threads while measuring (default: 1)",
+    )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="sample data seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -334,7 +370,9 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     progress = Progress(len(codecs) + 1, sys.stderr, enabled)
     rows = []
     try:
-        progress.step("tensor.clone()")
+        progress.step("dst.copy_(x)")
+        torch.set_num_threads(args.threads)
+        copy_gbps = measure_copy(x, args.repeat)
         clone_gbps = measure_clone(x, args.repeat)
         for codec in codecs:
             progress.step(codec.spec)
@@ -350,14 +388,15 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
         doc = {
             "size_bytes": nbytes, "numel": x.numel(), "dtype": args.dtype,
             "device": str(device), "repeat": args.repeat, "seed": args.seed,
-            "clone_gbps": clone_gbps, "rows": [_json_row(r) for r in rows],
+            "threads": args.threads, "copy_gbps": copy_gbps, "clone_gbps": clone_gbps,
+            "rows": [_json_row(r) for r in rows],
         }
         out.write(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     else:
         title = (f"commpress codecs: {format_bytes(nbytes)} of {args.dtype} "
                  f"({x.numel()} Gaussian elements, seed {args.seed}) on {device}, "
-                 f"median of {args.repeat}")
-        out.write(format_table(rows, clone_gbps, title) + "\n")
+                 f"{args.threads} thread(s), median of {args.repeat}")
+        out.write(format_table(rows, clone_gbps, title, copy_gbps) + "\n")
     return 1 if any(r.failed for r in rows) else 0
 
 
