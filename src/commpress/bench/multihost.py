@@ -1,0 +1,526 @@
+"""Emulate ``H`` hosts on one machine: a network namespace per host, shaped links, real torchrun.
+
+`Cluster` builds, as root with iproute2, ``H + 1`` network namespaces of its
+own (names ``cpmh<pid>h<i>`` and ``cpmh<pid>sw``)::
+
+     host 0 ns               switch ns                host 1 ns
+    +-----------+  veth   +-------------+   veth   +-----------+
+    | lo        |=========| h0 -- br -- h1|=========| lo        |
+    | cpnic     |  tbf    |   tbf   tbf   |   tbf   | cpnic     |
+    | 198.18.0.1|  each   +-------------+   each   | 198.18.0.2|
+    +-----------+  way                     way     +-----------+
+
+- each host has its loopback and one NIC ``cpnic`` with ``198.18.0.(i+1)/24``
+  (198.18.0.0/15 is reserved for benchmarking, RFC 2544) and no other
+  route: the namespaces can reach each other and nothing else;
+- the switch is a bridge in its own namespace, without any address;
+- every link is shaped *per direction* with ``tc tbf`` (host -> switch on
+  ``cpnic``, switch -> host on ``h<i>``), so each host has a full-duplex
+  NIC of RATE: a two-host all-reduce sees RATE each way, as between two
+  machines, not the shared medium of `commpress.bench.netem`'s loopback;
+- the veth MTU is 65000 so that TCP/IP/Ethernet headers are about 0.1% of
+  the bytes on the link (at 1500 they would be 4.5%); no delay is added:
+  the latency is the veth's (tens of microseconds) plus the tbf queue
+  (at most 100 ms, `netem.tbf_args`);
+- ranks of one host talk over that host's own addresses, which the kernel
+  routes through the namespace's loopback at memory speed.
+
+`launch` runs ``torchrun --nnodes H --nproc-per-node L`` in every host
+namespace: c10d rendezvous on host 0's address (host 0 hosts the store),
+``--local-addr`` the host's address, ``GLOO_SOCKET_IFNAME=cpnic``.
+`run_function` calls ``"package.module:function"`` on every rank of such a
+job and returns the ranks' JSON results.
+
+Counting bytes: ``COMMPRESS_MH_NIC`` tells a rank the name of its host's NIC;
+`nic_bytes` reads its kernel counters (``/sys/class/net/cpnic/statistics``,
+which ``ip netns exec`` mounts for the namespace). Bytes there are Ethernet
+frames: payload plus about 0.1% headers at this MTU, the TCP ACKs of the
+other direction, and whatever else crosses (rendezvous store, descriptors).
+Subtract a baseline interval measured the same way (see
+``benchmarks/bench_multihost.py``).
+
+Teardown: `Cluster.close` (also on exceptions, SIGTERM/SIGINT through the
+context manager, and at interpreter exit) kills the processes left in its
+namespaces and deletes them, which deletes the veths and qdiscs with them.
+Namespaces of this module whose creating process is dead are swept at start.
+Without root, Linux or iproute2, `available` says why and callers skip.
+
+Example (root)::
+
+    from commpress.bench import multihost
+    ok, why = multihost.available()
+    if ok:
+        results = multihost.run_function(2, 2, "mypkg.bench:measure", {"mib": 64}, rate="1gbit")
+    else:
+        print(f"no multi-host emulation: {why}")
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .netem import format_rate, parse_rate, tbf_args
+
+__all__ = [
+    "available",
+    "Cluster",
+    "launch",
+    "run_function",
+    "nic_bytes",
+    "host_addr",
+    "NIC",
+    "SUBNET",
+    "main",
+]
+
+#: The NIC name inside every host namespace.
+NIC = "cpnic"
+#: The emulated hosts' subnet (inside 198.18.0.0/15, reserved for benchmarking).
+SUBNET = "198.18.0.0/24"
+MTU = 65000
+RDZV_PORT = 29400
+_PREFIX = "cpmh"
+_NAME_RE = re.compile(rf"^{_PREFIX}(\d+)(?:h\d+|sw)$")
+
+
+def host_addr(i: int) -> str:
+    """Host ``i``'s address: ``198.18.0.(i+1)``."""
+    if not 0 <= i < 250:
+        raise ValueError(f"host index {i} out of range; expected 0 <= i < 250")
+    return f"198.18.0.{i + 1}"
+
+
+def _run(cmd: Sequence[str], timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+
+
+def _check(cmd: Sequence[str]) -> None:
+    proc = _run(cmd)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"multihost: {' '.join(cmd)} failed (exit {proc.returncode}): "
+            f"{(proc.stderr or proc.stdout).strip()}"
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> tuple[bool, str]:
+    """Whether hosts can be emulated here: ``(True, "")`` or ``(False, one-line reason)``.
+
+    Checks Linux, root, ``ip``/``tc``/``torchrun`` on PATH, then creates and deletes
+    one throw-away namespace. Cached for the process.
+    """
+    if not sys.platform.startswith("linux"):
+        return False, f"network namespaces need Linux (this is {sys.platform})"
+    if os.geteuid() != 0:
+        return False, "creating network namespaces needs root (CAP_SYS_ADMIN)"
+    missing = [t for t in ("ip", "tc") if shutil.which(t) is None]
+    if missing:
+        return False, f"{', '.join(missing)} not found on PATH (install iproute2)"
+    if _torchrun() is None:
+        return False, "torchrun not found next to this Python or on PATH"
+    name = f"{_PREFIX}{os.getpid()}sw"
+    try:
+        proc = _run(["ip", "netns", "add", name])
+        if proc.returncode != 0:
+            return False, f"'ip netns add' failed: {(proc.stderr or proc.stdout).strip()}"
+        _run(["ip", "netns", "del", name])
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"'ip netns' could not run: {exc}"
+    return True, ""
+
+
+def _torchrun() -> str | None:
+    here = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return here if os.path.exists(here) else shutil.which("torchrun")
+
+
+def _sweep_stale() -> None:
+    """Delete namespaces of this module whose creating process no longer exists."""
+    proc = _run(["ip", "netns", "list"])
+    for line in proc.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = _NAME_RE.match(name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+            continue  # its creator is alive (maybe another run): not ours to delete
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        _kill_ns_pids(name)
+        _run(["ip", "netns", "del", name])
+
+
+def _kill_ns_pids(ns: str) -> None:
+    proc = _run(["ip", "netns", "pids", ns])
+    for pid in proc.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+class Cluster:
+    """``hosts`` emulated hosts joined by a switch, links shaped to ``rate`` each way.
+
+    Args:
+        hosts: number of host namespaces (1 .. 250).
+        rate: per-direction rate of every host's link (`netem.parse_rate`: ``"1gbit"``,
+            ``"100mbit"``; ``"none"`` leaves the links unshaped, veth speed).
+
+    Use as a context manager; `close` is idempotent and also runs at exit.
+    """
+
+    def __init__(self, hosts: int, rate: str | int | None = "1gbit") -> None:
+        if isinstance(hosts, bool) or not isinstance(hosts, int) or not 1 <= hosts <= 250:
+            raise ValueError(f"hosts={hosts!r}; expected an int in 1 .. 250")
+        self.hosts = hosts
+        self.bits = rate if isinstance(rate, int) and not isinstance(rate, bool) else parse_rate(rate)
+        tag = f"{_PREFIX}{os.getpid()}"
+        self.names = [f"{tag}h{i}" for i in range(hosts)]
+        self.switch = f"{tag}sw"
+        self._made: list[str] = []
+        self._saved_handlers: dict[int, Any] = {}
+
+    @property
+    def rate(self) -> str:
+        return format_rate(self.bits)
+
+    def ns(self, i: int) -> str:
+        """The namespace name of host ``i``."""
+        return self.names[i]
+
+    def exec_prefix(self, i: int) -> list[str]:
+        """``ip netns exec <host i>``: prefix a command line to run it on host ``i``."""
+        return ["ip", "netns", "exec", self.names[i]]
+
+    def start(self) -> Cluster:
+        """Create namespaces, links, addresses and qdiscs; on any failure, undo all."""
+        ok, why = available()
+        if not ok:
+            raise RuntimeError(f"cannot emulate hosts: {why}")
+        _sweep_stale()
+        atexit.register(self.close)
+        try:
+            for name in [self.switch, *self.names]:
+                _check(["ip", "netns", "add", name])
+                self._made.append(name)
+            sw = ["ip", "-n", self.switch]
+            _check([*sw, "link", "add", "br0", "type", "bridge"])
+            _check([*sw, "link", "set", "lo", "up"])
+            for i, host in enumerate(self.names):
+                port = f"h{i}"
+                _check(
+                    ["ip", "link", "add", "name", NIC, "netns", host, "mtu", str(MTU),
+                     "type", "veth", "peer", "name", port, "netns", self.switch,
+                     "mtu", str(MTU)]
+                )  # fmt: skip
+                _check([*sw, "link", "set", port, "master", "br0", "up"])
+                h = ["ip", "-n", host]
+                _check([*h, "link", "set", "lo", "up"])
+                _check([*h, "addr", "add", f"{host_addr(i)}/24", "dev", NIC])
+                _check([*h, "link", "set", NIC, "up"])
+                if self.bits is not None:
+                    qdisc = ["qdisc", "add", "dev"]
+                    _check(["tc", "-n", host, *qdisc, NIC, "root", "tbf", *tbf_args(self.bits)])
+                    _check(
+                        ["tc", "-n", self.switch, *qdisc, port, "root", "tbf", *tbf_args(self.bits)]
+                    )
+            _check([*sw, "link", "set", "br0", "up"])
+            self._check_isolated()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _check_isolated(self) -> None:
+        """Every host namespace has exactly lo and cpnic, and only the subnet's route."""
+        for host in self.names:
+            links = _run(["ip", "-n", host, "-o", "link", "show"]).stdout
+            names = sorted(re.findall(r"^\d+: ([^:@]+)", links, re.M))
+            routes = _run(["ip", "-n", host, "-4", "route", "show"]).stdout.strip().splitlines()
+            if names != sorted(["lo", NIC]) or len(routes) != 1 or SUBNET not in routes[0]:
+                raise RuntimeError(
+                    f"multihost: namespace {host} is not isolated as expected (links {names}, "
+                    f"routes {routes}); expected only lo and {NIC} with the route {SUBNET}"
+                )
+
+    def counters(self, i: int) -> dict[str, int]:
+        """Bytes and packets that left (``out_*``) and entered (``in_*``) host ``i``.
+
+        Read on the switch side of the host's link, after the host's shaping.
+        """
+        base = f"/sys/class/net/h{i}/statistics"
+        script = f"cat {base}/rx_bytes {base}/tx_bytes {base}/rx_packets {base}/tx_packets"
+        out = _run(["ip", "netns", "exec", self.switch, "sh", "-c", script]).stdout.split()
+        rx_b, tx_b, rx_p, tx_p = (int(v) for v in out)
+        return {"out_bytes": rx_b, "in_bytes": tx_b, "out_packets": rx_p, "in_packets": tx_p}
+
+    def close(self) -> None:
+        """Kill what still runs in the namespaces and delete them (veths and qdiscs go too)."""
+        made, self._made = self._made, []
+        for name in reversed(made):
+            _kill_ns_pids(name)
+        for name in reversed(made):
+            _run(["ip", "netns", "del", name])
+        try:
+            atexit.unregister(self.close)
+        except Exception:  # noqa: BLE001 - interpreter shutting down
+            pass
+
+    def __enter__(self) -> Cluster:
+        def stop(signum: int, frame: Any) -> None:
+            raise SystemExit(128 + signum)
+
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                self._saved_handlers[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread: rely on atexit and the sweep
+            self._saved_handlers.clear()
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.close()
+        finally:
+            for sig, handler in self._saved_handlers.items():
+                signal.signal(sig, handler)
+            self._saved_handlers.clear()
+
+
+def launch(
+    cluster: Cluster,
+    local: int,
+    args: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    run_id: str = "commpress-mh",
+) -> list[subprocess.CompletedProcess]:
+    """Run ``torchrun --nnodes H --nproc-per-node local ARGS`` on every host of ``cluster``.
+
+    ``args`` is what follows torchrun's own options (``-m module ...`` or ``script.py ...``).
+    Returns one completed process per host (stdout/stderr captured).
+
+    Raises:
+        RuntimeError: a host's torchrun failed or ran past ``timeout`` seconds (all are
+            killed); the message ends with the failing host's output.
+    """
+    torchrun = _torchrun()
+    if torchrun is None:
+        raise RuntimeError("torchrun not found")
+    base_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LOCAL_", "GROUP_", "ROLE_", "TORCHELASTIC", "MASTER_"))
+        and k not in ("RANK", "WORLD_SIZE")
+    }
+    base_env.update(
+        {
+            "GLOO_SOCKET_IFNAME": NIC,
+            "COMMPRESS_MH_NIC": NIC,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+    )
+    procs = []
+    with tempfile.TemporaryDirectory(prefix="commpress-mh-") as tmp:
+        logs = []
+        for i in range(cluster.hosts):
+            cmd = [
+                *cluster.exec_prefix(i),
+                torchrun,
+                "--nnodes",
+                str(cluster.hosts),
+                "--nproc-per-node",
+                str(local),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"{host_addr(0)}:{RDZV_PORT}",
+                "--rdzv-id",
+                run_id,
+                "--rdzv-conf",
+                f"is_host={1 if i == 0 else 0},join_timeout=60",
+                "--local-addr",
+                host_addr(i),
+                "--max-restarts",
+                "0",
+                *args,
+            ]
+            log = open(os.path.join(tmp, f"host{i}.log"), "w+")  # noqa: SIM115 - closed below
+            logs.append(log)
+            procs.append(
+                subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=base_env, start_new_session=True
+                )
+            )
+        deadline = time.monotonic() + timeout
+        codes: list[int | None] = [None] * len(procs)
+        try:
+            while any(c is None for c in codes):
+                for i, p in enumerate(procs):
+                    if codes[i] is None:
+                        codes[i] = p.poll()
+                if any(c not in (None, 0) for c in codes) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        finally:
+            for i, p in enumerate(procs):
+                if p.poll() is None:
+                    try:
+                        os.killpg(p.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    p.wait()
+                codes[i] = p.returncode
+        outputs = []
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read())
+            log.close()
+    results = [
+        subprocess.CompletedProcess(p.args, code if code is not None else -9, out, "")
+        for p, code, out in zip(procs, codes, outputs, strict=True)
+    ]
+    bad = [i for i, r in enumerate(results) if r.returncode != 0]
+    if bad:
+        i = bad[0]
+        late = " (ran past the timeout)" if time.monotonic() > deadline else ""
+        raise RuntimeError(
+            f"torchrun on emulated host {i} exited with {results[i].returncode}{late}; "
+            f"hosts failing: {bad}. Output of host {i}:\n{results[i].stdout[-4000:]}"
+        )
+    return results
+
+
+def run_function(
+    hosts: int,
+    local: int,
+    target: str,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    rate: str | int | None = "1gbit",
+    timeout: float = 300,
+    pythonpath: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Call ``target(**kwargs)`` on every rank of an ``hosts x local`` job over emulated hosts.
+
+    The function runs after ``init_process_group("gloo")`` (torchrun's environment);
+    it returns a JSON-able value.
+
+    Returns:
+        ``{"ranks": [each rank's value, by global rank], "links": [per host: bytes and
+        packets out of / into it over the whole job], "rate": label}``.
+    """
+    with Cluster(hosts, rate) as cluster, tempfile.TemporaryDirectory(prefix="cpmh-") as tmp:
+        os.chmod(tmp, 0o755)
+        path = os.pathsep.join(
+            [*(os.path.abspath(p) for p in pythonpath), os.environ.get("PYTHONPATH", "")]
+        ).strip(os.pathsep)
+        env = {"PYTHONPATH": path} if path else {}
+        launch(
+            cluster,
+            local,
+            ["-m", "commpress.bench.multihost", "--rank-call", target,
+             "--kwargs", json.dumps(kwargs or {}), "--result-dir", tmp],
+            env=env,
+            timeout=timeout,
+        )  # fmt: skip
+        links = [cluster.counters(i) for i in range(hosts)]
+        ranks = []
+        for r in range(hosts * local):
+            with open(os.path.join(tmp, f"rank{r}.json")) as f:
+                ranks.append(json.load(f))
+    return {"ranks": ranks, "links": links, "rate": format_rate(cluster.bits)}
+
+
+def nic_bytes() -> dict[str, int]:
+    """This rank's host NIC counters (``tx_bytes``, ``rx_bytes``, ``tx_packets``, ``rx_packets``).
+
+    Only inside a `Cluster` host (``COMMPRESS_MH_NIC`` set by `launch`).
+    """
+    nic = os.environ.get("COMMPRESS_MH_NIC")
+    if not nic:
+        raise RuntimeError("nic_bytes: not on an emulated host (COMMPRESS_MH_NIC is unset)")
+    out = {}
+    for name in ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets"):
+        with open(f"/sys/class/net/{nic}/statistics/{name}") as f:
+            out[name] = int(f.read())
+    return out
+
+
+def _rank_call(target: str, kwargs_json: str, result_dir: str) -> None:
+    import importlib
+
+    import torch.distributed as dist
+
+    module_name, _, func_name = target.partition(":")
+    dist.init_process_group("gloo")
+    try:
+        value = getattr(importlib.import_module(module_name), func_name)(**json.loads(kwargs_json))
+        with open(os.path.join(result_dir, f"rank{dist.get_rank()}.json"), "w") as f:
+            json.dump(value, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m commpress.bench.multihost --hosts H --local L [--rate R] -- ARGS``.
+
+    Runs ``torchrun --nnodes H --nproc-per-node L ARGS`` across emulated hosts and
+    prints each host's output and link counters.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m commpress.bench.multihost",
+        description="Run a torchrun job across H emulated hosts (network namespaces, "
+        "shaped veth links). Needs root and iproute2.",
+    )
+    parser.add_argument("--hosts", type=int, default=2)
+    parser.add_argument("--local", type=int, default=2, help="ranks per host")
+    parser.add_argument("--rate", default="1gbit", help="per-direction link rate, or none")
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--rank-call", help=argparse.SUPPRESS)
+    parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--result-dir", help=argparse.SUPPRESS)
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="torchrun arguments after --")
+    ns = parser.parse_args(argv)
+    if ns.rank_call:
+        _rank_call(ns.rank_call, ns.kwargs, ns.result_dir)
+        return 0
+    args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
+    if not args:
+        parser.error("nothing to run: give -- SCRIPT.py [ARGS...] or -- -m MODULE [ARGS...]")
+    ok, why = available()
+    if not ok:
+        print(f"commpress.bench.multihost: cannot emulate hosts: {why}", file=sys.stderr)
+        return 3
+    with Cluster(ns.hosts, ns.rate) as cluster:
+        results = launch(cluster, ns.local, args, timeout=ns.timeout)
+        for i, r in enumerate(results):
+            print(f"--- host {i} ({host_addr(i)}) ---\n{r.stdout}")
+        for i in range(ns.hosts):
+            print(f"host {i} link: {cluster.counters(i)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
