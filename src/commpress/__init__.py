@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 
 # The faces come last: each builds on the core imported above.
 from . import distributed, hooks, moe  # noqa: E402
-from .patch import patch, unpatch  # noqa: E402
+from .patch import is_patched, patch, unpatch  # noqa: E402
 
 __all__ = [
     # codecs
@@ -42,7 +42,7 @@ __all__ = [
     # collectives
     "distributed", "Policy", "Engine", "Handle", "stats", "reset_stats",
     # drop-in
-    "patch", "unpatch", "hooks", "moe",
+    "patch", "unpatch", "is_patched", "hooks", "moe",
     # errors
     "CommpressError", "ConfigError", "UnknownCodecError", "UnsupportedDtypeError",
     "UnsupportedDeviceError", "WireError", "CodecMismatchError", "CollectiveError",

@@ -19,10 +19,18 @@ script does not handle is reported as the interpreter would (its traceback,
 from the script's frame down, through ``sys.excepthook``; exit status 1),
 also when it is a `CommpressError` such as ``CodecMismatchError``.
 ``--stats`` prints the statistics table when the script ends, however it
-ends.
+ends, and warns when the process made collective calls but compressed none
+of them, saying why (e.g. every tensor under ``min_bytes``).
 
-Processes the script starts itself (``mp.spawn``) are not patched; launch
-ranks with ``torchrun`` instead, or call ``commpress.patch()`` in them.
+Processes the script starts itself are patched too: ``mp.spawn`` and
+``multiprocessing`` children, Lightning's re-launch of the script for the
+other ranks, any ``subprocess`` running Python. ``commpress run`` exports
+``COMMPRESS_PATCH=1`` and its options as ``COMMPRESS_*`` variables (and
+``COMMPRESS_STATS=1`` with ``--stats``) for the script's run; the start-up
+hook installed with the package (``_commpress_startup``) patches every Python
+process that inherits them as soon as it imports torch. With ``--stats`` each
+such process prints its own table at exit (if it made any collective call).
+The variables are restored when the script ends.
 """
 
 from __future__ import annotations
@@ -91,6 +99,12 @@ def run(args: argparse.Namespace) -> int:
         return _usage_error(str(exc))
 
     saved_argv, saved_path = sys.argv[:], sys.path[:]
+    saved_env = {k: os.environ.get(k) for k in _child_env(args, patched.policy)}
+    os.environ.update(_child_env(args, patched.policy))
+    if args.stats:
+        from .startup import register_stats_at_exit
+
+        register_stats_at_exit()  # children forked from this process print their tables
     sys.argv = [args.target, *args.args]
     try:
         with patched:
@@ -110,9 +124,24 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         if args.stats:
-            _print_stats()
+            print_stats(policy=patched.policy, parent=True)
     return 0
+
+
+def _child_env(args: argparse.Namespace, policy: Any) -> dict[str, str]:
+    """The variables that make the start-up hook patch the script's own child processes."""
+    env = {"COMMPRESS_PATCH": "1", "COMMPRESS_CODEC": str(policy.codec)}
+    if args.min_bytes is not None:
+        env["COMMPRESS_MIN_BYTES"] = str(args.min_bytes)
+    if args.stats:
+        env["COMMPRESS_STATS"] = "1"
+    return env
 
 
 def _script_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
@@ -126,10 +155,67 @@ def _usage_error(message: str) -> int:
     return 2
 
 
-def _print_stats() -> None:
+_printed: set[int] = set()  # pids that printed their table already
+
+
+def print_stats(policy: Any = None, *, parent: bool = False, only_if_used: bool = False) -> None:
+    """Print this process's `commpress.stats` table, and a warning if nothing was compressed.
+
+    Args:
+        policy: the policy the calls ran under (default: the one in effect now); the
+            warning uses it to say why nothing was compressed.
+        parent: this is the ``commpress run`` process itself: when it made no call, say
+            that its child processes print their own tables.
+        only_if_used: print nothing when the process made no collective call.
+    """
+    from .policy import get_policy
     from .stats import stats
 
+    if only_if_used and os.getpid() in _printed:
+        return  # at exit, after `commpress run` printed this process's table
+    table = stats()
+    total = table.total()
+    if only_if_used and total.calls == 0:
+        return
+    _printed.add(os.getpid())
     rank = os.environ.get("RANK")
-    title = "commpress stats" + (f" (rank {rank})" if rank is not None else "")
+    title = "commpress stats" + (f" (rank {rank})" if rank is not None else f" (pid {os.getpid()})")
     sys.stdout.flush()
-    print(f"{title}\n{stats()}", flush=True)
+    print(f"{title}\n{table}", flush=True)
+    warning = nothing_compressed_warning(table, policy or get_policy(), parent=parent)
+    if warning:
+        print(f"commpress run: warning: {warning}", file=sys.stderr, flush=True)
+
+
+def nothing_compressed_warning(table: Any, policy: Any, *, parent: bool = False) -> str | None:
+    """Why a process that made collective calls compressed none of them; None if it did."""
+    total = table.total()
+    if total.compressed:
+        return None
+    if total.calls == 0:
+        if parent:
+            return (
+                "this process made no torch.distributed collective call; ranks the script "
+                "started as child processes (mp.spawn, Lightning, subprocess) print their own "
+                "tables when they exit"
+            )
+        return None
+    from .registry import get_codec
+
+    if get_codec(policy.codec).codec_id == "none":
+        why = "the codec is 'none': pass --codec (or set COMMPRESS_CODEC)"
+    else:
+        biggest = max(table, key=lambda s: s.bytes_in / max(s.calls, 1))
+        mean = biggest.bytes_in // max(biggest.calls, 1)
+        if mean < policy.min_bytes:
+            why = (
+                f"the calls average at most {mean} bytes, under min_bytes={policy.min_bytes}: "
+                "lower --min-bytes (or COMMPRESS_MIN_BYTES)"
+            )
+        else:
+            why = (
+                "the calls' tensors were not floating point, used MIN/MAX/PRODUCT/bitwise "
+                f"reductions, were under min_bytes={policy.min_bytes}, or their ops are not in "
+                "Policy.ops"
+            )
+    return f"{total.calls} collective call(s), none compressed: {why}"

@@ -59,6 +59,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from . import agreement, torchcheck
 from .errors import ConfigError
 
 __all__ = ["patch", "unpatch", "is_patched", "patched_names", "Patch"]
@@ -151,14 +152,54 @@ def _make_wrapper(original: Callable[..., Any], target: str) -> Callable[..., An
 
     compressed = getattr(cdist, target)
 
+    name = original.__name__
+
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not _installed or _caller_is_internal(sys._getframe(1)):
             return original(*args, **kwargs)
+        arguments = torchcheck.check(name, original, args, kwargs)  # torch's own errors first
+        if arguments is torchcheck.TORCH:
+            return original(*args, **kwargs)
+        _agree(name, arguments)
         return _as_torch_result(compressed(*args, **kwargs))
 
     wrapper.__commpress_original__ = original  # type: ignore[attr-defined]
     return wrapper
+
+
+_P2P = frozenset({"send", "recv", "isend", "irecv"})
+
+
+def _agree(name: str, arguments: dict[str, Any]) -> None:
+    """The agreement check (`commpress.agreement`) for this call's group, or its peer."""
+    if not dist.is_initialized():
+        return
+    group = arguments.get("group")
+    peer = None
+    if name in _P2P:
+        peer_arg = "dst" if name in ("send", "isend") else "src"
+        peer = arguments.get(peer_arg)
+        group_peer = arguments.get(f"group_{peer_arg}")
+        if peer is None and group_peer is not None:
+            peer = dist.get_global_rank(c10d._group_or_default_group(group), group_peer)
+        if peer is None:
+            return  # recv from any source: the peer is only known afterwards
+    agreement.check(group, peer, op=name)
+
+
+def _make_init_process_group(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def init_process_group(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        if _installed:
+            from .policy import get_policy
+
+            agreement.publish(get_policy())
+        return result
+
+    init_process_group.__commpress_original__ = original  # type: ignore[attr-defined]
+    return init_process_group
 
 
 def _build_policy(codec: Any, policy_kwargs: dict[str, Any]) -> Any:
@@ -194,6 +235,13 @@ def _install() -> None:
                 wrapper = _wrappers[id(original)] = _make_wrapper(original, target)
             _originals[(module.__name__, name)] = original
             setattr(module, name, wrapper)
+
+    for module in _MODULES:
+        original = module.__dict__.get("init_process_group")
+        if original is not None:
+            original = getattr(original, "__commpress_original__", original)
+            _originals[(module.__name__, "init_process_group")] = original
+            setattr(module, "init_process_group", _make_init_process_group(original))
 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -250,6 +298,10 @@ def _arm_ddp_hook(ddp: Any) -> None:
             return  # the script (or DDP's mixed precision) registered a hook already
         from . import hooks
 
+        # Before the hook's twin group is made collectively: an unpatched rank would
+        # never join it (and would all-reduce the buckets plainly).
+        agreement.check(module.process_group, op="DDP gradient hook")
+
         hooks.register(module, hooks.CompressionState(**state_kwargs))
 
     handle = ddp.register_forward_pre_hook(register_at_first_forward)
@@ -286,6 +338,7 @@ def patch(codec: Any = None, **policy_kwargs: Any) -> Patch:
             _install()
         _policies_before.append(previous)
         set_policy(policy)
+        agreement.publish(policy)
         return Patch(policy, len(_policies_before))
 
 
@@ -304,6 +357,11 @@ def _restore(level: int) -> None:
     del _policies_before[level - 1 :]
     if not _policies_before and _installed:
         _uninstall()
+        agreement.publish(None)
+    elif _policies_before:
+        from .policy import get_policy
+
+        agreement.publish(get_policy())
 
 
 def is_patched() -> bool:
