@@ -67,11 +67,11 @@ def body_all_reduce(rank, world, local_size, cases, inner_pipeline=False):
     import commpress.distributed as cdist
     from commpress import topology
     from commpress.algorithms import hierarchical
-    from commpress.engine import Engine, get_engine, set_engine
+    from commpress.engine import Engine, set_engine
     from commpress.policy import using
 
     _fake_hosts(rank, local_size)
-    saved_engine, saved_pipe = get_engine(), hierarchical.PIPELINE_BYTES
+    saved_pipe = hierarchical.PIPELINE_BYTES
     if inner_pipeline:  # one call for the whole tensor; the shard crosses hosts in chunks
         set_engine(Engine(chunk_bytes=0))
         hierarchical.PIPELINE_BYTES = 64 << 10
@@ -94,7 +94,8 @@ def body_all_reduce(rank, world, local_size, cases, inner_pipeline=False):
         shape = (topo.hosts, topo.local_size, topo.intra_ranks, topo.inter_ranks)
         wire = commpress.stats()["all_reduce"].bytes_wire
     finally:
-        set_engine(saved_engine)
+        if inner_pipeline:
+            set_engine(None)  # a fresh default engine (the replaced one has stopped)
         hierarchical.PIPELINE_BYTES = saved_pipe
     return out, shape, wire
 

@@ -80,6 +80,9 @@ __all__ = [
     "launch",
     "run_function",
     "nic_bytes",
+    "measure_all_reduce",
+    "expected_cross_bytes",
+    "CONFIGS",
     "host_addr",
     "NIC",
     "SUBNET",
@@ -192,7 +195,9 @@ class Cluster:
         if isinstance(hosts, bool) or not isinstance(hosts, int) or not 1 <= hosts <= 250:
             raise ValueError(f"hosts={hosts!r}; expected an int in 1 .. 250")
         self.hosts = hosts
-        self.bits = rate if isinstance(rate, int) and not isinstance(rate, bool) else parse_rate(rate)
+        self.bits = (
+            rate if isinstance(rate, int) and not isinstance(rate, bool) else parse_rate(rate)
+        )
         tag = f"{_PREFIX}{os.getpid()}"
         self.names = [f"{tag}h{i}" for i in range(hosts)]
         self.switch = f"{tag}sw"
@@ -466,6 +471,138 @@ def nic_bytes() -> dict[str, int]:
         with open(f"/sys/class/net/{nic}/statistics/{name}") as f:
             out[name] = int(f.read())
     return out
+
+
+#: Benchmark configurations of `measure_all_reduce`: name -> (codec, algorithm, tensor
+#: dtype, ``Engine.chunk_bytes`` or None for the default engine). ``plain-*`` are plain
+#: ``torch.distributed`` on a tensor already in that dtype. ``*-whole`` hand the whole
+#: tensor to the algorithm in one call (``Engine(chunk_bytes=0)``): hierarchical then
+#: pipelines its three steps itself (`algorithms.hierarchical.PIPELINE_BYTES`).
+CONFIGS: dict[str, tuple[str | None, str | None, str, int | None]] = {
+    "plain-fp32": (None, None, "float32", None),
+    "plain-bf16": (None, None, "bfloat16", None),
+    "flat-int8": ("int8", "two_phase", "float32", None),
+    "flat-int4": ("int4", "two_phase", "float32", None),
+    "hier-int8": ("int8", "hierarchical", "float32", None),
+    "hier-int4": ("int4", "hierarchical", "float32", None),
+    "hier-int8-whole": ("int8", "hierarchical", "float32", 0),
+    "hier-int4-whole": ("int4", "hierarchical", "float32", 0),
+    "hier-bf16": ("bf16", "hierarchical", "float32", None),
+}
+
+
+def expected_cross_bytes(
+    codec: str, numel: int, hosts: int, local: int, chunk_bytes: int = 4 << 20
+) -> tuple[float, float]:
+    """Bytes leaving each host per hierarchical all-reduce by the formula, and the ratio used.
+
+    ``2 (H-1)/H * S / ratio`` where ``S`` is the tensor's bytes (float32) and
+    ``ratio`` is ``S`` over the packed bytes of the pieces the algorithm really
+    sends (wire header and scales included): the call is cut into
+    ``chunk_bytes`` pieces by `commpress.distributed`, each into ``L`` shards,
+    each shard into ``H`` two-phase pieces.
+
+    Returns:
+        ``(bytes per host per call, ratio)``.
+    """
+    import torch
+
+    from .. import wire
+    from ..algorithms.common import chunk_bounds
+    from ..registry import get_codec
+
+    c = get_codec(codec)
+    per = chunk_bytes // 4 if chunk_bytes else numel
+    packed = 0
+    for a in range(0, numel, per):
+        n = min(per, numel - a)
+        shard = -(-n // local)
+        for lo, hi in chunk_bounds(shard, hosts):
+            packed += wire.packed_nbytes(c.encode(torch.zeros(hi - lo)))
+    # One rank's shard pieces cover S/L; the host's L ranks together cover S.
+    ratio = numel * 4 / (packed * local)
+    return 2 * (hosts - 1) / hosts * numel * 4 / ratio, ratio
+
+
+def measure_all_reduce(
+    mib: float = 64,
+    configs: Sequence[str] = tuple(CONFIGS),
+    iters: int = 3,
+) -> dict[str, Any]:
+    """One rank's side of a multi-host all-reduce benchmark (call through `run_function`).
+
+    For each configuration of `CONFIGS`: one warm-up call (it also builds the
+    subgroups and connections), then ``iters`` timed calls, each after a barrier.
+    The host NIC's counters (`nic_bytes`) are read around the timed calls and
+    around one barrier alone; bytes per call are ``(timed interval - (iters + 1) x
+    barrier interval) / iters``, so the barriers and the warm-up are not counted.
+
+    Returns:
+        ``{"rank", "host", "configs": {name: {"times": [s], "out_bytes", "in_bytes",
+        "rel_err", "bytes_wire"}}}``; ``out_bytes``/``in_bytes`` are this rank's host's
+        (every rank of a host reads the same NIC).
+    """
+    import torch
+    import torch.distributed as dist
+
+    import commpress
+    import commpress.distributed as cdist
+    from commpress.engine import Engine, set_engine
+    from commpress.policy import Policy, using
+
+    rank = dist.get_rank()
+    numel = int(mib * (1 << 20)) // 4
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
+    ref = x.clone()
+    dist.all_reduce(ref)
+    out: dict[str, Any] = {}
+    for name in configs:
+        codec, algorithm, dtype, chunk_bytes = CONFIGS[name]
+        src = x.to(getattr(torch, dtype))
+        if chunk_bytes is not None:
+            set_engine(Engine(chunk_bytes=chunk_bytes))
+
+        def call(t: torch.Tensor, codec: str | None = codec, algorithm: str | None = algorithm):
+            if codec is None:
+                dist.all_reduce(t)
+            else:
+                with using(Policy(algorithm=algorithm)):
+                    cdist.all_reduce(t, codec=codec)
+
+        t = src.clone()
+        call(t)
+        rel_err = ((t.double() - ref.double()).norm() / ref.double().norm()).item()
+        dist.barrier()
+        c0 = nic_bytes()
+        dist.barrier()
+        c1 = nic_bytes()
+        commpress.reset_stats()
+        times = []
+        for _ in range(iters):
+            t = src.clone()
+            dist.barrier()
+            t0 = time.perf_counter()
+            call(t)
+            times.append(time.perf_counter() - t0)
+        dist.barrier()
+        c2 = nic_bytes()
+        if chunk_bytes is not None:
+            set_engine(None)  # a fresh default engine (the replaced one has stopped)
+        st = commpress.stats()
+        wire_b = st["all_reduce"].bytes_wire / iters if "all_reduce" in st else None
+
+        def per_call(key: str, c0=c0, c1=c1, c2=c2) -> float:
+            return ((c2[key] - c1[key]) - (iters + 1) * (c1[key] - c0[key])) / iters
+
+        out[name] = {
+            "times": times,
+            "out_bytes": per_call("tx_bytes"),
+            "in_bytes": per_call("rx_bytes"),
+            "out_packets": per_call("tx_packets"),
+            "rel_err": rel_err,
+            "bytes_wire": wire_b,
+        }
+    return {"rank": rank, "host": os.environ.get("GROUP_RANK"), "configs": out}
 
 
 def _rank_call(target: str, kwargs_json: str, result_dir: str) -> None:
