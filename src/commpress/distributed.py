@@ -34,19 +34,24 @@ looks at. A ``reduce`` leaves the non-destination ranks' tensors unchanged.
 
 Error feedback keys: ``key=`` names the tensor's stream of values (a
 parameter name). Without it, and only when error feedback is on, the key is
-``(op, group, shape, dtype, "file:line" of the caller)``: stable from step
-to step for the same call site, but tensors of the same shape reduced at the
-same line (a loop over layers) would share one residual -- pass ``key=``
-there. Residuals live in `error_feedback` (per codec config), PowerSGD state
+``(op, group, shape, dtype, "module:function+line" of the caller, slot)``:
+the site names the caller's module and function and counts the line from its
+``def``, so keys survive a move of the checkout (checkpointed residuals load
+in another directory) and edits elsewhere in the file; the slot tells apart
+tensors reduced at one site (a loop over layers): each live tensor keeps its
+slot, a new one takes the slot of a freed one (see `_auto_key`).
+Temporaries made inside such a loop share a slot: pass ``key=`` there. Residuals live in `error_feedback` (per codec config), PowerSGD state
 in `powersgd_memory`; `reset_error_feedback` clears both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -215,11 +220,25 @@ def _root(
 
 
 def _call_site() -> str:
+    """``"module:function+line"`` of the first caller outside commpress and torch.distributed.
+
+    The module is the caller's ``__name__`` (for a script: its ``__spec__`` name under
+    ``python -m``, else its file name without ``.py``) and the line is counted from the
+    function's ``def``: the site survives a move of the checkout and edits elsewhere in
+    the file, which absolute ``path:line`` did not.
+    """
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
         if not (name == "commpress" or name.startswith(("commpress.", "torch.distributed"))):
-            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+            code = frame.f_code
+            if name == "__main__":
+                spec = frame.f_globals.get("__spec__")
+                name = getattr(spec, "name", None) or os.path.splitext(
+                    os.path.basename(code.co_filename)
+                )[0]
+            qualname = getattr(code, "co_qualname", code.co_name)
+            return f"{name}:{qualname}+{frame.f_lineno - code.co_firstlineno}"
         frame = frame.f_back  # type: ignore[assignment]
     return "?"
 
@@ -359,8 +378,50 @@ def _write(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src.view(dst.shape))
 
 
+#: Most tensors one call site may keep apart before `_auto_key` asks for ``key=``.
+_MAX_SLOTS_PER_SITE = 1024
+_slots_lock = threading.Lock()
+# (op, group, shape, dtype, site) -> one weak reference per slot: the tensor that used it last
+_site_slots: dict[tuple, list[Any]] = {}
+
+
 def _auto_key(op: str, group: Any, t: torch.Tensor) -> tuple:
-    return (op, _group_key(group), tuple(t.shape), str(t.dtype), _call_site())
+    """The error-feedback key of a call without ``key=``: site, shape, dtype and a slot.
+
+    Tensors reduced at one call site (a loop over layers) get one slot each, in call
+    order: a tensor (or the tensor it is a view of) that used a slot before keeps it;
+    a new one takes the first slot whose previous tensor has been freed (last step's
+    gradients, after ``zero_grad``), else a new slot. So ``for p in params:
+    all_reduce(p.grad)`` keeps one residual per parameter, step after step, whether
+    ``zero_grad`` frees the gradients or zeroes them in place. What this cannot tell
+    apart: temporaries made and freed inside the loop (``all_reduce(torch.cat(...))``)
+    share one slot -- pass ``key=`` there.
+
+    Raises:
+        ConfigError: one site kept more than 1024 tensors alive at once.
+    """
+    site = (op, _group_key(group), tuple(t.shape), str(t.dtype), _call_site())
+    owner = t._base if t._base is not None else t
+    with _slots_lock:
+        slots = _site_slots.setdefault(site, [])
+        free = None
+        for i, ref in enumerate(slots):
+            held = ref()
+            if held is owner:
+                return (*site, i)
+            if held is None and free is None:
+                free = i
+        if free is None:
+            if len(slots) >= _MAX_SLOTS_PER_SITE:
+                raise ConfigError(
+                    f"{op} at {site[-1]}: error feedback keeps more than "
+                    f"{_MAX_SLOTS_PER_SITE} live tensors of shape {list(t.shape)} apart at "
+                    "this call site; pass key= (e.g. the parameter name) to name each stream"
+                )
+            slots.append(None)
+            free = len(slots) - 1
+        slots[free] = weakref.ref(owner)
+        return (*site, free)
 
 
 def _ef_key(call: _Call, key: Hashable | None, t: torch.Tensor) -> Hashable | None:
@@ -376,14 +437,16 @@ def _reduce_flat(
     """All-reduce (root None) or reduce a 1-D tensor with the decided algorithm, in chunks."""
     algo = _ALGORITHMS[call.decision.algorithm]  # type: ignore[index]
     per = call.engine.chunk_bytes // max(flat.element_size(), 1)
-    # two_phase all-reduces in place when the tensor is its own accumulator (float32,
-    # float64): every chunk is encoded before its part of the result is written, so no
-    # full-size temporary is needed.
-    in_place = algo is two_phase and root is None and flat.dtype == acc_dtype(flat.dtype)
+    # two_phase and direct all-reduce in place when the tensor is its own accumulator
+    # (float32, float64): every chunk is encoded before its part of the result is
+    # written, so no full-size temporary is needed.
+    in_place = (
+        algo in (two_phase, direct) and root is None and flat.dtype == acc_dtype(flat.dtype)
+    )
     if root is not None or call.engine.chunk_bytes == 0 or flat.numel() <= per:
         if root is None:
             if in_place:
-                return two_phase.all_reduce(comm, flat, op, out=flat)
+                return algo.all_reduce(comm, flat, op, out=flat)
             return algo.all_reduce(comm, flat, op)
         return algo.reduce(comm, flat, op, root)
     # Chunked all-reduce: chunk k+1 is encoded (engine threads) while chunk k is on the wire.

@@ -111,11 +111,16 @@ def _finish(
 
 
 def all_reduce(
-    comm: Comm, flat: torch.Tensor, op: Any, prepared: Prepared | None = None
+    comm: Comm,
+    flat: torch.Tensor,
+    op: Any,
+    prepared: Prepared | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum (``op`` SUM) or average (AVG) the 1-D ``flat`` over the group.
 
-    Returns the result in the accumulation dtype (same on every rank).
+    Returns the result in the accumulation dtype (same on every rank), in ``out``
+    when given (which may be ``flat`` itself: it was encoded before it is written).
     ``prepared``: `prepare`'s output when the encode already ran (pipelining).
     """
     packet = (prepared or prepare(comm, flat)).packet
@@ -125,7 +130,7 @@ def all_reduce(
         dist.all_reduce(section, group=comm.group)
         comm.rec.bytes_wire += section.numel() * section.element_size()
     comm.rec.transfer_s += time.perf_counter() - t0
-    return _finish(comm, packet, op == dist.ReduceOp.AVG)
+    return _finish(comm, packet, op == dist.ReduceOp.AVG, out)
 
 
 def reduce(
