@@ -181,3 +181,33 @@ def test_cost_model_formula():
     t = cost(S, hosts=2, local=2, ratio=4.0, inter_latency_s=0, intra_latency_s=0, **fig)
     assert t == pytest.approx(2 * 1 / 2 * S / (2 * 4.0) / 1e8, rel=1e-3)
     assert cost(S, hosts=1, local=4, ratio=4.0, **fig) < t
+
+
+@pytest.mark.parametrize("hosts, local", [(2, 2), (3, 1)], ids=["2x2", "3x1"])
+def test_bytes_across_emulated_hosts(hosts, local):
+    """Bytes out of each emulated host's NIC per call (kernel counters minus a barrier
+    baseline) against ``2 (H-1)/H * S / ratio``, within 2%; real torchrun across namespaces."""
+    from commpress.bench import multihost
+
+    ok, why = multihost.available()
+    if not ok:
+        pytest.skip(f"no multi-host emulation here: {why}")
+    mib = 16
+    result = multihost.run_function(
+        hosts,
+        local,
+        "commpress.bench.multihost:measure_all_reduce",
+        {"mib": mib, "configs": ["hier-int8"], "iters": 2},
+        rate="1gbit",
+        timeout=120,
+    )
+    expected, ratio = multihost.expected_cross_bytes("int8", mib << 18, hosts, local)
+    assert 3.9 < ratio < 4.0
+    ranks = result["ranks"]
+    assert sorted(r["host"] for r in ranks) == sorted(
+        str(h) for h in range(hosts) for _ in range(local)
+    )
+    for r in ranks:
+        row = r["configs"]["hier-int8"]
+        assert row["rel_err"] < 2e-2
+        assert abs(row["out_bytes"] / expected - 1) < 0.02, (r["rank"], row["out_bytes"], expected)
