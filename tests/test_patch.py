@@ -309,3 +309,47 @@ def test_fsdp2_gradients_compressed_when_patched(pool):
     assert torch.equal(out_rs, out)
     for g_rs, g in zip(grads_rs, grads, strict=True):
         assert 0 < ((g_rs - g).norm() / g.norm()).item() < 0.05
+
+
+# ------------------------------------------- torch's own argument errors, before communicating
+
+
+def _torch_errors(rank, world_size):
+    """(type name, message) of each bad call, plain and under patch(zstd, min_bytes=0)."""
+    import torch.distributed as dist
+
+    x = torch.ones(64)
+    bad_calls = [
+        lambda: dist.all_reduce(torch.ones(64, dtype=torch.complex64), op=dist.ReduceOp.MAX),
+        lambda: dist.all_reduce([x]),
+        lambda: dist.all_gather([torch.ones(64, dtype=torch.float16)] * world_size, x),
+        lambda: dist.all_gather(torch.ones(2, 64), x),
+        lambda: dist.reduce_scatter(x, (x, x)),
+        lambda: dist.all_to_all([x, x], [x, x.double()]),
+        lambda: dist.broadcast(x, src=0, group_src=0),
+        lambda: dist.gather(x, [x.half(), x.half()], dst=0),
+        lambda: dist.all_reduce(x, dist.ReduceOp.SUM, None, False, "extra"),
+    ]
+
+    def outcome(call):
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - comparing what each side raises
+            return type(exc).__name__, str(exc)
+        return None
+
+    plain = [outcome(c) for c in bad_calls]
+    with commpress.patch(codec="zstd", min_bytes=0):
+        patched = [outcome(c) for c in bad_calls]
+        # the good call after the bad ones still works and is compressed
+        t = torch.full((4096,), 1.0 + rank)
+        dist.all_reduce(t)
+    return plain, patched, t[0].item()
+
+
+def test_patched_calls_raise_torchs_own_errors(pool):
+    for plain, patched, total in pool.run(_torch_errors):
+        assert all(p is not None for p in plain), plain
+        assert patched == plain
+        assert total == 3.0
+    assert plain[0][0] == "ValueError" and plain[0][1].endswith("MAX on complex tensors")
