@@ -9,10 +9,13 @@ Works under torchrun and launched plainly (then it spawns 2 local CPU ranks)::
     python examples/ddp_train.py --codec int8
     python examples/ddp_train.py --codec powersgd:rank=2
     torchrun --nproc-per-node 2 examples/ddp_train.py --codec fp8
-    commpress run --codec int8 examples/ddp_train.py --plain   # hook added by commpress run
+    commpress run --codec int8 --stats examples/ddp_train.py --plain   # hook added by commpress run
 
 ``--plain`` builds a DDP model without a hook (the uncompressed baseline, or
-the starting point for ``commpress run``, which hooks DDP models itself).
+the starting point for ``commpress run``, which hooks DDP models itself). The
+model has ~83 KB of gradients in one DDP bucket, above the default
+``min_bytes`` (32 KiB), so ``commpress run`` compresses it; with ``--stats``
+each rank prints its table when it exits.
 """
 
 from __future__ import annotations
@@ -31,11 +34,11 @@ import commpress.hooks
 def main(rank: int, world_size: int, codec: str, plain: bool, steps: int) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Linear(32, 64),
+        torch.nn.Linear(32, 128),
         torch.nn.ReLU(),
-        torch.nn.Linear(64, 64),
+        torch.nn.Linear(128, 128),
         torch.nn.ReLU(),
-        torch.nn.Linear(64, 1),
+        torch.nn.Linear(128, 1),
     )
     ddp = DDP(model)
     if not plain:

@@ -95,3 +95,31 @@ def test_commpress_run_propagates_a_script_exception(tmp_path):
     assert proc.returncode == 1
     assert "RuntimeError: script failed on purpose" in proc.stderr
     assert f'File "{script}"' in proc.stderr
+
+
+def test_documented_commpress_run_stats_of_ddp_example_compresses():
+    # The command of examples/ddp_train.py's docstring and docs/dropin.md, default min_bytes.
+    proc = _run(
+        "-m", "commpress", "run", "--codec", "int8", "--stats",
+        str(EXAMPLES / "ddp_train.py"), "--plain", "--steps", "3",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tables = proc.stdout.split("commpress stats (pid")[1:]
+    # two ranks (forked children) printed a table each, with compressed all-reduces
+    compressed = [t for t in tables if re.search(r"^all_reduce\s+\d+\s+[1-9]", t, re.M)]
+    assert len(compressed) == 2, proc.stdout
+    assert "none compressed" not in proc.stderr
+
+
+def test_stats_warns_when_nothing_was_compressed_and_says_why(tmp_path):
+    script = _script(tmp_path, "")  # one all_reduce of 4000 bytes, under the default min_bytes
+    proc = _run("-m", "commpress", "run", "--codec", "int8", "--stats", str(script))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 collective call(s), none compressed" in proc.stderr
+    assert "under min_bytes=32768" in proc.stderr and "--min-bytes" in proc.stderr
+
+
+def test_is_patched_is_public():
+    import commpress
+
+    assert commpress.is_patched() is False and "is_patched" in commpress.__all__
