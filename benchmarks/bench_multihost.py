@@ -89,39 +89,50 @@ def measured_rows(
 def model_rows(
     nbytes: int = 1 << 30,
     gpus_per_node: int = 8,
+    nics_per_node: int = 8,
     nvlink_Bps: float = 160e9,
-    ib_Bps: float = 50e9,
+    nic_Bps: float = 50e9,
     codec_Bps: float = 400e9,
     sizes: tuple[int, ...] = (8, 16, 64, 256, 1024),
 ) -> list[dict]:
     """The *model* (not a measurement) for NVLink + IB clusters; assumptions in docs/cluster.md.
 
-    Plain bf16 is NCCL's ring bounded by the per-GPU IB rate across nodes (NVLink within
-    one node); flat int8 is `two_phase` over all GPUs, its cross-node share on IB;
-    hierarchical uses `commpress.algorithms.hierarchical.cost` with one IB NIC per GPU.
+    Bandwidth terms only (latency ignored: 1 GiB calls), per GPU, the slowest link wins:
+
+    - plain bf16: NCCL rings, one per NIC: a GPU's NVLink carries ``(L-1)/L`` of the
+      ring traffic ``2 (N-1)/N * S/2``, a node's NICs together carry all of it;
+    - flat int8/int4 (`two_phase` over all ``N`` GPUs): each GPU sends
+      ``2 (N-1)/N * S / r``, the share ``(N-L)/(N-1)`` of it to other nodes (through
+      the node's NICs), the rest over NVLink; codec work (encode ``S``, decode ``2S``)
+      overlaps the transfer;
+    - hierarchical: `commpress.algorithms.hierarchical.cost`, with the per-GPU share of
+      the node's NICs ``nics * nic_Bps / L`` as ``inter_Bps``.
     """
     ratios = {"int8": 3.94, "int4": 7.76}
     rows = []
     for n in sizes:
-        hosts, local = max(n // gpus_per_node, 1), min(n, gpus_per_node)
-        link = nvlink_Bps if hosts == 1 else ib_Bps
-        plain_bf16 = 2 * (n - 1) / n * nbytes / 2 / link
-        row = {"gpus": n, "nodes": hosts, "plain-bf16": plain_bf16}
+        L = min(n, gpus_per_node)
+        H = max(n // L, 1)
+        node_out = nics_per_node * nic_Bps
+        ring = 2 * (n - 1) / n * nbytes / 2
+        plain = max(ring * (L - 1) / L / nvlink_Bps, ring / node_out if H > 1 else 0.0)
+        row = {"gpus": n, "nodes": H, "plain-bf16": plain}
         for codec, r in ratios.items():
-            cross = (n - local) / n if hosts > 1 else 0.0
-            wire = 2 * (n - 1) / n * nbytes / r
-            flat_wire = max(wire * cross / ib_Bps, wire * (1 - cross) / nvlink_Bps)
-            flat_codec = nbytes / codec_Bps + (2 * n - 1) / n * nbytes / codec_Bps
-            row[f"flat-{codec}"] = max(flat_wire, flat_codec)
+            sent = 2 * (n - 1) / n * nbytes / r
+            cross = (n - L) / (n - 1)
+            wire = max(sent * (1 - cross) / nvlink_Bps, sent * cross * L / node_out)
+            row[f"flat-{codec}"] = max(wire, 3 * nbytes / codec_Bps)
             row[f"hier-{codec}"] = cost(
                 nbytes,
-                hosts=hosts,
-                local=local,
+                hosts=H,
+                local=L,
                 ratio=r,
                 intra_Bps=nvlink_Bps,
-                inter_Bps=ib_Bps,
+                inter_Bps=node_out / L,
                 encode_Bps=codec_Bps,
                 decode_Bps=codec_Bps,
+                intra_latency_s=0.0,
+                inter_latency_s=0.0,
             )
         rows.append(row)
     return rows
@@ -154,9 +165,9 @@ def print_measured(rows: list[dict]) -> None:
         )
 
 
-def print_model(rows: list[dict]) -> None:
+def print_model(rows: list[dict], title: str) -> None:
     keys = ["plain-bf16", "flat-int8", "hier-int8", "flat-int4", "hier-int4"]
-    print("MODEL, not a measurement: 1 GiB fp32 all_reduce per step (see docs/cluster.md)")
+    print(f"MODEL, not a measurement: 1 GiB fp32 all_reduce, {title} (see docs/cluster.md)")
     print("| GPUs | nodes | " + " | ".join(keys) + " | hier-int8 vs plain bf16 |")
     print("|---" * (len(keys) + 3) + "|")
     for r in rows:
@@ -176,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", action="store_true", help="print the scale model instead")
     a = p.parse_args(argv)
     if a.model:
-        rows = model_rows()
-        print_model(rows)
+        rows = []
+        for nics in (8, 1):
+            part = model_rows(nics_per_node=nics)
+            print_model(part, f"{nics} x 50 GB/s NIC per 8-GPU node, NVLink 160 GB/s")
+            rows += [dict(r, nics_per_node=nics) for r in part]
     else:
         ok, why = multihost.available()
         if not ok:
