@@ -80,6 +80,30 @@ class ErrorFeedback:
             )
         return x + r.to(x.device)
 
+    def residual(self, key: Hashable, like: torch.Tensor) -> torch.Tensor:
+        """The stored residual of ``key`` (zeros the first time), for in-place updates.
+
+        Flat, in `residual_dtype` of ``like``, on ``like``'s device; algorithms that
+        compensate and feed back one piece at a time (no full-size copy) write into it.
+
+        Raises:
+            ConfigError: the stored residual for ``key`` has another number of elements.
+        """
+        dtype = residual_dtype(like.dtype)
+        r = self._residuals.get(key)
+        if r is None:
+            r = torch.zeros(like.numel(), dtype=dtype, device=like.device)
+            self._residuals[key] = r
+        elif r.numel() != like.numel():
+            raise ConfigError(
+                f"error feedback key {key!r} holds a residual of shape {tuple(r.shape)} but got "
+                f"a tensor of shape {tuple(like.shape)}; use a distinct key per tensor"
+            )
+        elif r.dtype != dtype or r.device != like.device or not r.is_contiguous():
+            r = r.to(dtype=dtype, device=like.device).contiguous()
+            self._residuals[key] = r
+        return r.view(-1)
+
     def update(self, key: Hashable, compensated: torch.Tensor, decoded: torch.Tensor) -> None:
         """Store ``compensated - decoded`` as the residual of ``key``.
 

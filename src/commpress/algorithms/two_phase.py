@@ -71,9 +71,14 @@ __all__ = [
 
 @dataclass
 class Prepared:
-    """One rank's phase-1 buffers: chunk ``j`` of ``x`` encoded in ``bufs[j]``."""
+    """One rank's phase-1 buffers: chunk ``j`` encoded in ``bufs[j]``.
 
-    x: torch.Tensor
+    ``own`` is this rank's own chunk (compensated under error feedback), which enters
+    the sum exactly; ``dtype`` is the dtype of the encoded pieces.
+    """
+
+    own: torch.Tensor
+    dtype: torch.dtype
     bounds: list[tuple[int, int]]
     bufs: list[torch.Tensor]
 
@@ -86,13 +91,42 @@ def prepare(
     ``bounds`` default to `chunk_bounds` of ``flat`` into ``world`` chunks.
     """
     bounds = list(bounds) if bounds is not None else chunk_bounds(flat.numel(), comm.size)
-    x = flat if comm.feedback is None else comm.feedback.compensate(flat, comm.key)
+    start, stop = bounds[comm.rank]
+    if comm.feedback is not None:
+        return _prepare_fed_back(comm, flat, bounds)
     # This rank's own chunk never crosses the wire: it enters the sum exactly. The others
     # are encoded straight into one send buffer (fixed-size codecs).
     bufs = encode_pack_many(
-        comm, [None if j == comm.rank else x[a:b] for j, (a, b) in enumerate(bounds)]
+        comm, [None if j == comm.rank else flat[a:b] for j, (a, b) in enumerate(bounds)]
     )
-    return Prepared(x, bounds, bufs)
+    return Prepared(flat[start:stop], flat.dtype, bounds, bufs)
+
+
+def _prepare_fed_back(
+    comm: Comm, flat: torch.Tensor, bounds: list[tuple[int, int]]
+) -> Prepared:
+    """Error feedback one piece at a time: compensate piece ``j`` with its residual,
+    encode it, and store what the receiver will not see as the new residual, in place
+    (no full-size copy). The own piece never crosses the wire: its residual is zero."""
+    fb = comm.feedback
+    assert fb is not None
+    r = fb.residual(comm.key, flat)
+    bufs: list[torch.Tensor] = []
+    own = r[:0]
+    for j, (a, b) in enumerate(bounds):
+        x = flat[a:b].to(r.dtype) + r[a:b]
+        if j == comm.rank:
+            own = x
+            r[a:b].zero_()
+            bufs.append(torch.empty(0, dtype=torch.uint8, device=comm.device))
+            continue
+        buf = encode_pack(comm, x)
+        unpack_decode(comm, buf, out=r[a:b])
+        torch.sub(x, r[a:b], out=r[a:b])
+        # A NaN/Inf input must not poison every later step (the NaN itself still goes out).
+        r[a:b].nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        bufs.append(buf)
+    return Prepared(own, r.dtype, bounds, bufs)
 
 
 def reduce_scatter(
@@ -129,7 +163,7 @@ def reduce_scatter(
         )
         recv_sizes = d.sizes_to(comm.rank)
     else:
-        recv_sizes = _phase1_sizes(comm, stop - start, p.x.dtype)
+        recv_sizes = _phase1_sizes(comm, stop - start, p.dtype)
     received = alltoallv(comm, p.bufs, recv_sizes)
     return _sum_received(comm, flat.dtype, p, received, op, out)
 
@@ -142,7 +176,7 @@ def _sum_received(
     op: Any,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode this rank's chunk from every rank and reduce; feed back the error.
+    """Decode this rank's chunk from every rank and reduce (`prepare` fed back the error).
 
     SUM/AVG of floating tensors decode straight into the accumulator (decode-and-add,
     no temporary per piece): this rank's own exact piece first, then the others in rank
@@ -151,7 +185,7 @@ def _sum_received(
     """
     start, stop = p.bounds[comm.rank]
     adt = acc_dtype(dtype)
-    own = p.x[start:stop]
+    own = p.own
     if op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG) and adt.is_floating_point:
         acc = out if out is not None else torch.empty(stop - start, dtype=adt, device=own.device)
         if acc.data_ptr() != own.data_ptr():
@@ -171,19 +205,7 @@ def _sum_received(
         if out is not None:
             out.copy_(acc)
             acc = out
-    if comm.feedback is not None:
-        _feed_back(comm, p)
     return acc
-
-
-def _feed_back(comm: Comm, p: Prepared) -> None:
-    # The residual of every piece this rank sent: compensated input minus what the
-    # receiver decodes. The own piece never crossed the wire: its residual is zero.
-    decoded = p.x.clone()
-    for j, (a, b) in enumerate(p.bounds):
-        if j != comm.rank:
-            unpack_decode(comm, p.bufs[j], out=decoded[a:b])
-    comm.feedback.update(comm.key, p.x, decoded)  # type: ignore[union-attr]
 
 
 def _phase1_sizes(comm: Comm, numel: int, dtype: torch.dtype) -> list[int]:
@@ -306,7 +328,7 @@ def all_reduce_pipelined(
             a, b = bounds[k]
             p = prepare(comms[k], flat[a:b])
             mine = p.bounds[first.rank]
-            recv_sizes = _phase1_sizes(comms[k], mine[1] - mine[0], p.x.dtype)
+            recv_sizes = _phase1_sizes(comms[k], mine[1] - mine[0], p.dtype)
             phase1[k] = (p, *alltoallv_start(comms[k], p.bufs, recv_sizes))
         k = step - 1
         if 0 <= k < n:
