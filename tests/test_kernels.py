@@ -185,3 +185,14 @@ def test_encode_pack_writes_the_same_bytes_as_pack(spec, checksum):
         assert bool((big[:8] == 0xAB).all()) and bool((big[-8:] == 0xAB).all())
     with pytest.raises(ValueError, match="bytes"):
         commpress.wire.encode_pack(codec, gaussian(10), out=torch.empty(3, dtype=torch.uint8))
+
+
+def test_gpu_check_says_not_run_without_a_gpu():
+    """The prepared GPU script runs everywhere; without CUDA it claims nothing."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run benchmarks/gpu_check.py itself")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.py")
+    r = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "not run on GPU" in r.stdout

@@ -153,7 +153,11 @@ class TopK(Codec):
             bound.masked_fill_(key > kth, 0.0)
         elif k:
             bound.zero_()
-        return bound.masked_fill_(~torch.isfinite(flat), math.inf).view(x.shape)
+        nonfinite = ~torch.isfinite(flat)
+        if k < flat.numel() and int(nonfinite.sum()) >= k:
+            # Every sent value may be non-finite: then the others decode to NaN.
+            bound.fill_(math.inf)
+        return bound.masked_fill_(nonfinite, math.inf).view(x.shape)
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n = x.numel()
@@ -282,7 +286,11 @@ class RandomK(Codec):
             c = n / self.k(n)
             rel, absolute = OUT_ROUNDING[flat.dtype]
             bound = bound * max(1.0, c - 1) + bound * c * (2.0**-22 + rel) + absolute
-        return bound.masked_fill_(~torch.isfinite(flat), math.inf).view(x.shape)
+        nonfinite = ~torch.isfinite(flat)
+        if self.k(n) < n and bool(nonfinite.any()):
+            # A tensor holding NaN/Inf decodes every element not sent to NaN.
+            bound.fill_(math.inf)
+        return bound.masked_fill_(nonfinite, math.inf).view(x.shape)
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n = x.numel()
