@@ -271,11 +271,24 @@ class Codec(abc.ABC):
         payload = tuple(self._encode(flat))
         return Packet(payload, PacketMeta(torch.Size(tensor.shape), tensor.dtype, self.spec))
 
-    def encode_into(self, tensor: torch.Tensor, payload: tuple[torch.Tensor, ...]) -> None:
+    def encode_into(
+        self,
+        tensor: torch.Tensor,
+        payload: tuple[torch.Tensor, ...],
+        *,
+        roundtrip: bool = False,
+    ) -> None:
         """Encode ``tensor`` into preallocated payload sections laid out as `sections` says.
 
         Used by ``wire.encode_pack`` to write straight into a wire buffer; codecs with
         fused kernels write each section in place, the others encode and copy.
+
+        Args:
+            tensor: what to encode.
+            payload: the sections to write.
+            roundtrip: also overwrite ``tensor`` (contiguous) with what a receiver decodes
+                from ``payload`` -- in the same pass where the codec has a fused kernel.
+                The owner of a chunk in ``two_phase`` needs exactly that.
 
         Raises:
             UnsupportedDtypeError, UnsupportedDeviceError: as `encode`.
@@ -288,7 +301,9 @@ class Codec(abc.ABC):
             raise ValueError(
                 f"{self.spec}: encode_into needs contiguous sections {layout}, got {got}"
             )
-        self._encode_into(tensor.detach().contiguous().view(-1), payload)
+        if roundtrip and not tensor.is_contiguous():
+            raise ValueError(f"{self.spec}: encode_into(roundtrip=True) needs a contiguous tensor")
+        self._encode_into(tensor.detach().contiguous().view(-1), payload, roundtrip)
 
     def decode(
         self, packet: Packet, out: torch.Tensor | None = None, *, accumulate: bool = False
@@ -367,10 +382,16 @@ class Codec(abc.ABC):
     ) -> torch.Tensor:
         """Inverse of `_encode`: a 1-D tensor of ``numel`` elements of ``dtype``."""
 
-    def _encode_into(self, x: torch.Tensor, payload: tuple[torch.Tensor, ...]) -> None:
-        """Optional fused path of `encode_into` (flat ``x``); default: encode, then copy."""
+    def _encode_into(
+        self, x: torch.Tensor, payload: tuple[torch.Tensor, ...], roundtrip: bool = False
+    ) -> None:
+        """Optional fused path of `encode_into` (flat ``x``); default: encode, then copy
+        (and decode back into ``x`` for ``roundtrip``)."""
         for dst, src in zip(payload, self._encode(x), strict=True):
             dst.copy_(src)
+        if roundtrip:
+            meta = PacketMeta(torch.Size([x.numel()]), x.dtype, self.spec)
+            self.decode(Packet(tuple(payload), meta), out=x)
 
     def _decode_into(
         self,

@@ -159,6 +159,7 @@ def encode_pack(
     tensor: torch.Tensor,
     checksum: bool = False,
     out: torch.Tensor | None = None,
+    roundtrip: bool = False,
 ) -> torch.Tensor:
     """``pack(codec.encode(tensor))`` in one step.
 
@@ -171,13 +172,18 @@ def encode_pack(
         checksum: as in `pack`.
         out: optional 1-D ``uint8`` destination of exactly the packed size (8-byte
             aligned, e.g. a slice of a larger send buffer at a multiple of 8).
+        roundtrip: also overwrite ``tensor`` (contiguous) with ``decode`` of the result,
+            fused into the encode where the codec has a kernel (`Codec.encode_into`).
 
     Returns:
         The wire buffer (``out`` when given).
     """
     layout = codec.sections(tensor.numel(), tensor.dtype)
     if layout is None:
-        buf = pack(codec.encode(tensor), checksum=checksum)
+        packet = codec.encode(tensor)
+        buf = pack(packet, checksum=checksum)
+        if roundtrip:
+            codec.decode(packet, out=tensor)
         if out is None:
             return buf
         _check_dest(out, buf.numel())
@@ -197,7 +203,7 @@ def encode_pack(
         views.append(out[pos : pos + nbytes].view(dtype))
         _zero_padding(out, pos, nbytes)
         pos += _pad8(nbytes)
-    codec.encode_into(tensor, tuple(views))
+    codec.encode_into(tensor, tuple(views), roundtrip=roundtrip)
     crc = _crc(views) if checksum else None
     _write_header(out, _header(meta, codec.config_hash, sizes, crc))
     return out

@@ -352,10 +352,15 @@ def packed_size(comm: Comm, shape: Sequence[int], dtype: torch.dtype) -> int:
 
 
 # ------------------------------------------------------------- encode/decode
-def encode_pack(comm: Comm, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``wire.encode_pack(codec, x)`` (into ``out`` when given), timed as encode."""
+def encode_pack(
+    comm: Comm, x: torch.Tensor, out: torch.Tensor | None = None, roundtrip: bool = False
+) -> torch.Tensor:
+    """``wire.encode_pack(codec, x)`` (into ``out`` when given), timed as encode.
+
+    ``roundtrip``: also overwrite ``x`` with what the receivers will decode.
+    """
     t0 = time.perf_counter()
-    buf = wire.encode_pack(comm.codec, x, checksum=comm.checksum, out=out)
+    buf = wire.encode_pack(comm.codec, x, checksum=comm.checksum, out=out, roundtrip=roundtrip)
     comm.rec.encode_s += time.perf_counter() - t0
     return buf
 

@@ -255,12 +255,14 @@ def all_reduce(
     if out is None:
         out = torch.empty(flat.numel(), dtype=acc_dtype(flat.dtype), device=flat.device)
     bounds, s = _own_sum(comm, flat, op, prepared, out)
-    buf = encode_pack(comm, s)
+    # The owner too takes the decoded copy of its encoded sum (bit-identical ranks):
+    # the encode writes it back into ``s`` (a region of ``out``) in the same pass.
+    buf = encode_pack(comm, s, roundtrip=True)
     parts = allgatherv(comm, buf, _phase2_sizes(comm, bounds, s.dtype, buf))
     del buf
     for r, ((a, b), part) in enumerate(zip(bounds, parts, strict=True)):
-        # The owner too takes the decoded copy of its encoded sum (bit-identical ranks).
-        unpack_decode(comm, part, b - a, r, out=out[a:b])
+        if r != comm.rank:
+            unpack_decode(comm, part, b - a, r, out=out[a:b])
     return out
 
 
@@ -340,7 +342,7 @@ def all_reduce_pipelined(
             del received
             if op == dist.ReduceOp.AVG:
                 s.div_(world)
-            buf = encode_pack(comms[k], s)
+            buf = encode_pack(comms[k], s, roundtrip=True)  # s: the owner's decoded sum
             sizes = [packed_size(comms[k], (hi - lo,), s.dtype) for lo, hi in p.bounds]
             phase2[k] = (p.bounds, *allgatherv_start(comms[k], buf, sizes))
         k = step - 2
@@ -349,4 +351,5 @@ def all_reduce_pipelined(
             wait_timed(comms[k], work)
             base = bounds[k][0]
             for r, ((lo, hi), part) in enumerate(zip(chunk_parts, parts, strict=True)):
-                unpack_decode(comms[k], part, hi - lo, r, out=out[base + lo : base + hi])
+                if r != first.rank:
+                    unpack_decode(comms[k], part, hi - lo, r, out=out[base + lo : base + hi])

@@ -109,14 +109,19 @@ class _Cast(Codec):
             return (y,)
         return self._encode_reference(x)
 
-    def _encode_into(self, x: torch.Tensor, payload: tuple[torch.Tensor, ...]) -> None:
+    def _encode_into(
+        self, x: torch.Tensor, payload: tuple[torch.Tensor, ...], roundtrip: bool = False
+    ) -> None:
         (y,) = payload
         if self.wire_dtype == torch.bfloat16 and x.dtype == torch.float32 and kernels.usable(x, y):
-            kernels.bf16_encode(x, y)
-        elif self.saturate:
+            kernels.bf16_encode(x, y, roundtrip)
+            return
+        if self.saturate:
             y.copy_(saturating_cast(x, self.wire_dtype))
         else:
             y.copy_(x)  # torch's cast, straight into the wire buffer
+        if roundtrip:
+            x.copy_(self._widen(y, x.dtype))
 
     def _encode_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The definition (torch's IEEE cast); the kernel matches it bit for bit."""

@@ -117,17 +117,21 @@ class _FP8(Codec):
         codes = torch.empty(n, dtype=torch.uint8)
         scales = torch.empty(nblocks(n, self.block), dtype=torch.float32)
         kernels.fp8_encode(
-            x, self.fp8_dtype, self.fp8_max, self.block, self.pow2, codes, scales
+            x, self.fp8_dtype, self.fp8_max, self.block, self.pow2, codes, scales,
+            _fp8_table(self.fp8_dtype),
         )
         return codes, scales
 
-    def _encode_into(self, x: torch.Tensor, payload: tuple[torch.Tensor, ...]) -> None:
-        if not kernels.usable(x, *payload):
-            super()._encode_into(x, payload)
+    def _encode_into(
+        self, x: torch.Tensor, payload: tuple[torch.Tensor, ...], roundtrip: bool = False
+    ) -> None:
+        if not kernels.usable(x, *payload) or (roundtrip and x.dtype != torch.float32):
+            super()._encode_into(x, payload, roundtrip)
             return
         codes, scales = payload
         kernels.fp8_encode(
-            x, self.fp8_dtype, self.fp8_max, self.block, self.pow2, codes, scales
+            x, self.fp8_dtype, self.fp8_max, self.block, self.pow2, codes, scales,
+            _fp8_table(self.fp8_dtype), roundtrip,
         )
 
     def _encode_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -286,12 +286,14 @@ class _IntQuant(Codec):
         kernels.quant_encode(x, self.bits, self.block, codes, scales)
         return codes, scales
 
-    def _encode_into(self, x: torch.Tensor, payload: tuple[torch.Tensor, ...]) -> None:
-        if not self._fast(x, *payload):
-            super()._encode_into(x, payload)
+    def _encode_into(
+        self, x: torch.Tensor, payload: tuple[torch.Tensor, ...], roundtrip: bool = False
+    ) -> None:
+        if not self._fast(x, *payload) or (roundtrip and x.dtype != torch.float32):
+            super()._encode_into(x, payload, roundtrip)
             return
         codes, scales = payload
-        kernels.quant_encode(x, self.bits, self.block, codes, scales)
+        kernels.quant_encode(x, self.bits, self.block, codes, scales, roundtrip)
 
     def _encode_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The definition (plain torch ops, any device); the kernels match it bit for bit."""
@@ -511,12 +513,16 @@ class Sign(Codec):
         kernels.sign_encode(x, self.block, bits, scales)
         return bits, scales
 
-    def _encode_into(self, x: torch.Tensor, payload: tuple[torch.Tensor, ...]) -> None:
+    def _encode_into(
+        self, x: torch.Tensor, payload: tuple[torch.Tensor, ...], roundtrip: bool = False
+    ) -> None:
         if not kernels.usable(x, *payload):
-            super()._encode_into(x, payload)
+            super()._encode_into(x, payload, roundtrip)
             return
         bits, scales = payload
         kernels.sign_encode(x, self.block, bits, scales)
+        if roundtrip:
+            kernels.sign_decode(bits, scales, self.block, x, x.dtype, False)
 
     def _encode_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The definition (plain torch ops, any device); the kernel matches it (scales

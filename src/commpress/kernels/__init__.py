@@ -130,12 +130,14 @@ def _stage_len(align: int) -> int:
     return max(align, STAGE - STAGE % align)
 
 
-def _encode_staged(x: torch.Tensor, align: int, run: Any) -> None:
+def _encode_staged(x: torch.Tensor, align: int, run: Any, roundtrip: bool = False) -> None:
     """Call ``run(x32, start, stop)`` on float32 pieces of flat ``x`` (aligned to ``align``)."""
     n = x.numel()
     if x.dtype == torch.float32:
         run(_np(x), 0, n)
         return
+    if roundtrip:
+        raise ValueError("roundtrip encoding writes back in place: float32 input only")
     step = _stage_len(align)
     buf = torch.empty(min(step, n), dtype=torch.float32)
     for a in range(0, n, step):
@@ -172,18 +174,26 @@ def _decode_staged(
 
 # ------------------------------------------------------------------ codecs
 def quant_encode(
-    x: torch.Tensor, bits: int, block: int, codes: torch.Tensor, scales: torch.Tensor
+    x: torch.Tensor,
+    bits: int,
+    block: int,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    roundtrip: bool = False,
 ) -> None:
-    """Round-to-nearest block quantization of flat ``x`` into ``codes``/``scales``."""
+    """Round-to-nearest block quantization of flat ``x`` into ``codes``/``scales``.
+
+    ``roundtrip`` (float32 ``x`` only): also overwrite ``x`` with its decoded value.
+    """
     k = _load()
     assert k is not None
     per = 8 // bits
     c, s = _np(codes), _np(scales)
 
     def run(x32: Any, a: int, b: int) -> None:
-        k.quant_encode(x32, c[a // per :], s[a // block :], block, bits)
+        k.quant_encode(x32, c[a // per :], s[a // block :], block, bits, roundtrip)
 
-    _encode_staged(x, block, run)
+    _encode_staged(x, block, run, roundtrip)
 
 
 def quant_decode(
@@ -215,17 +225,25 @@ def fp8_encode(
     pow2: bool,
     codes: torch.Tensor,
     scales: torch.Tensor,
+    table: torch.Tensor,
+    roundtrip: bool = False,
 ) -> None:
-    """Block-scaled fp8 encode of flat ``x`` into ``codes`` (bit patterns) and ``scales``."""
+    """Block-scaled fp8 encode of flat ``x`` into ``codes`` (bit patterns) and ``scales``.
+
+    ``table``: the float32 value of each code; ``roundtrip`` (float32 ``x`` only): also
+    overwrite ``x`` with its decoded value.
+    """
     k = _load()
     assert k is not None
     mbits, ebias = (3, 7) if fp8_dtype == torch.float8_e4m3fn else (2, 15)
-    c, s = _np(codes), _np(scales)
+    c, s, t, lim = _np(codes), _np(scales), _np(table), _np(_saturation_table(table))
 
     def run(x32: Any, a: int, b: int) -> None:
-        k.fp8_encode(x32, c[a:], s[a // block :], block, fp8_max, mbits, ebias, pow2)
+        k.fp8_encode(
+            x32, c[a:], s[a // block :], block, fp8_max, mbits, ebias, pow2, t, lim, roundtrip
+        )
 
-    _encode_staged(x, block, run)
+    _encode_staged(x, block, run, roundtrip)
 
 
 def fp8_decode(
@@ -279,11 +297,14 @@ def sign_decode(
     _decode_staged(out, dtype, accumulate, _lcm(block, 8), run)
 
 
-def bf16_encode(x: torch.Tensor, out: torch.Tensor) -> None:
-    """float32 ``x`` -> bfloat16 ``out`` (round to nearest even, finite stays finite)."""
+def bf16_encode(x: torch.Tensor, out: torch.Tensor, roundtrip: bool = False) -> None:
+    """float32 ``x`` -> bfloat16 ``out`` (round to nearest even, finite stays finite).
+
+    ``roundtrip``: also overwrite ``x`` with the bfloat16 values.
+    """
     k = _load()
     assert k is not None
-    k.bf16_encode(_np(x), _np(out.view(torch.int16)).view("uint16"))
+    k.bf16_encode(_np(x), _np(out.view(torch.int16)).view("uint16"), roundtrip)
 
 
 def bf16_decode(payload: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:

@@ -146,12 +146,24 @@ def _quant_block(x2, c2, b, ln, bits, q):
     return step if finite else -step
 
 
+@njit(**_INLINE)
+def _quant_row_roundtrip(x2, c2, b, ln, bits, q, roundtrip):
+    sc = _quant_block(x2, c2, b, ln, bits, q)
+    if roundtrip:
+        # Overwrite the row (still in L1) with what a receiver decodes from its codes.
+        _dequant_block(c2, x2, b, ln, abs(sc), bits, False)
+        if sc < 0:
+            _mark_nan(c2, x2, b, ln, bits)
+    return sc
+
+
 @njit(**_JIT)
-def quant_encode(x, codes, scales, block, bits):
+def quant_encode(x, codes, scales, block, bits, roundtrip):
     """Block absmax quantization of float32 ``x`` into packed offset-binary codes.
 
     Requires ``block % (8 // bits) == 0`` (the caller checks), so every block starts
-    on a byte boundary.
+    on a byte boundary. ``roundtrip``: also overwrite ``x`` with its decoded value
+    (``decode(encode(x))``) in the same pass.
     """
     n = x.shape[0]
     per = 8 // bits
@@ -160,12 +172,12 @@ def quant_encode(x, codes, scales, block, bits):
     x2 = x[: nfull * block].reshape(nfull, block)
     c2 = codes[: nfull * (block // per)].reshape(nfull, block // per)
     for b in range(nfull):
-        scales[b] = _quant_block(x2, c2, b, block, bits, q)
+        scales[b] = _quant_row_roundtrip(x2, c2, b, block, bits, q, roundtrip)
     tail = n - nfull * block
     if tail:
         xt = x[nfull * block :].reshape(1, tail)
         ct = codes[nfull * (block // per) :].reshape(1, -1)
-        scales[nfull] = _quant_block(xt, ct, 0, tail, bits, q)
+        scales[nfull] = _quant_row_roundtrip(xt, ct, 0, tail, bits, q, roundtrip)
 
 
 @njit(**_INLINE)
@@ -301,23 +313,31 @@ def _fp8_block(x2, c2, b, ln, fp8_max, mbits, ebias, pow2):
 
 
 @njit(**_JIT)
-def fp8_encode(x, codes, scales, block, fp8_max, mbits, ebias, pow2):
+def fp8_encode(x, codes, scales, block, fp8_max, mbits, ebias, pow2, table, limit, roundtrip):
     """Scale each block so its absmax maps to ``fp8_max`` and round to fp8 (nearest even).
 
     ``mbits``/``ebias``: 3/7 for e4m3fn (no Inf: NaN and Inf become the NaN code 0x7F),
     2/15 for e5m2 (Inf kept as 0x7C, NaN as 0x7F). Bit-compatible with torch's cast.
+    ``roundtrip``: also overwrite ``x`` with ``decode(encode(x))`` (``table``/``limit``
+    as in `fp8_decode`) in the same pass.
     """
     n = x.shape[0]
     nfull = n // block
     x2 = x[: nfull * block].reshape(nfull, block)
     c2 = codes[: nfull * block].reshape(nfull, block)
     for b in range(nfull):
-        scales[b] = _fp8_block(x2, c2, b, block, fp8_max, mbits, ebias, pow2)
+        sc = _fp8_block(x2, c2, b, block, fp8_max, mbits, ebias, pow2)
+        scales[b] = sc
+        if roundtrip:
+            _fp8_decode_block(c2, x2, b, block, table, limit, sc, False)
     tail = n - nfull * block
     if tail:
         xt = x[nfull * block :].reshape(1, tail)
         ct = codes[nfull * block :].reshape(1, tail)
-        scales[nfull] = _fp8_block(xt, ct, 0, tail, fp8_max, mbits, ebias, pow2)
+        sc = _fp8_block(xt, ct, 0, tail, fp8_max, mbits, ebias, pow2)
+        scales[nfull] = sc
+        if roundtrip:
+            _fp8_decode_block(ct, xt, 0, tail, table, limit, sc, False)
 
 
 @njit(**_INLINE)
@@ -428,10 +448,11 @@ def sign_decode(bits_in, scales, out, block, accumulate):
 
 # --------------------------------------------------------------------- bf16
 @njit(**_JIT)
-def bf16_encode(x, out16):
+def bf16_encode(x, out16, roundtrip):
     """float32 -> bfloat16 bit patterns, round to nearest even, saturating finite values.
 
-    NaN becomes the quiet NaN ``0xFFFF`` that torch's cast produces.
+    NaN becomes the quiet NaN ``0xFFFF`` that torch's cast produces. ``roundtrip``: also
+    overwrite ``x`` with the bfloat16 value (exact in float32).
     """
     for i in range(x.shape[0]):
         w = f2u(x[i])
@@ -442,6 +463,8 @@ def bf16_encode(x, out16):
         r = r - (np.uint32(1) if over else np.uint32(0))
         r = np.uint32(0xFFFF) if a > INF_BITS else r
         out16[i] = np.uint16(r)
+        if roundtrip:
+            x[i] = u2f(r << np.uint32(16))
 
 
 @njit(**_JIT)
