@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import struct
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
+import blosc2
 import pytest
 import torch
-import zstandard
 
 import commpress
-from commpress.codecs.lossless import shuffle_bytes, unshuffle_bytes
+from commpress.codecs.lossless import PIECE_BYTES
 from commpress.errors import ConfigError, UnsupportedDeviceError, WireError
 from commpress.testing import (
     SHAPES,
@@ -155,16 +159,54 @@ def test_byte_shuffle_raises_the_ratio(name, dtype):
     assert nbytes / shuffled > nbytes / plain * 1.03, (nbytes / shuffled, nbytes / plain)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.uint8])
-def test_shuffle_layout(dtype):
-    x = random_bits((5,), dtype)
-    planes = shuffle_bytes(x)
-    k = dtype.itemsize
-    raw = x.view(torch.uint8)
-    for i in range(5):
-        for j in range(k):
-            assert planes[j * 5 + i] == raw[i * k + j]
-    assert torch.equal(unshuffle_bytes(planes, k), raw)
+def _chunk_header(section: torch.Tensor, offset: int = 1) -> dict:
+    """The fields of the blosc2 chunk header at ``offset`` of a compressed section."""
+    raw = section.numpy().tobytes()
+    flags, typesize, nbytes, blocksize, cbytes = struct.unpack_from("<xxBBiii", raw, offset)
+    return {
+        "compressor": flags >> 5, "typesize": typesize, "nbytes": nbytes,
+        "blocksize": blocksize, "cbytes": cbytes, "filter": raw[offset + 16],
+        "split": not flags & 0x10,
+    }
+
+
+@pytest.mark.parametrize(
+    "spec, dtype, compressor, filt, split",
+    [
+        ("lz4", torch.float32, 1, 2, True),        # bit shuffle, planes compressed apart
+        ("lz4", torch.bfloat16, 1, 2, True),
+        ("lz4", torch.uint8, 1, 2, True),          # bits of single bytes too
+        ("lz4:shuffle=0", torch.float32, 1, 0, False),
+        ("zstd", torch.float32, 4, 1, True),       # byte shuffle
+        ("zstd", torch.int64, 4, 1, True),
+        ("zstd", torch.uint8, 4, 0, False),        # a byte shuffle of bytes is a no-op
+        ("zstd:shuffle=0", torch.bfloat16, 4, 0, False),
+    ],
+)
+def test_chunk_settings(spec, dtype, compressor, filt, split):
+    x = structured((1 << 16,), dtype)
+    section = commpress.get_codec(spec).encode(x).payload[0]
+    assert int(section[0]) == 1
+    header = _chunk_header(section)
+    assert header["compressor"] == compressor and header["filter"] == filt
+    assert header["split"] == split and header["typesize"] == dtype.itemsize
+    assert header["nbytes"] == x.numel() * dtype.itemsize
+    assert header["cbytes"] == section.numel() - 1
+
+
+def test_zstd_levels_map_onto_blosc2_levels():
+    # blosc2 runs zstd at 2 * clevel - 1 (clevel 1..8) or 22 (clevel 9).
+    clevel = {c.level: c._params(4)["clevel"] for c in (
+        commpress.get_codec(f"zstd:level={lv}") for lv in range(1, 23))}
+    assert [clevel[lv] for lv in (1, 2, 3, 4, 5, 15, 16, 19, 22)] == [1, 2, 2, 3, 3, 8, 9, 9, 9]
+    assert all(2 * clevel[lv] - 1 >= lv for lv in range(1, 16))
+
+
+def test_lz4_acceleration_maps_onto_blosc2_levels():
+    # blosc2 passes acceleration 10 - clevel to LZ4_compress_fast.
+    for acc in (1, 2, 9, 10, 16, 65537):
+        clevel = commpress.get_codec(f"lz4:acceleration={acc}")._params(4)["clevel"]
+        assert 10 - clevel == min(acc, 9)
 
 
 def test_encoded_nbytes_is_data_dependent():
@@ -301,6 +343,166 @@ def test_malformed_payload_structure(spec):
             codec._decode(payload, 4, torch.float32)
 
 
+def _patched(section: torch.Tensor, offset: int, fmt: str, value: int) -> torch.Tensor:
+    raw = bytearray(section.numpy().tobytes())
+    struct.pack_into(fmt, raw, 1 + offset, value)
+    return torch.frombuffer(raw, dtype=torch.uint8)
+
+
+def _hostile_headers(section: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The section with one field of its blosc2 chunk header forged (offsets in the header)."""
+    flags, blosc2_flags = int(section[1 + 2]), int(section[1 + 31])
+    cbytes = section.numel() - 1
+    return [
+        ("no extended header", _patched(section, 2, "B", flags & ~0x04)),
+        ("delta flag", _patched(section, 2, "B", flags | 0x08)),
+        ("user-defined compressor", _patched(section, 2, "B", (flags & 0x1F) | 6 << 5)),
+        ("other compressor", _patched(section, 2, "B", (flags & 0x1F) | 3 << 5)),
+        ("typesize", _patched(section, 3, "B", 8)),
+        ("typesize 0", _patched(section, 3, "B", 0)),
+        ("nbytes larger", _patched(section, 4, "<i", 1 << 30)),
+        ("nbytes negative", _patched(section, 4, "<i", -1)),
+        ("blocksize huge", _patched(section, 8, "<i", 1 << 30)),
+        ("blocksize 0", _patched(section, 8, "<i", 0)),
+        ("cbytes past the end", _patched(section, 12, "<i", cbytes + 1)),
+        ("cbytes short", _patched(section, 12, "<i", cbytes - 1)),
+        ("cbytes tiny", _patched(section, 12, "<i", 16)),
+        ("filter", _patched(section, 16, "B", 3)),
+        ("second filter", _patched(section, 17, "B", 1)),
+        ("filter meta", _patched(section, 24, "B", 1)),
+        ("dictionary", _patched(section, 31, "B", blosc2_flags | 0x01)),
+        ("lazy chunk", _patched(section, 31, "B", blosc2_flags | 0x08)),
+        ("instrumented", _patched(section, 31, "B", blosc2_flags | 0x80)),
+        ("special nan", _patched(section, 31, "B", blosc2_flags | 2 << 4)),
+        ("special run", _patched(section, 31, "B", blosc2_flags | 3 << 4)),
+        ("special uninit", _patched(section, 31, "B", blosc2_flags | 4 << 4)),
+        ("special zeros with blocks", _patched(section, 31, "B", blosc2_flags | 1 << 4)),
+        ("trailing byte", torch.cat([section, torch.zeros(1, dtype=torch.uint8)])),
+    ]
+
+
+_HOSTILE_NAMES = [name for name, _ in _hostile_headers(torch.zeros(40, dtype=torch.uint8))]
+
+
+@pytest.mark.parametrize("spec", ["lz4", "zstd", "zstd:shuffle=0"])
+@pytest.mark.parametrize("name", _HOSTILE_NAMES)
+def test_forged_chunk_headers_raise_wire_error(spec, name):
+    x, section = _compressed_section(spec)
+    codec = commpress.get_codec(spec)
+    assert torch.equal(codec._decode((section,), x.numel(), x.dtype), x)
+    bad = dict(_hostile_headers(section))[name]
+    with pytest.raises(WireError, match="blosc2"):
+        codec._decode((bad,), x.numel(), x.dtype)
+
+
+@pytest.mark.parametrize("spec", ["lz4", "zstd"])
+def test_tensor_larger_than_a_piece_spans_several_chunks(spec):
+    codec = commpress.get_codec(spec)
+    n = PIECE_BYTES // 4 + 1000
+    x = structured((n,), torch.float32)
+    x[: 1 << 20] = random_bits((1 << 20,), torch.float32)  # incompressible start
+    section = codec.encode(x).payload[0]
+    assert int(section[0]) == 1
+    first = _chunk_header(section)
+    second = _chunk_header(section, 1 + first["cbytes"])
+    assert (first["nbytes"], second["nbytes"]) == (PIECE_BYTES, 4000)
+    assert 1 + first["cbytes"] + second["cbytes"] == section.numel()
+    assert torch.equal(codec.decode(codec.encode(x)).view(torch.int32), x.view(torch.int32))
+    # The second chunk missing, or the first chunk's content forged to cover everything.
+    with pytest.raises(WireError, match="truncated"):
+        codec._decode((section[: 1 + first["cbytes"]].clone(),), n, x.dtype)
+    with pytest.raises(WireError, match="bytes of content"):
+        codec._decode((_patched(section, 4, "<i", n * 4),), n, x.dtype)
+
+
+def test_all_zero_pieces_are_bare_headers_and_decode():
+    codec = commpress.get_codec("lz4")
+    x = torch.zeros(PIECE_BYTES // 4 * 2, dtype=torch.float32)
+    packet = codec.encode(x)
+    assert packet.payload[0].numel() == 1 + 2 * 32
+    assert torch.equal(codec.decode(packet), x)
+
+
+@pytest.mark.parametrize("spec", ["lz4", "zstd"])
+def test_nan_payloads_and_signed_zeros_survive(spec):
+    bits = torch.tensor([0x7FC00001, 0xFFC12345, 0x7F800001, 0x80000000, 0x00000001],
+                        dtype=torch.int64).to(torch.int32)
+    x = bits.repeat(4000).view(torch.float32)
+    packet = commpress.get_codec(spec).encode(x)
+    assert int(packet.payload[0][0]) == 1
+    y = commpress.get_codec(spec).decode(packet)
+    assert torch.equal(y.view(torch.int32), x.view(torch.int32))
+
+
+_PEAK_SCRIPT = textwrap.dedent("""
+    import sys, torch, commpress
+
+    def status(key):
+        line = next(v for v in open("/proc/self/status") if v.startswith(key))
+        return int(line.split()[1]) * 1024
+
+    spec, path = sys.argv[1], sys.argv[2]
+    codec = commpress.get_codec(spec)
+    buffer = torch.frombuffer(bytearray(open(path, "rb").read()), dtype=torch.uint8)
+    packet = commpress.wire.unpack(buffer, codec)
+    codec.decode(codec.encode(torch.ones(8)))  # first use: the library, its buffers
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident size (VmHWM) to the current one
+    base = status("VmRSS:")
+    y = codec.decode(packet)
+    print(y.numel() * y.element_size(), status("VmHWM:") - base)
+""")
+
+
+@pytest.mark.parametrize("spec", ["lz4", "zstd"])
+def test_decode_peak_memory_is_about_the_output(spec, tmp_path):
+    # In a fresh process, so that the peak resident size is the decoder's alone.
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak resident size")
+    nbytes = 96 << 20
+    rows = gaussian((nbytes // 4096, 1024), torch.float32, seed=0)
+    rows[torch.arange(rows.shape[0]) % 8 != 0] = 0  # sparse: the buffer is small
+    path = tmp_path / "packet.bin"
+    path.write_bytes(pack(commpress.get_codec(spec).encode(rows)).numpy().tobytes())
+    del rows
+    assert path.stat().st_size < nbytes // 4
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, spec, str(path)], capture_output=True,
+        text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    out_bytes, grew = (int(v) for v in run.stdout.split())
+    assert out_bytes == nbytes
+    assert grew <= 1.5 * nbytes, f"decoding {nbytes} bytes raised the peak by {grew}"
+
+
+# Wire buffers of the format before blosc2 (mode 1 held one LZ4 block / zstd frame).
+_PRE_BLOSC2 = [
+    ("lz4", structured((64,), torch.int32),
+     "434d505201000401010003003000000005356e80e4afcaf540000000000000006c7a340137000000"
+     "000000000000000001dffafbfcfdfeff000102030405060d002011ff010012000100010c0012ff0c"
+     "000f0d00140f2600130f4d00070f40002850000000000000"),
+    ("zstd", structured((3, 21), torch.int64),
+     "434d5052010005020100040038000000c8915d80ee3191f0030000000000000015000000000000007a"
+     "737464013f000000000000000000000128b52ffd60f800a5010078fafbfcfdfeff00010203040506ff"
+     "001000e0804104e0804104e0804104e0804104e0804104e080ab8a601001cce12e7688e61700"),
+]
+
+
+@pytest.mark.parametrize("spec, x, hexed", _PRE_BLOSC2, ids=["lz4", "zstd"])
+def test_packets_of_the_format_before_blosc2_are_refused(spec, x, hexed):
+    codec = commpress.get_codec(spec)
+    packet = unpack(torch.frombuffer(bytearray.fromhex(hexed), dtype=torch.uint8), codec)
+    assert packet.meta.shape == x.shape and int(packet.payload[0][0]) == 1
+    with pytest.raises(WireError, match="blosc2 chunk"):
+        codec.decode(packet)
+
+
+def test_compression_releases_the_gil():
+    commpress.get_codec("lz4").encode(torch.ones(64))
+    assert blosc2.set_releasegil(True) is True
+
+
 def test_wrong_codec_on_decode_is_a_mismatch():
     packet = commpress.get_codec("zstd:level=5").encode(torch.zeros(8))
     with pytest.raises(commpress.CodecMismatchError, match="zstd:level=5"):
@@ -321,6 +523,9 @@ def _golden_cases() -> list[tuple[str, str, torch.Tensor]]:
         ("zstd", "structured complex64 ()", structured((), torch.complex64)),
         ("zstd", "structured float32 (0,)", structured((0,), torch.float32)),
         ("bf16+zstd", "gaussian float32 (40,) seed 0", gaussian(40, torch.float32)),
+        # Large enough to come out compressed: a bit-shuffled and a byte-shuffled chunk.
+        ("lz4", "gaussian float32 (512,) seed 0", gaussian(512, torch.float32)),
+        ("zstd", "gaussian bfloat16 (1024,) seed 0", gaussian(1024, torch.bfloat16)),
     ]
 
 
@@ -346,15 +551,13 @@ def test_golden_bytes(case):
     want = x if codec.lossless else codec.roundtrip(x)
     assert decoded.shape == x.shape and decoded.dtype == x.dtype
     assert torch.equal(decoded.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
-    # The encoder's exact output is pinned for the library versions that made the file.
-    if "zstd" in spec and list(zstandard.ZSTD_VERSION) != golden["zstd_version"]:
-        pytest.skip(f"golden zstd bytes were made with libzstd {golden['zstd_version']}")
+    # The encoder's exact output is pinned for the library version that made the file.
+    if blosc2.VERSION_STRING != golden["blosc2_version"]:
+        pytest.skip(f"golden bytes were made with c-blosc2 {golden['blosc2_version']}")
     check_golden(codec, x, expected)
 
 
 def _regenerate() -> None:
-    import lz4
-
     cases = []
     for spec, desc, x in _golden_cases():
         buffer = pack(commpress.get_codec(spec).encode(x))
@@ -362,8 +565,7 @@ def _regenerate() -> None:
     doc = {
         "_comment": "Wire buffers (hex) of lossless codecs; regenerate with "
         "'python tests/test_codecs_lossless.py --regen' only for an intended format change.",
-        "zstd_version": list(zstandard.ZSTD_VERSION),
-        "lz4_version": lz4.library_version_string(),
+        "blosc2_version": blosc2.VERSION_STRING,
         "cases": cases,
     }
     GOLDEN.parent.mkdir(exist_ok=True)
