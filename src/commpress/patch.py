@@ -18,6 +18,14 @@ What is intercepted
     ``all_gather_single`` / ``reduce_scatter_single`` (which FSDP2 calls).
     Only names that exist in both the installed torch and
     `commpress.distributed` are swapped; `patched_names` lists them.
+    ``init_process_group`` is wrapped too, only to publish the policy for the
+    agreement check (`commpress.agreement`).
+
+Before its first call on a group a patched collective checks, through the
+rendezvous store, that every rank of the group runs this policy
+(`commpress.agreement`), and every call first runs torch's own argument
+checks (`commpress.torchcheck`), so it raises torch's errors for torch's
+argument errors.
 
 What is left alone, on purpose
     - Object collectives (``all_gather_object``, ``broadcast_object_list``,
