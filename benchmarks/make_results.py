@@ -16,6 +16,9 @@ Sections, each a function that returns rows (written by `commpress.bench.report`
    each codec should win (serial and pipelined models).
 5. ``ddp_hooks``: torch's own DDP hooks probed on gloo.
 6. ``convergence``: the study of ``benchmarks/bench_convergence.py`` over 1 Gbit/s.
+7. ``fast``: ``benchmarks/bench_fast.py``: codec speed against ``dst.copy_(x)``
+   (one thread), peak memory of one compressed 256 MiB all_reduce, and a DDP
+   step (67 MB of gradients) on loopback and at 1 Gbit/s.
 
 The machine, date, and the load measured before and after go on the page.
 Link emulation (``commpress.bench.netem``) needs root; without it the linked
@@ -66,7 +69,11 @@ BREAKEVEN_CODECS = (
     "powersgd:rank=4",
 )
 #: Targets to report against (not to tune for): speedup over plain fp32 at 1 Gbit/s.
-SPEEDUP_TARGETS = {"int8": 3.3, "int4": 5.0, "powersgd:rank=4": 20.0}
+SPEEDUP_TARGETS = {"int8": 3.6, "int4": 6.0, "powersgd:rank=4": 20.0}
+#: Speedup targets at 10 Gbit/s (64 MiB all_reduce, from the 10gbit sweep).
+SPEEDUP_10GBIT_TARGETS = {"int8": 1.5}
+#: DDP step targets at 1 Gbit/s: the int8 hook against torch's fp16 hook and plain DDP.
+DDP_TARGETS = {"x_torch_fp16_hook": 1.6, "x_plain": 2.5}
 #: Convergence targets: final train loss within this fraction of fp32's.
 LOSS_TARGETS = {"int8": 0.01, "fp8": 0.01, "powersgd:rank=4": 0.05, "ef-sign": 0.05}
 
@@ -223,6 +230,24 @@ def sweeps(quick: bool) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def fast_rows(quick: bool, link_ok: bool) -> dict[str, list[dict[str, Any]]]:
+    """``benchmarks/bench_fast.py``: codec speed, peak memory, DDP steps."""
+    sys.path.insert(0, str(HERE))
+    try:
+        import bench_fast  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(HERE))
+    out = {
+        "fast_codecs": bench_fast.codec_rows(size=(1 << 20) if quick else 64 << 20),
+        "memory": bench_fast.memory_rows(size=(4 << 20) if quick else 256 << 20),
+    }
+    kw = {"width": 256, "steps": 2, "warmup": 1} if quick else {}
+    out["ddp_loopback"] = bench_fast.ddp_rows(**kw)
+    if link_ok:
+        out["ddp_1gbit"] = bench_fast.ddp_linked("1gbit", **kw)
+    return out
+
+
 def bench_collectives_rows(quick: bool) -> list[dict[str, Any]] | str:
     """Rows of ``benchmarks/bench_collectives.py`` (64 MiB, none and 1gbit), or why not."""
     sys.path.insert(0, str(HERE))
@@ -345,6 +370,48 @@ def _targets(data: dict[str, Any]) -> list[str]:
             f"- {codec} >= {want}x plain fp32 ({where}, 2 ranks, 1 Gbit/s): measured "
             f"{got:.2f}x (range {r['x_fp32_range']}; {r['x_bf16']:.2f}x plain bf16): {verdict}"
         )
+    for r in data.get("fast_codecs", []):
+        if r.get("target") is None:
+            continue
+        lines.append(
+            f"- {r['codec']} encode and decode >= 1.0x `dst.copy_(x)` (64 MiB float32, one "
+            f"thread): encode {r['encode_x_copy']:.2f}x, decode {r['decode_x_copy']:.2f}x "
+            f"(copy_ {r['copy_gbps']:.2f} GB/s, {r['copy_spread']} before/after): "
+            f"**{r['target']}**"
+        )
+    ten = {
+        r["codec"]: r
+        for r in data.get("sweeps", {}).get("10gbit", [])
+        if r.get("status") == "ok" and r.get("size") == 64 << 20
+    }
+    for codec, want in SPEEDUP_10GBIT_TARGETS.items():
+        r = ten.get(codec)
+        if r is None:
+            lines.append(f"- {codec} >= {want}x plain fp32 (64 MiB, 10 Gbit/s): not measured")
+            continue
+        got = r["speedup_fp32"]
+        verdict = "**hit**" if got >= want else f"**missed** by {want - got:.2f}x"
+        lines.append(
+            f"- {codec} >= {want}x plain fp32 (64 MiB, 2 ranks, 10 Gbit/s): measured "
+            f"{got:.2f}x: {verdict}"
+        )
+    ddp = {r["method"]: r for r in data.get("ddp_1gbit", [])}
+    if "int8" in ddp:
+        for key, want in DDP_TARGETS.items():
+            got = ddp["int8"][key]
+            verdict = "**hit**" if got >= want else f"**missed** by {want - got:.2f}x"
+            what = "torch's fp16_compress_hook" if key == "x_torch_fp16_hook" else "plain DDP"
+            lines.append(
+                f"- DDP step (67 MB of fp32 gradients, 2 ranks, 1 Gbit/s): int8 hook >= "
+                f"{want}x {what}: measured {got:.2f}x: {verdict}"
+            )
+    for r in data.get("memory", []):
+        if r["codec"] in ("int8", "int4", "topk", "zstd"):
+            lines.append(
+                f"- peak extra memory of one {r['codec']} all_reduce (256 MiB float32) <= 0.5x "
+                f"the tensor: {r['x_tensor']:.3f}x per call ({r['first_x_tensor']:.3f}x on "
+                f"the first call): **{r['target']}**"
+            )
     conv = {r["method"]: r for r in data.get("convergence", [])}
     for method, tol in LOSS_TARGETS.items():
         r = conv.get(method)
@@ -359,6 +426,64 @@ def _targets(data: dict[str, Any]) -> list[str]:
             f"(held-out {r['heldout_gap']:+.2%}): {verdict}"
         )
     return lines + [""]
+
+
+def _fast_section(data: dict[str, Any]) -> list[str]:
+    """Codec speed against copy_, peak memory, DDP steps (``benchmarks/bench_fast.py``)."""
+    md: list[str] = []
+    codecs = data.get("fast_codecs")
+    if codecs:
+        md += [
+            "## Codec speed against one memory pass (64 MiB float32, one thread)",
+            "",
+            "`commpress codecs` measured the way the collectives use the codecs: encode "
+            "into a preallocated wire buffer, decode into a preallocated tensor (CPU "
+            "kernels: `commpress.kernels`, numba). `x copy_` divides by `dst.copy_(x)` "
+            "into a preallocated buffer of the same size, measured before and after the "
+            "codecs (`copy_spread`). Encode reads 4 B and writes ~1 B per element, so "
+            "1.0x is memory speed, not a ceiling.",
+            "",
+            _table(
+                codecs,
+                ["codec", "ratio", "encode_gbps", "encode_x_copy", "decode_gbps",
+                 "decode_x_copy", "copy_gbps", "copy_spread", "rel_l2_error", "target"],
+                formats={"ratio": "{:.2f}", "encode_gbps": "{:.2f}", "decode_gbps": "{:.2f}",
+                         "encode_x_copy": "{:.2f}", "decode_x_copy": "{:.2f}",
+                         "copy_gbps": "{:.2f}", "rel_l2_error": "{:.1e}"},
+            ),
+        ]
+    mem = data.get("memory")
+    if mem:
+        md += [
+            "## Peak extra memory of one compressed all_reduce (256 MiB float32, 2 ranks)",
+            "",
+            "Peak RSS above the RSS before the call (Linux `VmHWM`, reset before each call), "
+            "the larger of the two ranks, as a multiple of the tensor's size. `x_tensor`: "
+            "the second call from one call site (every call's cost); `first_x_tensor`: the "
+            "first, which also allocates the error-feedback residual that sign and top-k "
+            "keep between calls (state as large as the tensor).",
+            "",
+            _table(mem, ["codec", "x_tensor", "first_x_tensor", "seconds", "target"],
+                   formats={"x_tensor": "{:.3f}", "first_x_tensor": "{:.3f}",
+                            "seconds": "{:.2f}"}),
+        ]
+    for key, label in (("ddp_loopback", "unshaped loopback"), ("ddp_1gbit", "1 Gbit/s")):
+        rows = data.get(key)
+        if not rows:
+            continue
+        md += [
+            f"## DDP step, 2 ranks, {label}",
+            "",
+            "A 2-layer MLP (2 x 2900 x 2900, 67 MB of float32 gradients, DDP's default "
+            "25 MB buckets), batch 8, SGD; median step of 5 after 2 warm-up steps, the "
+            "slower rank. `plain`: no hook; torch's `fp16_compress_hook` is the torch "
+            "baseline that runs on gloo; the others are `commpress.hooks` with that codec.",
+            "",
+            _table(rows, ["method", "step_ms", "spread_ms", "x_plain", "x_torch_fp16_hook"],
+                   formats={"step_ms": "{:.0f}", "x_plain": "{:.2f}",
+                            "x_torch_fp16_hook": "{:.2f}"}),
+        ]
+    return md
 
 
 def render(
@@ -453,6 +578,7 @@ def render(
             "![speedup](results/headline_speedup.png)",
             "",
         ]
+    md += _fast_section(data)
     conv = data.get("convergence")
     if conv:
         cfg = StudyConfig(**data["convergence_config"])
@@ -614,6 +740,10 @@ SECTION_FILES = {
     "breakeven": "breakeven.json",
     "ddp_hooks": "ddp_hooks.json",
     "convergence": "convergence.json",
+    "fast_codecs": "fast_codecs.json",
+    "memory": "memory.json",
+    "ddp_loopback": "ddp_step_loopback.json",
+    "ddp_1gbit": "ddp_step_1gbit.json",
 }
 
 
@@ -693,6 +823,11 @@ def main(argv: list[str] | None = None) -> int:
             title="all_reduce speedup over plain fp32, 2 ranks, 1 Gbit/s",
             ylabel="speedup vs plain fp32 (median of repeats)",
         )
+    if "fast" not in skip:
+        log("fast: codec speed, memory, DDP steps")
+        for section, rows in fast_rows(args.quick, link_ok).items():
+            data[section] = rows
+            report.write_json(OUT / SECTION_FILES[section], rows, info)
     if "bench_collectives" not in skip:
         log("bench_collectives")
         data["bench_collectives"] = bench_collectives_rows(args.quick)
