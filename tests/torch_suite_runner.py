@@ -1,0 +1,90 @@
+"""torch's own distributed tests (gloo, 2 ranks) with every rank under ``commpress.patch``.
+
+Run by tests/test_torch_suite.py as ``python tests/torch_suite_runner.py TEST...``
+(a separate interpreter: torch's suite reads BACKEND, WORLD_SIZE and TEMP_DIR
+at import time and spawns its own ranks). Without test names it runs the
+list in `FULL` (about 3.5 minutes on 2 cores).
+
+The profiler check, neutralised where commpress issues other backend ops by
+design: torch's ``call_dist_op`` asserts that each call emits exactly one
+``gloo:<op>`` profiler event. A compressed collective is a descriptor
+exchange plus payload collectives of ``uint8`` buffers (other ops, other
+counts), so for a call that commpress *compressed* (its ``compressed``
+counter went up) a failure of that event-count check is forgiven. A call it
+did not compress must still pass torch's check unchanged, and every result
+check of the suite applies to every call.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("BACKEND", "gloo")
+os.environ.setdefault("WORLD_SIZE", "2")
+os.environ.setdefault("TEMP_DIR", tempfile.mkdtemp(prefix="commpress-torch-suite-"))
+
+import unittest  # noqa: E402
+
+from torch.testing._internal.distributed.distributed_test import (  # noqa: E402
+    DistributedTest,
+    TestDistBackend,
+)
+
+CODEC = os.environ.get("SUITE_CODEC", "zstd")  # lossless: torch's exact checks must hold
+
+#: 16 of the suite's collective and DDP tests (not yet the issue's 43 that run on gloo);
+#: on torch 2.13 gloo 12 pass under patch and 4 are skipped by torch itself (all_to_all:
+#: MPI only; test_DistributedDataParallel: pytorch#77317).
+FULL = (
+    "test_all_reduce_sum",
+    "test_all_reduce_sum_complex",
+    "test_all_reduce_max",
+    "test_all_reduce_complex_unsupported_ops",
+    "test_broadcast",
+    "test_broadcast_group",
+    "test_all_gather",
+    "test_all_to_all",
+    "test_all_to_all_single_equal_split",
+    "test_reduce_sum",
+    "test_scatter",
+    "test_gather",
+    "test_send_recv",
+    "test_isend",
+    "test_irecv",
+    "test_DistributedDataParallel",
+)
+
+
+class TestUnderCommpressPatch(TestDistBackend, DistributedTest._DistTestBase):
+    def setUp(self):
+        super().setUp()
+        self._spawn_processes()
+
+    @classmethod
+    def _run(cls, rank, test_name, file_name, pipe, **kwargs):
+        import commpress
+
+        commpress.patch(codec=CODEC, min_bytes=0)
+        super()._run(rank, test_name, file_name, pipe, **kwargs)
+
+    def call_dist_op(self, profiling_title_postfix, is_async, op, *args, **kwargs):
+        import commpress
+
+        before = commpress.stats().total().compressed
+        try:
+            return super().call_dist_op(profiling_title_postfix, is_async, op, *args, **kwargs)
+        except AssertionError:
+            if commpress.stats().total().compressed > before:
+                return None  # the event-count check only (see the module docstring)
+            raise
+
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(FULL)
+    suite = unittest.TestSuite(TestUnderCommpressPatch(n) for n in names)
+    result = unittest.TextTestRunner(verbosity=2).run(suite)
+    print(f"torch suite under commpress.patch: {result.testsRun} run, "
+          f"{len(result.failures) + len(result.errors)} failed, {len(result.skipped)} skipped")
+    sys.exit(0 if result.wasSuccessful() else 1)
