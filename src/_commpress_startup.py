@@ -93,7 +93,9 @@ def _activate() -> None:
     try:
         from commpress import startup
     except Exception as exc:  # noqa: BLE001 - never break the user's `import torch`
-        print(f"commpress start-up hook: not patching: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(
+            f"commpress start-up hook: not patching: {type(exc).__name__}: {exc}", file=sys.stderr
+        )
         return
     startup.activate()
 

@@ -73,7 +73,9 @@ def test_an_unpatched_rank_is_named_within_the_deadline(tmp_path):
             p.kill()
             p.communicate()
     assert procs[0].returncode == 3, err[-3000:]
-    assert "CollectiveError" in out and "rank(s) [1] published no commpress policy within 4 s" in out
+    assert (
+        "CollectiveError" in out and "rank(s) [1] published no commpress policy within 4 s" in out
+    )
     assert "commpress run" in out  # says what to do
     raised_after = float(out.split("raised after ")[1].split(" s")[0])
     assert 3.5 <= raised_after < 15, out

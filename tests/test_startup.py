@@ -69,7 +69,11 @@ def _ranks(output: str) -> dict[int, tuple[int, int]]:
 
 def test_pth_file_is_installed_with_the_package():
     dirs = [*site.getsitepackages(), site.getusersitepackages()]
-    found = [Path(d) / "commpress-startup.pth" for d in dirs if (Path(d) / "commpress-startup.pth").is_file()]
+    found = [
+        Path(d) / "commpress-startup.pth"
+        for d in dirs
+        if (Path(d) / "commpress-startup.pth").is_file()
+    ]
     assert found, f"commpress-startup.pth not in {dirs}: reinstall with `pip install -e .`"
     assert found[0].read_text() == _commpress_startup.PTH_LINE
 
@@ -102,7 +106,10 @@ def test_wanted(env, patched):
 
 
 def test_import_torch_patches_and_a_bad_value_warns_instead_of_breaking_torch():
-    probe = "import torch.distributed as dist; print(hasattr(dist.all_reduce, '__commpress_original__'))"
+    probe = (
+        "import torch.distributed as dist; "
+        "print(hasattr(dist.all_reduce, '__commpress_original__'))"
+    )
     proc = _python("-c", probe, env=_env(COMMPRESS_CODEC="int8"))
     assert proc.stdout.strip() == "True", proc.stderr[-2000:]
     proc = _python("-c", probe, env=_env(COMMPRESS_CODEC="int9"))
@@ -154,7 +161,9 @@ if __name__ == "__main__":
     body(1, 2, f"tcp://127.0.0.1:{os.environ['JOB_PORT']}")
 """,
     )
-    proc = _python("-m", "commpress", "run", "--codec", "int8", "--min-bytes", "0", script, env=_env())
+    proc = _python(
+        "-m", "commpress", "run", "--codec", "int8", "--min-bytes", "0", script, env=_env()
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _ranks(proc.stdout) == {0: (1, 1), 1: (1, 1)}, proc.stdout
 

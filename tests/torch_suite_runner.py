@@ -85,6 +85,8 @@ if __name__ == "__main__":
     names = sys.argv[1:] or list(FULL)
     suite = unittest.TestSuite(TestUnderCommpressPatch(n) for n in names)
     result = unittest.TextTestRunner(verbosity=2).run(suite)
-    print(f"torch suite under commpress.patch: {result.testsRun} run, "
-          f"{len(result.failures) + len(result.errors)} failed, {len(result.skipped)} skipped")
+    print(
+        f"torch suite under commpress.patch: {result.testsRun} run, "
+        f"{len(result.failures) + len(result.errors)} failed, {len(result.skipped)} skipped"
+    )
     sys.exit(0 if result.wasSuccessful() else 1)

@@ -95,9 +95,7 @@ def fingerprint(policy: Any) -> str:
         "checksum": policy.checksum,
     }
     extra = {
-        k: repr(v)
-        for k, v in vars(policy).items()
-        if k not in fields and not k.startswith("_")
+        k: repr(v) for k, v in vars(policy).items() if k not in fields and not k.startswith("_")
     }
     return json.dumps({**fields, **extra}, sort_keys=True, separators=(",", ":"))
 

@@ -249,7 +249,7 @@ def _install() -> None:
         if original is not None:
             original = getattr(original, "__commpress_original__", original)
             _originals[(module.__name__, "init_process_group")] = original
-            setattr(module, "init_process_group", _make_init_process_group(original))
+            module.init_process_group = _make_init_process_group(original)
 
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -178,7 +178,7 @@ _CHECKS: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signature(fn: Callable[..., Any]) -> inspect.Signature:
     return inspect.signature(fn)
 
