@@ -44,8 +44,15 @@ def codec_rows(size: int = 64 << 20, repeat: int = 5, codecs: tuple[str, ...] = 
     rows = []
     for spec in codecs:
         r = measure_codec(commpress.get_codec(spec), x, repeat)
-        rows.append({"codec": spec, "ratio": r.ratio, "encode_gbps": r.encode_gbps,
-                     "decode_gbps": r.decode_gbps, "rel_l2_error": r.rel_l2_error})
+        rows.append(
+            {
+                "codec": spec,
+                "ratio": r.ratio,
+                "encode_gbps": r.encode_gbps,
+                "decode_gbps": r.decode_gbps,
+                "rel_l2_error": r.rel_l2_error,
+            }
+        )
     after = measure_copy(x, repeat)
     copy = (before + after) / 2
     for row in rows:
@@ -55,8 +62,10 @@ def codec_rows(size: int = 64 << 20, repeat: int = 5, codecs: tuple[str, ...] = 
         row["decode_x_copy"] = row["decode_gbps"] / copy
         target = COPY_TARGETS.get(row["codec"])
         row["target"] = (
-            None if target is None
-            else "hit" if min(row["encode_x_copy"], row["decode_x_copy"]) >= target
+            None
+            if target is None
+            else "hit"
+            if min(row["encode_x_copy"], row["decode_x_copy"]) >= target
             else "missed"
         )
     return rows
@@ -94,8 +103,9 @@ def _peak_rank(rank: int, world: int, spec: str, numel: int) -> dict[str, Any]:
     return {"first_bytes": extra[0], "extra_bytes": extra[1], "seconds": seconds[1]}
 
 
-def memory_rows(size: int = 256 << 20, codecs: tuple[str, ...] = ("int8", "int4", "fp8", "bf16",
-                "topk", "zstd")) -> list[dict[str, Any]]:
+def memory_rows(
+    size: int = 256 << 20, codecs: tuple[str, ...] = ("int8", "int4", "fp8", "bf16", "topk", "zstd")
+) -> list[dict[str, Any]]:
     """Peak extra RSS of one compressed float32 all_reduce of ``size`` bytes, 2 ranks.
 
     Fresh ranks per codec (peak RSS only grows within a process); the peak over the
@@ -109,22 +119,31 @@ def memory_rows(size: int = 256 << 20, codecs: tuple[str, ...] = ("int8", "int4"
             res = pool.run(_peak_rank, spec, size // 4, timeout=600)
         first = max(r["first_bytes"] for r in res)
         extra = max(r["extra_bytes"] for r in res)
-        rows.append({"codec": spec, "tensor_bytes": size, "extra_bytes": extra,
-                     "x_tensor": extra / size, "first_x_tensor": first / size,
-                     "seconds": max(r["seconds"] for r in res),
-                     "target": "hit" if extra / size <= 0.5 else "missed"})
+        rows.append(
+            {
+                "codec": spec,
+                "tensor_bytes": size,
+                "extra_bytes": extra,
+                "x_tensor": extra / size,
+                "first_x_tensor": first / size,
+                "seconds": max(r["seconds"] for r in res),
+                "target": "hit" if extra / size <= 0.5 else "missed",
+            }
+        )
     return rows
 
 
 # ----------------------------------------------------------------------- DDP
-def _ddp_rank(rank: int, world: int, method: str, width: int, steps: int,
-              warmup: int) -> dict[str, Any]:
+def _ddp_rank(
+    rank: int, world: int, method: str, width: int, steps: int, warmup: int
+) -> dict[str, Any]:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(),
-                                torch.nn.Linear(width, width, bias=False))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width, bias=False)
+    )
     ddp = DDP(model)
     if method == "torch:fp16_compress_hook":
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
@@ -141,21 +160,33 @@ def _ddp_rank(rank: int, world: int, method: str, width: int, steps: int,
         if step >= warmup:
             times.append(time.perf_counter() - t0)
     grads = sum(p.numel() * 4 for p in model.parameters())
-    return {"step_s": statistics.median(times), "grad_bytes": grads,
-            "spread": f"{min(times) * 1e3:.0f}..{max(times) * 1e3:.0f}"}
+    return {
+        "step_s": statistics.median(times),
+        "grad_bytes": grads,
+        "spread": f"{min(times) * 1e3:.0f}..{max(times) * 1e3:.0f}",
+    }
 
 
-def ddp_rows(width: int = 2900, steps: int = 5, warmup: int = 2,
-             methods: tuple[str, ...] = ("plain", "torch:fp16_compress_hook", "bf16", "int8",
-                                         "fp8", "int4")) -> list[dict[str, Any]]:
+def ddp_rows(
+    width: int = 2900,
+    steps: int = 5,
+    warmup: int = 2,
+    methods: tuple[str, ...] = ("plain", "torch:fp16_compress_hook", "bf16", "int8", "fp8", "int4"),
+) -> list[dict[str, Any]]:
     """DDP step time of a 2-layer MLP (``2 * width**2`` parameters; 2900 -> 67 MB of
     float32 gradients) on 2 ranks, per gradient method, in this process's network."""
     rows = []
     with DistPool(2, job_timeout=900, pg_timeout=300) as pool:
         for method in methods:
             res = pool.run(_ddp_rank, method, width, steps, warmup, timeout=900)
-            rows.append({"method": method, "step_ms": max(r["step_s"] for r in res) * 1e3,
-                         "spread_ms": res[0]["spread"], "grad_bytes": res[0]["grad_bytes"]})
+            rows.append(
+                {
+                    "method": method,
+                    "step_ms": max(r["step_s"] for r in res) * 1e3,
+                    "spread_ms": res[0]["spread"],
+                    "grad_bytes": res[0]["grad_bytes"],
+                }
+            )
     plain = next(r["step_ms"] for r in rows if r["method"] == "plain")
     fp16 = next(r["step_ms"] for r in rows if r["method"] == "torch:fp16_compress_hook")
     for r in rows:
@@ -166,9 +197,13 @@ def ddp_rows(width: int = 2900, steps: int = 5, warmup: int = 2,
 
 def ddp_linked(rate: str, **kwargs: Any) -> list[dict[str, Any]]:
     """`ddp_rows` under an emulated link of ``rate`` (see ``commpress.bench.netem``)."""
-    rows = netem.run_function(rate, "bench_fast:ddp_rows", kwargs,
-                              pythonpath=[str(__import__("pathlib").Path(__file__).parent)],
-                              timeout=1800)
+    rows = netem.run_function(
+        rate,
+        "bench_fast:ddp_rows",
+        kwargs,
+        pythonpath=[str(__import__("pathlib").Path(__file__).parent)],
+        timeout=1800,
+    )
     for r in rows:
         r["link"] = rate
     return rows

@@ -72,8 +72,10 @@ def correctness(quick: bool) -> list[dict[str, Any]]:
     rows = []
     for spec in CODECS:
         codec = commpress.get_codec(spec)
-        for name, x in (("gaussian", gaussian(4099 if quick else 1 << 20, seed=1)),
-                        ("edge", edge_values(torch.float32))):
+        for name, x in (
+            ("gaussian", gaussian(4099 if quick else 1 << 20, seed=1)),
+            ("edge", edge_values(torch.float32)),
+        ):
             row: dict[str, Any] = {"codec": spec, "data": name}
             try:
                 reset_draws()  # randomk: both sides draw the same subset
@@ -90,13 +92,16 @@ def correctness(quick: bool) -> list[dict[str, Any]]:
                 finite = x.isfinite()
                 bound = codec.error_bound(x)
                 err = (y.double() - x.double()).abs()
-                ok_bound = bool((~finite | (err <= bound.double() * (1 + 1e-6)) | bound.isinf())
-                                .all())
+                ok_bound = bool(
+                    (~finite | (err <= bound.double() * (1 + 1e-6)) | bound.isinf()).all()
+                )
                 nan_kept = bool(y[x.isnan()].isnan().all())
-                row.update(payload_bit_identical=all(same), within_bound=ok_bound,
-                           nan_kept=nan_kept,
-                           decode_matches_cpu=bool(((y == ref_y) | (y.isnan() & ref_y.isnan()))
-                                                   .all()))
+                row.update(
+                    payload_bit_identical=all(same),
+                    within_bound=ok_bound,
+                    nan_kept=nan_kept,
+                    decode_matches_cpu=bool(((y == ref_y) | (y.isnan() & ref_y.isnan())).all()),
+                )
                 row["ok"] = ok_bound and nan_kept
             except Exception as exc:  # noqa: BLE001 - report and go on
                 row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
@@ -110,18 +115,31 @@ def speed(quick: bool, stream: Any = None, label: str = "device") -> list[dict[s
     dst = torch.empty_like(x)
     repeat = 5 if quick else 20
     copy_ms = _events_ms(lambda: dst.copy_(x), repeat, stream)
-    rows = [{"where": label, "codec": "copy_", "ms": copy_ms,
-             "gbps": x.nbytes / copy_ms / 1e6, "x_copy": 1.0}]
+    rows = [
+        {
+            "where": label,
+            "codec": "copy_",
+            "ms": copy_ms,
+            "gbps": x.nbytes / copy_ms / 1e6,
+            "x_copy": 1.0,
+        }
+    ]
     for spec in SPEED_CODECS:
         codec = commpress.get_codec(spec)
         buf = wire.encode_pack(codec, x)
         packet = wire.unpack(buf, codec)
-        enc = _events_ms(
-            lambda c=codec, b=buf: wire.encode_pack(c, x, out=b), repeat, stream
-        )
+        enc = _events_ms(lambda c=codec, b=buf: wire.encode_pack(c, x, out=b), repeat, stream)
         dec = _events_ms(lambda c=codec, p=packet: c.decode(p, out=dst), repeat, stream)
-        rows.append({"where": label, "codec": spec, "encode_ms": enc, "decode_ms": dec,
-                     "encode_x_copy": copy_ms / enc, "decode_x_copy": copy_ms / dec})
+        rows.append(
+            {
+                "where": label,
+                "codec": spec,
+                "encode_ms": enc,
+                "decode_ms": dec,
+                "encode_x_copy": copy_ms / enc,
+                "decode_x_copy": copy_ms / dec,
+            }
+        )
     return rows
 
 
@@ -159,8 +177,14 @@ def overlap(quick: bool) -> list[dict[str, Any]]:
     codec_loop()  # the side stream is now busy for a while
     together = _events_ms(lambda: a @ b, 10)
     torch.cuda.synchronize()
-    return [{"matmul": f"bf16 {m}x{m}", "alone_ms": alone, "with_codec_ms": together,
-             "slowdown": together / alone - 1}]
+    return [
+        {
+            "matmul": f"bf16 {m}x{m}",
+            "alone_ms": alone,
+            "with_codec_ms": together,
+            "slowdown": together / alone - 1,
+        }
+    ]
 
 
 def _ar_rank(rank: int, world: int, n: int, results: Any) -> None:
@@ -205,8 +229,14 @@ def all_reduce(quick: bool) -> list[dict[str, Any]]:
     rows = []
     for spec in ("plain", "bf16", "int8"):
         ms = max(got[r][spec]["ms"] for r in got)
-        rows.append({"codec": spec, "ms": ms, "rel_err": got[0][spec]["rel_err"],
-                     "ranks_agree": got[0][spec]["rel_err"] == got[1][spec]["rel_err"]})
+        rows.append(
+            {
+                "codec": spec,
+                "ms": ms,
+                "rel_err": got[0][spec]["rel_err"],
+                "ranks_agree": got[0][spec]["rel_err"] == got[1][spec]["rel_err"],
+            }
+        )
     return rows
 
 
@@ -223,14 +253,21 @@ def main(argv: list[str] | None = None) -> int:
         "sms": torch.cuda.get_device_properties(0).multi_processor_count,
         "kernels": "reference path (torch ops) on CUDA",
     }
-    budget = {"correctness": 120, "speed": 90, "green_context": 90, "overlap": 60,
-              "all_reduce": 150}
+    budget = {
+        "correctness": 120,
+        "speed": 90,
+        "green_context": 90,
+        "overlap": 60,
+        "all_reduce": 150,
+    }
     seen: dict[str, float] = {}  # the full-device copy time, once "speed" ran
-    for name, fn in (("correctness", lambda: correctness(args.quick)),
-                     ("speed", lambda: speed(args.quick)),
-                     ("green_context", lambda: green_context(args.quick, seen.get("copy_ms"))),
-                     ("overlap", lambda: overlap(args.quick)),
-                     ("all_reduce", lambda: all_reduce(args.quick))):
+    for name, fn in (
+        ("correctness", lambda: correctness(args.quick)),
+        ("speed", lambda: speed(args.quick)),
+        ("green_context", lambda: green_context(args.quick, seen.get("copy_ms"))),
+        ("overlap", lambda: overlap(args.quick)),
+        ("all_reduce", lambda: all_reduce(args.quick)),
+    ):
         t0 = time.perf_counter()
         try:
             rows = fn()
@@ -238,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
             if name == "speed":
                 seen["copy_ms"] = rows[0]["ms"]
         except Exception as exc:  # noqa: BLE001 - one section must not hide the others
-            report[name] = {"error": f"{type(exc).__name__}: {exc}",
-                            "trace": traceback.format_exc(limit=3)}
+            report[name] = {
+                "error": f"{type(exc).__name__}: {exc}",
+                "trace": traceback.format_exc(limit=3),
+            }
         seconds = time.perf_counter() - t0
         over = " (over its budget)" if seconds > budget[name] else ""
         print(f"== {name}: {seconds:.1f} s{over}")

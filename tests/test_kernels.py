@@ -192,8 +192,9 @@ def test_gpu_check_says_not_run_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: run benchmarks/gpu_check.py itself")
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.py")
-    r = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, script, "--quick"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     assert "not run on GPU" in r.stdout
 

@@ -40,8 +40,9 @@ the site names the caller's module and function and counts the line from its
 in another directory) and edits elsewhere in the file; the slot tells apart
 tensors reduced at one site (a loop over layers): each live tensor keeps its
 slot, a new one takes the slot of a freed one (see `_auto_key`).
-Temporaries made inside such a loop share a slot: pass ``key=`` there. Residuals live in `error_feedback` (per codec config), PowerSGD state
-in `powersgd_memory`; `reset_error_feedback` clears both.
+Temporaries made inside such a loop share a slot: pass ``key=`` there.
+Residuals live in `error_feedback` (per codec config), PowerSGD state in
+`powersgd_memory`; `reset_error_feedback` clears both.
 """
 
 from __future__ import annotations

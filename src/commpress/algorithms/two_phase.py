@@ -102,9 +102,7 @@ def prepare(
     return Prepared(flat[start:stop], flat.dtype, bounds, bufs)
 
 
-def _prepare_fed_back(
-    comm: Comm, flat: torch.Tensor, bounds: list[tuple[int, int]]
-) -> Prepared:
+def _prepare_fed_back(comm: Comm, flat: torch.Tensor, bounds: list[tuple[int, int]]) -> Prepared:
     """Error feedback one piece at a time: compensate piece ``j`` with its residual,
     encode it, and store what the receiver will not see as the new residual, in place
     (no full-size copy). The own piece never crosses the wire: its residual is zero."""

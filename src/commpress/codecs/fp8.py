@@ -40,7 +40,7 @@ from typing import ClassVar
 import torch
 
 from .. import kernels
-from ..codec import Codec, check_range, fresh_output, saturating_cast
+from ..codec import Codec, check_range, saturating_cast
 from ..registry import register_codec
 from .quant import (
     ABSMAX_FLOOR,
@@ -50,6 +50,7 @@ from .quant import (
     block_absmax,
     block_parts,
     check_bool,
+    decode_with_kernel,
     expect_sections,
     finish_bound,
     finite_absmax,
@@ -116,11 +117,16 @@ class _FP8(Codec):
         n = x.numel()
         codes = torch.empty(n, dtype=torch.uint8)
         scales = torch.empty(nblocks(n, self.block), dtype=torch.float32)
-        kernels.fp8_encode(
-            x, self.fp8_dtype, self.fp8_max, self.block, self.pow2, codes, scales,
-            _fp8_table(self.fp8_dtype),
-        )
+        self._run_kernel(x, codes, scales, roundtrip=False)
         return codes, scales
+
+    def _run_kernel(
+        self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, roundtrip: bool
+    ) -> None:
+        table = _fp8_table(self.fp8_dtype)
+        kernels.fp8_encode(
+            x, self.fp8_dtype, self.fp8_max, self.block, self.pow2, codes, scales, table, roundtrip
+        )
 
     def _encode_into(
         self, x: torch.Tensor, payload: tuple[torch.Tensor, ...], roundtrip: bool = False
@@ -129,10 +135,7 @@ class _FP8(Codec):
             super()._encode_into(x, payload, roundtrip)
             return
         codes, scales = payload
-        kernels.fp8_encode(
-            x, self.fp8_dtype, self.fp8_max, self.block, self.pow2, codes, scales,
-            _fp8_table(self.fp8_dtype), roundtrip,
-        )
+        self._run_kernel(x, codes, scales, roundtrip)
 
     def _encode_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The definition (plain torch ops, any device); the kernel matches it bit for bit."""
@@ -162,14 +165,17 @@ class _FP8(Codec):
         out: torch.Tensor | None,
         accumulate: bool,
     ) -> torch.Tensor | None:
-        if not kernels.usable(*payload, *([] if out is None else [out])):
-            return None
-        expect_sections(self.spec, payload, self.sections(numel, dtype))
-        codes, scales = payload
-        out = fresh_output(payload, numel, dtype, out)
-        table = _fp8_table(self.fp8_dtype)
-        kernels.fp8_decode(codes, scales, table, self.block, out, dtype, accumulate)
-        return out
+        return decode_with_kernel(
+            self,
+            payload,
+            numel,
+            dtype,
+            out,
+            kernels.usable(*payload, out),
+            lambda codes, scales, o: kernels.fp8_decode(
+                codes, scales, _fp8_table(self.fp8_dtype), self.block, o, dtype, accumulate
+            ),
+        )
 
     def _decode(
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype

@@ -169,6 +169,26 @@ def finish_bound(x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> tor
     return bound.masked_fill_(~torch.isfinite(x), float("inf"))
 
 
+def decode_with_kernel(
+    codec: Codec,
+    payload: tuple[torch.Tensor, ...],
+    numel: int,
+    dtype: torch.dtype,
+    out: torch.Tensor | None,
+    fast: bool,
+    kernel: Callable[..., None],
+) -> torch.Tensor | None:
+    """The block codecs' ``_decode_into``: when ``fast``, validate the payload, make the
+    output (after validation: a hostile header must not allocate) and run
+    ``kernel(*payload, out)``; None lets `Codec.decode` take the reference path."""
+    if not fast:
+        return None
+    expect_sections(codec.spec, payload, codec.sections(numel, dtype))
+    out = fresh_output(payload, numel, dtype, out)
+    kernel(*payload, out)
+    return out
+
+
 def expect_sections(
     spec: str, payload: tuple[torch.Tensor, ...], expected: list[tuple[torch.dtype, int]]
 ) -> None:
@@ -268,13 +288,11 @@ class _IntQuant(Codec):
         base = (step if self.stochastic else step / 2) + ARITH_SLACK * absmax
         return finish_bound(flat, base, flat.dtype).view(x.shape)
 
-    def _fast(self, *tensors: torch.Tensor) -> bool:
+    def _fast(self, *tensors: torch.Tensor | None) -> bool:
         # The kernels pack whole blocks into whole bytes; stochastic rounding stays on
         # the reference path (it draws from torch's generator).
         return (
-            not self.stochastic
-            and self.block % (8 // self.bits) == 0
-            and kernels.usable(*tensors)
+            not self.stochastic and self.block % (8 // self.bits) == 0 and kernels.usable(*tensors)
         )
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -344,13 +362,17 @@ class _IntQuant(Codec):
         out: torch.Tensor | None,
         accumulate: bool,
     ) -> torch.Tensor | None:
-        if not self._fast(*payload, *([] if out is None else [out])):
-            return None
-        expect_sections(self.spec, payload, self.sections(numel, dtype))
-        codes, scales = payload
-        out = fresh_output(payload, numel, dtype, out)
-        kernels.quant_decode(codes, scales, self.bits, self.block, out, dtype, accumulate)
-        return out
+        return decode_with_kernel(
+            self,
+            payload,
+            numel,
+            dtype,
+            out,
+            self._fast(*payload, out),
+            lambda codes, scales, o: kernels.quant_decode(
+                codes, scales, self.bits, self.block, o, dtype, accumulate
+            ),
+        )
 
     def _decode(
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
@@ -543,13 +565,17 @@ class Sign(Codec):
         out: torch.Tensor | None,
         accumulate: bool,
     ) -> torch.Tensor | None:
-        if not kernels.usable(*payload, *([] if out is None else [out])):
-            return None
-        expect_sections(self.spec, payload, self.sections(numel, dtype))
-        bits, scales = payload
-        out = fresh_output(payload, numel, dtype, out)
-        kernels.sign_decode(bits, scales, self.block, out, dtype, accumulate)
-        return out
+        return decode_with_kernel(
+            self,
+            payload,
+            numel,
+            dtype,
+            out,
+            kernels.usable(*payload, out),
+            lambda bits, scales, o: kernels.sign_decode(
+                bits, scales, self.block, o, dtype, accumulate
+            ),
+        )
 
     def _decode(
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype

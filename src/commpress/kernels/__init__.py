@@ -123,9 +123,10 @@ def reference_only() -> Iterator[None]:
             _forced_reference -= 1
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """True when the fast kernels can take these tensors (all on CPU, kernels loaded)."""
-    if _forced_reference or any(t.device.type != "cpu" for t in tensors):
+def usable(*tensors: torch.Tensor | None) -> bool:
+    """True when the fast kernels can take these tensors (all on CPU, kernels loaded);
+    None entries (an output not allocated yet) are ignored."""
+    if _forced_reference or any(t is not None and t.device.type != "cpu" for t in tensors):
         return False
     return _load() is not None
 
