@@ -206,6 +206,12 @@ def test_engine_rejects_bad_values(kwargs):
         Engine(**kwargs)
 
 
+def test_engine_rejects_absurd_thread_counts():
+    with pytest.raises(ConfigError, match="at most 1024"):
+        Engine(num_threads=10**9)
+    Engine(num_threads=1024)  # the limit itself is allowed
+
+
 def test_engine_runs_one_group_in_issue_order_and_handles_wait_out_of_order():
     engine = Engine()
     order: list[int] = []

@@ -201,3 +201,20 @@ def test_running_sum_of_decoded_tracks_running_sum_of_inputs(codec):
     # without it the bias of a 1-bit codec piles up step after step.
     assert with_ef < 2 * step_norm, (with_ef, step_norm)
     assert with_ef < 0.2 * without_ef, (with_ef, without_ef)
+
+
+@pytest.mark.parametrize(
+    "residuals, needle",
+    [
+        ([1, 2], "must be a dict"),
+        (None, "must be a dict"),
+        ({"a": [1.0]}, "must be a floating tensor, got list"),
+        ({"a": torch.tensor([1, 2])}, "must be a floating tensor, got torch.int64"),
+        ({"a": torch.tensor([float("nan")])}, "NaN or Inf"),
+    ],
+)
+def test_load_state_dict_rejects_malformed_residuals_clearly(residuals, needle):
+    ef = commpress.ErrorFeedback("sign")
+    with pytest.raises(commpress.ConfigError, match=needle):
+        ef.load_state_dict({"codec": "sign", "residuals": residuals})
+    assert len(ef) == 0  # nothing half-loaded

@@ -274,6 +274,10 @@ class _CudaStreams:
             self.stream = torch.cuda.Stream(device=device, priority=priority)
 
 
+#: The most worker threads an `Engine` may own.
+MAX_THREADS = 1024
+
+
 class Engine:
     """Threads, streams and chunking for compressed collectives.
 
@@ -323,6 +327,11 @@ class Engine:
         for name, value in (("num_threads", num_threads), ("chunk_bytes", chunk_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"Engine({name}={value!r}) is not allowed; expected an int >= 0")
+        if num_threads > MAX_THREADS:
+            raise ConfigError(
+                f"Engine(num_threads={num_threads}) is not allowed; expected at most "
+                f"{MAX_THREADS} (codec threads beyond the cores only contend)"
+            )
         if num_sms is not None and (
             isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1
         ):

@@ -152,6 +152,23 @@ class ErrorFeedback:
                 f"error feedback state was saved with codec {state['codec']!r}, this one uses "
                 f"{self.codec.spec!r}; residuals do not carry over between codecs (call reset())"
             )
+        residuals = state["residuals"]
+        if not isinstance(residuals, dict):
+            raise ConfigError(
+                f"error feedback state: 'residuals' must be a dict of key -> tensor, got "
+                f"{type(residuals).__name__}"
+            )
+        for k, v in residuals.items():
+            if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point:
+                what = type(v).__name__ if not isinstance(v, torch.Tensor) else str(v.dtype)
+                raise ConfigError(
+                    f"error feedback state: residual {k!r} must be a floating tensor, got {what}"
+                )
+            if not bool(torch.isfinite(v).all()):
+                raise ConfigError(
+                    f"error feedback state: residual {k!r} holds NaN or Inf; a non-finite "
+                    "residual would turn every later output of that key non-finite"
+                )
         self._residuals = {
-            k: v.detach().to(residual_dtype(v.dtype)).clone() for k, v in state["residuals"].items()
+            k: v.detach().to(residual_dtype(v.dtype)).clone() for k, v in residuals.items()
         }
