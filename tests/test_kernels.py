@@ -217,3 +217,19 @@ def test_roundtrip_encode_writes_back_what_a_receiver_decodes(spec, dtype):
         assert torch.equal(buf, expected_buf), spec
         same = (y == expected) | (y.isnan() & expected.isnan())
         assert bool(same.all()), f"{spec} {dtype}: {int((~same).sum())} elements differ"
+
+
+@pytest.mark.parametrize("spec", ["none", "fp16", "bf16"])
+def test_a_packet_without_sections_is_a_wire_error(spec):
+    """A consistent header with zero payload sections gave IndexError in the casts."""
+    from commpress.codec import Packet, PacketMeta
+
+    codec = commpress.get_codec(spec)
+    packet = Packet((), PacketMeta(torch.Size([4]), torch.float32, codec.spec))
+    with pytest.raises(commpress.WireError, match="malformed packet"):
+        codec.decode(packet)
+    with pytest.raises(commpress.WireError, match="malformed packet"):
+        codec.decode(packet, out=torch.empty(4))
+    buf = commpress.wire.pack(packet)
+    with pytest.raises(commpress.WireError):
+        codec.decode(commpress.wire.unpack(buf, codec))
