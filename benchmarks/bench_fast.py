@@ -17,6 +17,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -201,7 +202,7 @@ def ddp_linked(rate: str, **kwargs: Any) -> list[dict[str, Any]]:
         rate,
         "bench_fast:ddp_rows",
         kwargs,
-        pythonpath=[str(__import__("pathlib").Path(__file__).parent)],
+        pythonpath=[str(Path(__file__).parent)],
         timeout=1800,
     )
     for r in rows:

@@ -342,10 +342,12 @@ class Codec(abc.ABC):
             )
         if out is not None:
             _check_out(out, meta, accumulate)
-            if out.is_contiguous() and self._decode_into(
-                packet.payload, meta.numel, meta.dtype, out.view(-1), accumulate
-            ) is not None:
-                return out
+            if out.is_contiguous():
+                fused = self._decode_into(
+                    packet.payload, meta.numel, meta.dtype, out.view(-1), accumulate
+                )
+                if fused is not None:
+                    return out
         elif accumulate:
             raise ValueError("decode(accumulate=True) needs an out tensor to add to")
         else:
@@ -424,8 +426,8 @@ def fresh_output(
 def _check_out(out: torch.Tensor, meta: PacketMeta, accumulate: bool) -> None:
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    dtype_ok = is_float(out.dtype) if accumulate and is_float(meta.dtype) else (
-        out.dtype == meta.dtype
+    dtype_ok = (
+        is_float(out.dtype) if accumulate and is_float(meta.dtype) else (out.dtype == meta.dtype)
     )
     if out.shape != meta.shape or not dtype_ok:
         want = "a floating dtype" if accumulate and is_float(meta.dtype) else str(meta.dtype)
@@ -446,7 +448,8 @@ def saturating_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == t.dtype or not dtype.is_floating_point:
         return y
     over = y.isinf() & t.isfinite()
-    if bool(over.any()):
+    # On CPU, skip the select in the common case; elsewhere asking would sync the host.
+    if y.device.type != "cpu" or bool(over.any()):
         big = torch.full((), torch.finfo(dtype).max, dtype=dtype, device=y.device)
         y = torch.where(over, torch.where(t < 0, -big, big), y)
     return y

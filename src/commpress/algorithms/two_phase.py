@@ -91,9 +91,9 @@ def prepare(
     ``bounds`` default to `chunk_bounds` of ``flat`` into ``world`` chunks.
     """
     bounds = list(bounds) if bounds is not None else chunk_bounds(flat.numel(), comm.size)
-    start, stop = bounds[comm.rank]
     if comm.feedback is not None:
         return _prepare_fed_back(comm, flat, bounds)
+    start, stop = bounds[comm.rank]
     # This rank's own chunk never crosses the wire: it enters the sum exactly. The others
     # are encoded straight into one send buffer (fixed-size codecs).
     bufs = encode_pack_many(

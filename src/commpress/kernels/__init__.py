@@ -84,6 +84,8 @@ _forced_reference = 0
 
 def _load() -> ModuleType | None:
     global _module, _loaded
+    if _loaded:  # every encode and decode asks: no lock once the answer is known
+        return _module
     with _lock:
         if _loaded:
             return _module
@@ -129,6 +131,13 @@ def usable(*tensors: torch.Tensor | None) -> bool:
     if _forced_reference or any(t is not None and t.device.type != "cpu" for t in tensors):
         return False
     return _load() is not None
+
+
+def _kernels() -> ModuleType:
+    # Callers checked `usable` first.
+    k = _load()
+    assert k is not None
+    return k
 
 
 def _np(t: torch.Tensor) -> Any:
@@ -195,8 +204,7 @@ def quant_encode(
 
     ``roundtrip`` (float32 ``x`` only): also overwrite ``x`` with its decoded value.
     """
-    k = _load()
-    assert k is not None
+    k = _kernels()
     per = 8 // bits
     c, s = _np(codes), _np(scales)
 
@@ -216,8 +224,7 @@ def quant_decode(
     accumulate: bool,
 ) -> None:
     """Decode `quant_encode` output into flat ``out`` (written, or added to)."""
-    k = _load()
-    assert k is not None
+    k = _kernels()
     per = 8 // bits
     c, s = _np(codes), _np(scales)
 
@@ -243,8 +250,7 @@ def fp8_encode(
     ``table``: the float32 value of each code; ``roundtrip`` (float32 ``x`` only): also
     overwrite ``x`` with its decoded value.
     """
-    k = _load()
-    assert k is not None
+    k = _kernels()
     mbits, ebias = (3, 7) if fp8_dtype == torch.float8_e4m3fn else (2, 15)
     c, s, t, lim = _np(codes), _np(scales), _np(table), _np(_saturation_table(table))
 
@@ -266,8 +272,7 @@ def fp8_decode(
     accumulate: bool,
 ) -> None:
     """``table[code] * scale`` for every element into flat ``out`` (written, or added to)."""
-    k = _load()
-    assert k is not None
+    k = _kernels()
     c, s, t, lim = _np(codes), _np(scales), _np(table), _np(_saturation_table(table))
 
     def run(o32: Any, a: int, b: int, acc: bool) -> None:
@@ -278,8 +283,7 @@ def fp8_decode(
 
 def sign_encode(x: torch.Tensor, block: int, bits: torch.Tensor, scales: torch.Tensor) -> None:
     """Sign bits and float64-summed mean ``|x|`` per block of flat ``x``."""
-    k = _load()
-    assert k is not None
+    k = _kernels()
     bt, s = _np(bits), _np(scales)
 
     def run(x32: Any, a: int, b: int) -> None:
@@ -297,8 +301,7 @@ def sign_decode(
     accumulate: bool,
 ) -> None:
     """``+-scale`` per element into flat ``out`` (written, or added to)."""
-    k = _load()
-    assert k is not None
+    k = _kernels()
     bt, s = _np(bits), _np(scales)
 
     def run(o32: Any, a: int, b: int, acc: bool) -> None:
@@ -312,15 +315,13 @@ def bf16_encode(x: torch.Tensor, out: torch.Tensor, roundtrip: bool = False) -> 
 
     ``roundtrip``: also overwrite ``x`` with the bfloat16 values.
     """
-    k = _load()
-    assert k is not None
+    k = _kernels()
     k.bf16_encode(_np(x), _np(out.view(torch.int16)).view("uint16"), roundtrip)
 
 
 def bf16_decode(payload: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     """bfloat16 ``payload`` -> float32 ``out`` (exact), or added to it."""
-    k = _load()
-    assert k is not None
+    k = _kernels()
     k.bf16_decode(_np(payload.view(torch.int16)).view("uint16"), _np(out), accumulate)
 
 
