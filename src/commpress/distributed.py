@@ -1220,7 +1220,7 @@ def irecv(
     The first receive is posted at once, in issue order; a helper thread fetches the
     payload as soon as its descriptor arrives, so the sender completes even before
     this handle is waited on. Returns a `Handle` (None on a rank outside ``group``)
-    whose ``source_rank`` is the sender's global rank once it completed.
+    whose ``source_rank()`` is the sender's global rank once it completed.
     """
     _check_tensor(tensor, "tensor")
     if _not_member(group):
@@ -1240,7 +1240,6 @@ def irecv(
         return Handle(completer=complete_plain, poll=work.is_completed)
     pending = transport.post_recv(call.comm(tensor.device, tensor.dtype), tensor, peer, tag)
     handle = Handle()
-    handle.source_rank = None  # type: ignore[attr-defined]
 
     def fetch() -> None:
         try:
@@ -1248,9 +1247,8 @@ def irecv(
         except BaseException as exc:  # noqa: BLE001 - delivered through the handle
             handle._finish(exc=_backend_error("irecv", exc))
             return
-        handle.source_rank = _global(group, source)  # type: ignore[attr-defined]
         record(call.rec)
-        handle._finish([tensor])
+        handle._finish([tensor], source_rank=_global(group, source))
 
     threading.Thread(target=fetch, name="commpress-irecv", daemon=True).start()
     return handle

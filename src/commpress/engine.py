@@ -1,4 +1,4 @@
-"""The engine: the execution resources reserved for compressed collectives, and `Handle`.
+"""The engine: the execution resources reserved for compressed collectives.
 
 An `Engine` decides *where* the encode -> transfer -> decode pipeline of a
 collective runs, so that compression overlaps with the caller's compute:
@@ -34,16 +34,15 @@ CUDA (NCCL) -- written, NOT run: no GPU was available where this was built
     ``ProcessGroupNCCL.Options().config.max_ctas`` passed as ``pg_options``
     to ``init_process_group``/``new_group``.
 
-Every async call returns one `Handle`: ``wait()``, ``is_completed()``,
-``get_future()`` -- what ``torch.distributed.Work`` offers. Handles may be
-waited in any order.
+Every async call returns one `commpress.handle.Handle` (a
+``torch.distributed.Work``, re-exported here); handles may be waited in any
+order.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import datetime
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -54,149 +53,11 @@ from typing import Any, TypeVar
 import torch
 
 from .errors import CollectiveError, ConfigError
+from .handle import Handle
 
 __all__ = ["Engine", "Handle", "get_engine", "set_engine"]
 
 S = TypeVar("S")
-
-
-class Handle:
-    """The result of an async compressed call, like ``torch.distributed.Work``.
-
-    ``wait()`` blocks until the call is done (on CUDA: until its work is queued,
-    and makes the caller's current stream wait for it) and re-raises its error;
-    ``is_completed()`` asks without blocking; ``get_future()`` returns a
-    ``torch.futures.Future`` whose value is the list of output tensors.
-    """
-
-    def __init__(
-        self, completer: Callable[[], Any] | None = None, poll: Callable[[], bool] | None = None
-    ) -> None:
-        # A handle is finished either by the engine's worker (`_finish`) or, for calls
-        # that were handed to the backend directly, lazily by `completer` (which blocks
-        # until the backend's works are done) when someone waits or asks.
-        self._issued = threading.Event()
-        self._lock = threading.Lock()
-        self._completing = threading.Lock()
-        self._value: Any = None
-        self._exc: BaseException | None = None
-        self._event: Any = None  # CUDA event recorded at the end of the work
-        self._future: torch.futures.Future | None = None
-        self._completer = completer
-        self._poll = poll
-
-    def __repr__(self) -> str:
-        state = "done" if self._issued.is_set() else "pending"
-        return f"Handle({state})"
-
-    @classmethod
-    def done(cls, value: Any) -> Handle:
-        """A handle that is already complete with ``value``."""
-        h = cls()
-        h._finish(value)
-        return h
-
-    # ---------------------------------------------------------- producer side
-    def _finish(
-        self, value: Any = None, exc: BaseException | None = None, event: Any = None
-    ) -> None:
-        with self._lock:
-            if self._issued.is_set():
-                return
-            self._value, self._exc, self._event = value, exc, event
-            self._issued.set()
-            future = self._future
-        if future is not None:
-            self._resolve(future)
-
-    def _resolve(self, future: torch.futures.Future) -> None:
-        if self._event is not None and not self._event.query():
-            # CUDA work still running: resolve once it is done, on a helper thread, so that
-            # neither the caller nor the engine's worker blocks on the device.
-            def later() -> None:
-                self._event.synchronize()
-                self._set(future)
-
-            threading.Thread(target=later, name="commpress-future", daemon=True).start()
-            return
-        self._set(future)
-
-    def _set(self, future: torch.futures.Future) -> None:
-        if self._exc is not None:
-            future.set_exception(self._exc)
-        else:
-            future.set_result(self._value)
-
-    def _complete_lazily(self) -> None:
-        if self._issued.is_set() or self._completer is None:
-            return
-        with self._completing:  # the completer runs once, whoever gets here first
-            if self._issued.is_set():
-                return
-            try:
-                value = self._completer()
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
-                self._finish(exc=exc)
-            else:
-                self._finish(value)
-
-    # ---------------------------------------------------------- consumer side
-    def wait(self, timeout: datetime.timedelta | float | None = None) -> bool:
-        """Block until done; re-raise the call's error. Returns True, like ``Work.wait``.
-
-        Args:
-            timeout: seconds or a ``timedelta``; None waits as long as the process
-                group's own timeout allows.
-
-        Raises:
-            CollectiveError: the call failed, or ``timeout`` passed first.
-        """
-        self._complete_lazily()
-        seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
-        if not self._issued.wait(seconds):
-            raise CollectiveError(f"commpress handle did not complete within {seconds} s")
-        if self._exc is not None:
-            raise self._exc
-        if self._event is not None:
-            torch.cuda.current_stream().wait_event(self._event)
-        return True
-
-    def is_completed(self) -> bool:
-        """True when the call has finished (successfully or not); never blocks."""
-        if not self._issued.is_set() and self._poll is not None and self._poll():
-            self._complete_lazily()
-        if not self._issued.is_set():
-            return False
-        return self._event is None or bool(self._event.query())
-
-    def is_success(self) -> bool:
-        """True when the call finished without an error."""
-        return self.is_completed() and self._exc is None
-
-    def exception(self) -> BaseException | None:
-        """The call's error once it finished, else None."""
-        return self._exc if self._issued.is_set() else None
-
-    def result(self) -> list[torch.Tensor]:
-        """The output tensors (after `wait`), like ``Work.result()``."""
-        self.wait()
-        return self._value if isinstance(self._value, list) else [self._value]
-
-    def get_future(self) -> torch.futures.Future:
-        """A ``torch.futures.Future`` resolved with the output tensors (or the error)."""
-        with self._lock:
-            if self._future is None:
-                self._future = torch.futures.Future()
-                finished = self._issued.is_set()
-            else:
-                return self._future
-        if finished:
-            self._resolve(self._future)
-        elif self._completer is not None:
-            threading.Thread(
-                target=self._complete_lazily, name="commpress-handle", daemon=True
-            ).start()
-        return self._future
 
 
 class _GroupQueue:

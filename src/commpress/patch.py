@@ -43,9 +43,10 @@ What is left alone, on purpose
 
 With a lossless codec a patched collective behaves like the original one:
 same in-place results, return values (``None``, the sender rank for
-``recv``), dtypes and groups; ``async_op=True`` returns a
-``torch.distributed.Work`` (``wait``, ``is_completed``, ``get_future``), so
-code that checks ``isinstance(work, dist.Work)`` (FSDP2 does) keeps working.
+``recv``), dtypes and groups; ``async_op=True`` returns commpress's
+`commpress.handle.Handle`, itself a ``torch.distributed.Work`` (``wait``,
+``is_completed``, ``get_future``), so code that checks
+``isinstance(work, dist.Work)`` (FSDP2 does) keeps working.
 
 Example::
 
@@ -106,45 +107,10 @@ _ddp_init: Callable[..., Any] | None = None
 _installed = False
 
 
-class _HandleWork(dist.Work):
-    """A `torch.distributed.Work` over a commpress handle (wait, is_completed, get_future)."""
-
-    def __init__(self, handle: Any) -> None:
-        super().__init__()
-        self._handle = handle
-
-    def wait(self, timeout: Any = None) -> bool:
-        self._handle.wait()
-        return True
-
-    def is_completed(self) -> bool:
-        return bool(self._handle.is_completed())
-
-    def is_success(self) -> bool:
-        fut = self._handle.get_future()
-        return fut.done() and not _future_failed(fut)
-
-    def get_future(self) -> Any:
-        return self._handle.get_future()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._handle, name)
-
-
-def _future_failed(fut: Any) -> bool:
-    try:
-        fut.value()
-    except Exception:  # noqa: BLE001 - only asking whether it failed
-        return True
-    return False
-
-
 def _as_torch_result(result: Any) -> Any:
-    """What the torch function returns: a ``Work`` when async, ``recv``'s rank, else None."""
-    if result is None or isinstance(result, (dist.Work, int)):
-        return result
-    if hasattr(result, "wait") and hasattr(result, "get_future"):
-        return _HandleWork(result)
+    """What the torch function returns: the ``Work`` when async, ``recv``'s rank, else None."""
+    if isinstance(result, (dist.Work, int)):
+        return result  # a commpress Handle is a dist.Work
     return None  # blocking torch collectives return None, whatever commpress returned
 
 
