@@ -27,9 +27,9 @@ def moe_forward(x, router, experts, dispatch_codec, combine_codec):
     weights, expert_ids = scores.topk(TOPK, dim=-1)
     recv, handle = moe.dispatch(x, expert_ids, NUM_EXPERTS, codec=dispatch_codec)
     out = torch.empty_like(recv)
-    first = handle.bounds[torch.distributed.get_rank()]
+    first = handle.layout.bounds[torch.distributed.get_rank()]
     for j, expert in enumerate(experts):  # this rank's experts, on their rows
-        rows = handle.recv_expert_ids == first + j
+        rows = handle.layout.recv_expert_ids == first + j
         out[rows] = expert(recv[rows])
     return moe.combine(out, handle, weights=weights, codec=combine_codec)
 

@@ -57,13 +57,15 @@ def _round_trip(rank, world, tokens, topk, num_experts, codecs, subgroup, async_
             x, ids, num_experts, group=group, codec=codecs[0], async_op=async_op
         )
         handle.wait()
-        lo, hi = handle.bounds[grank], handle.bounds[grank + 1]
-        assert ((handle.recv_expert_ids >= lo) & (handle.recv_expert_ids < hi)).all()
-        assert int(handle.tokens_per_expert.sum()) == recv.shape[0]
-        y = _expert(recv, handle.recv_expert_ids)
+        layout = handle.layout
+        lo, hi = layout.bounds[grank], layout.bounds[grank + 1]
+        assert ((layout.recv_expert_ids >= lo) & (layout.recv_expert_ids < hi)).all()
+        assert int(layout.tokens_per_expert.sum()) == recv.shape[0]
+        y = _expert(recv, layout.recv_expert_ids)
         out = moe.combine(y, handle, weights=weights, codec=codecs[1], async_op=async_op)
         if async_op:
-            out = out.wait()
+            out.wait()
+            out = out.result()[0]
     stats = commpress.stats()["all_to_all_single"]
     return {"x": x, "ids": ids, "w": weights, "out": out, "recv": recv, "stats": stats}
 
@@ -105,7 +107,7 @@ def _uneven(rank, world):
     ids = torch.zeros(5 + rank, 1, dtype=torch.int64)
     recv, handle = moe.dispatch(x, ids, 3, codec="none")
     out = moe.combine(recv * 2, handle, codec="none")
-    return recv.shape[0], handle.recv_splits, torch.equal(out, 2 * x)
+    return recv.shape[0], handle.layout.recv_splits, torch.equal(out, 2 * x)
 
 
 def test_all_tokens_to_one_rank(pool):

@@ -1237,7 +1237,8 @@ def irecv(
                 raise _backend_error("irecv", exc) from exc
             return [tensor]
 
-        return Handle(completer=complete_plain, poll=work.is_completed)
+        known = None if peer is None else _global(group, peer)  # any source: unknown here
+        return Handle(completer=complete_plain, poll=work.is_completed, source_rank=known)
     pending = transport.post_recv(call.comm(tensor.device, tensor.dtype), tensor, peer, tag)
     handle = Handle()
 

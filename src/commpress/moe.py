@@ -17,9 +17,9 @@ Layout
 
 What a rank receives
     Rows grouped by source rank (rank 0's first), and inside each source's
-    block by local expert. ``handle.recv_expert_ids[i]`` is the global expert
-    of received row ``i``; ``handle.tokens_per_expert[j]`` counts the rows for
-    local expert ``j``. The expert output given to ``combine`` must have one
+    block by local expert. ``handle.layout.recv_expert_ids[i]`` is the global
+    expert of received row ``i``; ``handle.layout.tokens_per_expert[j]``
+    counts the rows for local expert ``j``. The expert output given to ``combine`` must have one
     row per received row, in the same order.
 
 Communication: one small all-to-all of per-expert counts (int64, lossless),
@@ -27,27 +27,33 @@ then one all-to-all of the tokens with uneven split sizes
 (`commpress.distributed.all_to_all_single`). ``combine`` runs the reverse
 all-to-all.
 
+Both return a `commpress.Handle` (a ``torch.distributed.Work``): ``dispatch``
+the one whose ``layout`` (a `DispatchLayout`) ``combine`` needs, complete at
+once unless ``async_op=True``; ``combine(..., async_op=True)`` one whose
+``result()`` is ``[out]``.
+
 Example::
 
     import commpress.moe as moe
     recv, handle = moe.dispatch(x, topk_ids, num_experts=8)         # fp8 on the wire
-    y = run_local_experts(recv, handle.recv_expert_ids)
+    y = run_local_experts(recv, handle.layout.recv_expert_ids)
     out = moe.combine(y, handle, weights=topk_weights)               # bf16 on the wire
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .errors import ConfigError
+from .handle import Handle
 from .pipeline import control_device
 from .registry import CodecLike
 
-__all__ = ["dispatch", "combine", "DispatchHandle", "CombineHandle", "expert_bounds"]
+__all__ = ["dispatch", "combine", "DispatchLayout", "expert_bounds"]
 
 
 def expert_bounds(num_experts: int, world_size: int) -> tuple[int, ...]:
@@ -55,9 +61,11 @@ def expert_bounds(num_experts: int, world_size: int) -> tuple[int, ...]:
     return tuple(r * num_experts // world_size for r in range(world_size + 1))
 
 
-@dataclass
-class DispatchHandle:
+@dataclass(frozen=True, eq=False)
+class DispatchLayout:
     """Everything ``combine`` needs to send expert outputs back, plus the expert layout.
+
+    The ``layout`` of the `commpress.Handle` that ``dispatch`` returns.
 
     Attributes:
         group: the process group of the exchange (None: the default group).
@@ -85,38 +93,11 @@ class DispatchHandle:
     recv_expert_ids: torch.Tensor
     tokens_per_expert: torch.Tensor
     codec: str
-    _work: Any = field(default=None, repr=False)
 
     @property
     def num_received(self) -> int:
+        """Rows this rank received, ``N_recv``."""
         return sum(self.recv_splits)
-
-    def wait(self) -> None:
-        """Block until the dispatched tokens have arrived (no-op for a synchronous call)."""
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-
-    def is_completed(self) -> bool:
-        return self._work is None or bool(self._work.is_completed())
-
-
-@dataclass
-class CombineHandle:
-    """Pending ``combine(..., async_op=True)``; ``wait()`` returns the ``[T, H]`` result."""
-
-    _work: Any
-    _finish: Any
-    _result: torch.Tensor | None = None
-
-    def wait(self) -> torch.Tensor:
-        if self._result is None:
-            self._work.wait()
-            self._result = self._finish()
-        return self._result
-
-    def is_completed(self) -> bool:
-        return self._result is not None or bool(self._work.is_completed())
 
 
 def _world(group: Any) -> tuple[int, int]:
@@ -164,7 +145,7 @@ def dispatch(
     group: Any = None,
     codec: CodecLike = "fp8",
     async_op: bool = False,
-) -> tuple[torch.Tensor, DispatchHandle]:
+) -> tuple[torch.Tensor, Handle]:
     """Send each token to the ranks owning its experts.
 
     Args:
@@ -179,7 +160,9 @@ def dispatch(
 
     Returns:
         ``(received, handle)``: ``received`` is ``[N_recv, H]`` of ``x.dtype``, grouped by
-        source rank then local expert; ``handle`` is the `DispatchHandle` for ``combine``.
+        source rank then local expert; ``handle`` is a `commpress.Handle` (already
+        complete unless ``async_op``) whose ``result()`` is ``[received]`` and whose
+        ``layout`` is the `DispatchLayout` for ``combine``.
 
     Raises:
         ConfigError: bad shapes, ids out of range, no process group, or a bad codec.
@@ -230,7 +213,7 @@ def dispatch(
         async_op=async_op,
         codec=codec,
     )
-    handle = DispatchHandle(
+    layout = DispatchLayout(
         group=group,
         num_experts=num_experts,
         bounds=bounds,
@@ -242,46 +225,55 @@ def dispatch(
         recv_expert_ids=recv_expert_ids.to(device),
         tokens_per_expert=recv_counts.sum(0),
         codec=spec,
-        _work=work if async_op else None,
     )
-    return received, handle
+    if work is None:
+        return received, Handle.done([received], layout=layout)
+    return received, Handle(
+        completer=lambda: (work.wait(), [received])[1], poll=work.is_completed, layout=layout
+    )
 
 
 def combine(
     y: torch.Tensor,
-    handle: DispatchHandle,
+    handle: Handle,
     *,
     weights: torch.Tensor | None = None,
     codec: CodecLike = "bf16",
     async_op: bool = False,
-) -> Any:
+) -> torch.Tensor | Handle:
     """Send expert outputs back to the tokens' ranks and sum them per token.
 
     Args:
         y: ``[N_recv, H']`` expert outputs, one row per row ``dispatch`` delivered, same order.
-        handle: the `DispatchHandle` of the matching ``dispatch``.
+        handle: the handle the matching ``dispatch`` returned (its ``layout``).
         weights: ``[T, k]`` (or ``[T]``) gate weights; each slot's output is multiplied by
             its weight before the sum over ``k``. None: plain sum.
         codec: codec for the way back; default ``"bf16"``.
-        async_op: return a `CombineHandle` whose ``wait()`` gives the result.
+        async_op: return a `commpress.Handle` at once; its ``result()`` is ``[out]``.
 
     Returns:
-        ``[T, H']`` tensor of ``y.dtype`` (or a `CombineHandle`). Rows of tokens whose
-        slots were all dropped are zero.
+        ``out``, a ``[T, H']`` tensor of ``y.dtype`` (or the `commpress.Handle`). Rows of
+        tokens whose slots were all dropped are zero.
 
     Raises:
-        ConfigError: ``y`` or ``weights`` has the wrong shape.
+        ConfigError: ``y`` or ``weights`` has the wrong shape, or ``handle`` is not what
+            ``dispatch`` returned.
     """
     from . import distributed as cdist
 
     _spec(codec)
-    handle.wait()
-    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != handle.num_received:
+    layout = getattr(handle, "layout", None)
+    if not isinstance(layout, DispatchLayout):
         raise ConfigError(
-            f"combine: y must be [N_recv, H] with N_recv={handle.num_received} (rows delivered "
+            f"combine: handle must be the handle moe.dispatch returned, got {handle!r}"
+        )
+    handle.wait()
+    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != layout.num_received:
+        raise ConfigError(
+            f"combine: y must be [N_recv, H] with N_recv={layout.num_received} (rows delivered "
             f"by dispatch), got shape {tuple(getattr(y, 'shape', ()))}"
         )
-    T, k = handle.num_tokens, handle.topk
+    T, k = layout.num_tokens, layout.topk
     if weights is not None:
         w = weights.unsqueeze(1) if weights.dim() == 1 else weights
         if tuple(w.shape) != (T, k):
@@ -289,13 +281,13 @@ def combine(
                 f"combine: weights must have shape [{T}, {k}], got {tuple(weights.shape)}"
             )
 
-    back = y.new_empty((sum(handle.send_splits), y.shape[1]))
+    back = y.new_empty((sum(layout.send_splits), y.shape[1]))
     work = cdist.all_to_all_single(
         back,
         y.contiguous(),
-        output_split_sizes=handle.send_splits,
-        input_split_sizes=handle.recv_splits,
-        group=handle.group,
+        output_split_sizes=layout.send_splits,
+        input_split_sizes=layout.recv_splits,
+        group=layout.group,
         async_op=async_op,
         codec=codec,
     )
@@ -305,14 +297,14 @@ def combine(
         # slot order, so the sum does not depend on how slots were routed.
         acc_dtype = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype
         slots = y.new_zeros((T * k, y.shape[1]), dtype=acc_dtype)
-        slots.index_copy_(0, handle.send_slots, back.to(acc_dtype))
+        slots.index_copy_(0, layout.send_slots, back.to(acc_dtype))
         slots = slots.view(T, k, y.shape[1])
         if weights is not None:
             slots = slots * w.to(acc_dtype).unsqueeze(-1)
         return slots.sum(1).to(y.dtype)
 
     if async_op:
-        return CombineHandle(work, finish)
+        return Handle(completer=lambda: (work.wait(), [finish()])[1], poll=work.is_completed)
     return finish()
 
 
