@@ -119,11 +119,15 @@ class PacketMeta:
         shape: shape of the original tensor.
         dtype: dtype of the original tensor.
         spec: canonical spec string of the codec that made the packet.
+        config_hash: `Codec.config_hash` of that codec, so packing need not rebuild the
+            codec from ``spec``; None in a packet built by hand (``wire.pack`` then looks
+            the codec up by its spec).
     """
 
     shape: torch.Size
     dtype: torch.dtype
     spec: str
+    config_hash: int | None = None
 
     @property
     def numel(self) -> int:
@@ -269,7 +273,8 @@ class Codec(abc.ABC):
         self.check_tensor(tensor)
         flat = tensor.detach().contiguous().view(-1)
         payload = tuple(self._encode(flat))
-        return Packet(payload, PacketMeta(torch.Size(tensor.shape), tensor.dtype, self.spec))
+        meta = PacketMeta(torch.Size(tensor.shape), tensor.dtype, self.spec, self.config_hash)
+        return Packet(payload, meta)
 
     def encode_into(
         self,
@@ -392,7 +397,7 @@ class Codec(abc.ABC):
         for dst, src in zip(payload, self._encode(x), strict=True):
             dst.copy_(src)
         if roundtrip:
-            meta = PacketMeta(torch.Size([x.numel()]), x.dtype, self.spec)
+            meta = PacketMeta(torch.Size([x.numel()]), x.dtype, self.spec, self.config_hash)
             self.decode(Packet(tuple(payload), meta), out=x)
 
     def _decode_into(

@@ -4,27 +4,13 @@ Descriptor exchange
 -------------------
 On gloo, a collective whose ranks pass buffers of different sizes aborts
 the process. So before a compressed collective moves any packed buffer,
-every rank all-gathers one fixed-size ``int64`` row, its *descriptor*::
-
-    word  field
-    0     magic + descriptor version (catches mixed commpress versions)
-    1     op code (which collective)
-    2     algorithm code
-    3     codec config hash (``Codec.config_hash`` as a signed int64)
-    4     length of the codec spec string in bytes
-    5     dtype code of the input (``codec.DTYPE_CODES``)
-    6     element count of this rank's input
-    7     reduce op code (-1 for ops that do not reduce)
-    8     root (group rank) for rooted ops, else -1
-    9     status: 0 ok, 1 this rank rejected its arguments
-    10..  packed buffer size in bytes for each destination group rank
-
-Every rank then holds the same ``(world, 10 + world)`` table and checks it
-the same way, so all ranks raise together or proceed together. On a codec
-hash mismatch the ranks run one more all-gather of their spec strings
-(padded to the longest, whose length every rank knows from word 4) and
-raise `CodecMismatchError` naming every rank's spec. The descriptor is also
-how receivers learn the sizes of variable-size payloads (``zstd``, chains).
+every rank all-gathers one fixed-size ``int64`` row, its *descriptor*
+(`commpress.wire.descriptor` holds the format and its checks). Every rank
+then holds the same table and checks it the same way, so all ranks raise
+together or proceed together. On a codec hash mismatch the ranks run one more
+all-gather of their spec strings and raise `CodecMismatchError` naming every
+rank's spec. The descriptor is also how receivers learn the sizes of
+variable-size payloads (``zstd``, chains).
 
 With ``Policy(verify=False)`` and a codec of fixed size
 (``encoded_nbytes`` not None), no descriptor is exchanged: every rank
@@ -43,14 +29,14 @@ import torch
 import torch.distributed as dist
 
 from .. import wire
-from ..codec import DTYPE_CODES, Codec
-from ..errors import CodecMismatchError, CollectiveError
+from ..codec import Codec
+from ..errors import CollectiveError
 from ..feedback import ErrorFeedback
 from ..stats import CallRecord
+from ..wire.descriptor import OP_CODES, Descriptor, DescriptorTable, redop_code, spec_row
 
 __all__ = [
     "Comm",
-    "Descriptors",
     "exchange",
     "reject",
     "packed_size",
@@ -65,37 +51,12 @@ __all__ = [
     "acc_dtype",
     "reduce_into",
     "chunk_bounds",
-    "OP_CODES",
+    "ALGO_CODES",
     "gather_sizes",
     "broadcast_buf",
 ]
 
-MAGIC = (0x434D5052 << 32) | 1  # "CMPR", descriptor version 1
-FIXED_WORDS = 10
-(W_MAGIC, W_OP, W_ALGO, W_HASH, W_SPECLEN, W_DTYPE, W_NUMEL, W_REDOP, W_ROOT, W_STATUS) = range(10)
-
-OP_CODES: dict[str, int] = {
-    name: i + 1
-    for i, name in enumerate(
-        (
-            "all_reduce",
-            "reduce",
-            "all_gather",
-            "all_gather_into_tensor",
-            "reduce_scatter",
-            "reduce_scatter_tensor",
-            "broadcast",
-            "all_to_all",
-            "all_to_all_single",
-            "gather",
-            "scatter",
-            "send",
-            "recv",
-            "isend",
-            "irecv",
-        )
-    )
-}
+#: The algorithms' descriptor wire codes (0: none, as in a rejection).
 ALGO_CODES: dict[str, int] = {
     "direct": 1,
     "two_phase": 2,
@@ -103,21 +64,7 @@ ALGO_CODES: dict[str, int] = {
     "transport": 4,
     "powersgd": 5,
 }
-_REDOP_NAMES = ("SUM", "AVG", "PRODUCT", "MIN", "MAX", "BAND", "BOR", "BXOR")
-
-
-def redop_code(op: Any) -> int:
-    """A stable small code for a ``ReduceOp`` (-1 for None)."""
-    if op is None:
-        return -1
-    for i, name in enumerate(_REDOP_NAMES):
-        if op == getattr(dist.ReduceOp, name):
-            return i
-    return 99
-
-
-def signed64(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
+_ALGO_NAMES = {v: k for k, v in ALGO_CODES.items()}
 
 
 @dataclass
@@ -161,51 +108,6 @@ class Comm:
 
 
 # --------------------------------------------------------------- descriptors
-@dataclass(frozen=True)
-class Descriptors:
-    """Every rank's descriptor row, as Python ints: ``rows[rank][word]``."""
-
-    rows: list[list[int]]
-
-    def sizes_from(self, rank: int) -> list[int]:
-        """Packed sizes ``rank`` sends to each destination."""
-        return self.rows[rank][FIXED_WORDS:]
-
-    def sizes_to(self, dest: int) -> list[int]:
-        """Packed sizes each rank sends to ``dest``."""
-        return [row[FIXED_WORDS + dest] for row in self.rows]
-
-    def numel(self, rank: int) -> int:
-        return self.rows[rank][W_NUMEL]
-
-
-def _row(
-    comm: Comm,
-    *,
-    algorithm: str,
-    dtype: torch.dtype | None,
-    numel: int,
-    redop: Any,
-    root: int,
-    sizes: Sequence[int],
-    status: int,
-) -> torch.Tensor:
-    row = [0] * (FIXED_WORDS + comm.size)
-    row[W_MAGIC] = MAGIC
-    row[W_OP] = OP_CODES[comm.op]
-    row[W_ALGO] = ALGO_CODES.get(algorithm, 0)
-    row[W_HASH] = signed64(comm.codec.config_hash)
-    row[W_SPECLEN] = len(comm.codec.spec.encode())
-    row[W_DTYPE] = DTYPE_CODES.get(dtype, 0) if dtype is not None else 0
-    row[W_NUMEL] = numel
-    row[W_REDOP] = redop_code(redop)
-    row[W_ROOT] = root
-    row[W_STATUS] = status
-    for i, s in enumerate(sizes):
-        row[FIXED_WORDS + i] = s
-    return torch.tensor(row, dtype=torch.int64, device=comm.device)
-
-
 def _all_gather_flat(
     out: torch.Tensor, inp: torch.Tensor, group: Any, async_op: bool = False
 ) -> Any:
@@ -214,13 +116,14 @@ def _all_gather_flat(
     return gather(out, inp, group=group, async_op=async_op)
 
 
-def _gather_rows(comm: Comm, row: torch.Tensor) -> list[list[int]]:
+def _gather_rows(comm: Comm, desc: Descriptor) -> torch.Tensor:
+    row = desc.to_tensor(comm.size, comm.device)
     out = torch.empty(comm.size * row.numel(), dtype=torch.int64, device=comm.device)
     t0 = time.perf_counter()
     _all_gather_flat(out, row, comm.group)
     comm.rec.transfer_s += time.perf_counter() - t0
     comm.rec.bytes_wire += row.numel() * 8
-    return out.view(comm.size, row.numel()).tolist()
+    return out
 
 
 def exchange(
@@ -233,7 +136,7 @@ def exchange(
     redop: Any = None,
     root: int = -1,
     same_numel: bool = True,
-) -> Descriptors:
+) -> DescriptorTable:
     """All-gather this rank's descriptor and check every rank's against each other.
 
     Raises, on every rank alike:
@@ -241,19 +144,23 @@ def exchange(
             op, algorithm, dtype, element count (when ``same_numel``), reduce op or root.
         CodecMismatchError: the ranks use different codec configs (names every spec).
     """
-    row = _row(
-        comm,
-        algorithm=algorithm,
+    desc = Descriptor(
+        op=OP_CODES[comm.op],
+        algorithm=ALGO_CODES.get(algorithm, 0),
+        config_hash=comm.codec.config_hash,
+        spec_nbytes=len(comm.codec.spec.encode()),
         dtype=dtype,
         numel=numel,
-        redop=redop,
+        redop=redop_code(redop),
         root=root,
-        sizes=sizes,
-        status=0,
+        sizes=tuple(sizes),
     )
-    rows = _gather_rows(comm, row)
-    _check(comm, rows, same_numel)
-    return Descriptors(rows)
+    table = DescriptorTable.from_tensor(_gather_rows(comm, desc), comm.size, comm.op)
+    table.check_status()
+    if not table.same_codec():
+        raise table.codec_mismatch(_gather_specs(comm, table), comm.rank)
+    table.check_call(same_numel=same_numel, algorithm_name=lambda v: _ALGO_NAMES.get(v, str(v)))
+    return table
 
 
 def reject(comm: Comm, error: BaseException) -> None:
@@ -262,70 +169,23 @@ def reject(comm: Comm, error: BaseException) -> None:
     Use instead of `exchange` when a local check failed, then raise ``error``: the
     other ranks raise too instead of waiting for this one.
     """
-    row = _row(comm, algorithm="", dtype=None, numel=0, redop=None, root=-1, sizes=(), status=1)
-    _gather_rows(comm, row)
-
-
-def _check(comm: Comm, rows: list[list[int]], same_numel: bool) -> None:
-    bad = [r for r, row in enumerate(rows) if row[W_STATUS] != 0]
-    if bad:
-        raise comm.fail(
-            f"rank(s) {bad} of the group rejected their arguments (see the error raised there); "
-            "nothing was sent"
-        )
-    if any(row[W_MAGIC] != MAGIC for row in rows):
-        raise comm.fail("ranks run different commpress versions (descriptor magic differs)")
-    names = {v: k for k, v in OP_CODES.items()}
-    _agree(comm, rows, W_OP, "op", lambda v: names.get(v, str(v)))
-    if len({row[W_HASH] for row in rows}) > 1:
-        raise _mismatch(comm, rows)
-    algos = {v: k for k, v in ALGO_CODES.items()}
-    _agree(
-        comm,
-        rows,
-        W_ALGO,
-        "algorithm (set the same Policy.algorithm on every rank)",
-        lambda v: algos.get(v, str(v)),
+    desc = Descriptor(
+        op=OP_CODES[comm.op],
+        algorithm=0,
+        config_hash=comm.codec.config_hash,
+        spec_nbytes=len(comm.codec.spec.encode()),
+        dtype=None,
+        numel=0,
+        status=1,
     )
-    _agree(comm, rows, W_DTYPE, "dtype", str)
-    if same_numel:
-        _agree(comm, rows, W_NUMEL, "number of elements", str)
-    _agree(comm, rows, W_REDOP, "reduce op", lambda v: _REDOP_NAMES[v] if 0 <= v < 8 else str(v))
-    _agree(comm, rows, W_ROOT, "root rank (group rank of src/dst)", str)
+    _gather_rows(comm, desc)  # the other ranks read it; this one raises its own error
 
 
-def _agree(comm: Comm, rows: list[list[int]], word: int, what: str, show: Any) -> None:
-    values = [row[word] for row in rows]
-    if len(set(values)) > 1:
-        listing = ", ".join(f"rank {r}: {show(v)}" for r, v in enumerate(values))
-        raise comm.fail(f"ranks disagree on the {what}: {listing}")
-
-
-def _mismatch(comm: Comm, rows: list[list[int]]) -> CodecMismatchError:
-    longest = max(row[W_SPECLEN] for row in rows)
-    mine = comm.codec.spec.encode()
-    buf = torch.zeros(max(longest, 1), dtype=torch.uint8, device=comm.device)
-    if mine:
-        buf[: len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8).to(comm.device)
+def _gather_specs(comm: Comm, table: DescriptorTable) -> list[str]:
+    buf = spec_row(comm.codec.spec, table.longest_spec, comm.device)
     out = torch.empty(comm.size * buf.numel(), dtype=torch.uint8, device=comm.device)
     _all_gather_flat(out, buf, comm.group)
-    table = out.view(comm.size, -1).cpu()
-    specs = [
-        bytes(table[r, : rows[r][W_SPECLEN]].tolist()).decode(errors="replace")
-        for r in range(comm.size)
-    ]
-    by_spec: dict[str, list[int]] = {}
-    for r, s in enumerate(specs):
-        by_spec.setdefault(s, []).append(r)
-    listing = "; ".join(
-        f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {s!r}"
-        for s, rs in by_spec.items()
-    )
-    return CodecMismatchError(
-        f"{comm.op}: codec mismatch across ranks ({listing}); this rank ({comm.rank}) uses "
-        f"{comm.codec.spec!r}. Every rank must pass the same codec= (or run under the same "
-        "policy); nothing was sent"
-    )
+    return table.specs(out)
 
 
 # -------------------------------------------------------------- wire sizes

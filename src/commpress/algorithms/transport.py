@@ -24,10 +24,12 @@ in any order, without stealing another message. gloo completes a send only
 once the receiver has posted the matching receive, so `irecv` posts the
 payload receive from a helper thread as soon as the descriptor arrives.
 
-A codec mismatch is detected by the receiver, which still drains the payload
-(so the sender completes and the channel stays usable) and then raises
-`CodecMismatchError` naming both specs. The sender is not told: a send is
-one-way (a round trip would double its latency).
+The descriptor's format is `commpress.wire.p2p`. A codec mismatch is detected
+by the receiver from the descriptor's config hash and spec length; it still
+drains the payload (so the sender completes and the channel stays usable) and
+then raises `CodecMismatchError` naming both specs (the sender's is read from
+the payload's header). The sender is not told: a send is one-way (a round trip
+would double its latency).
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..codec import CODE_DTYPES, DTYPE_CODES
+from ..errors import WireError
+from ..wire.p2p import P2PDescriptor
 from .common import (
-    MAGIC,
     Comm,
     allgatherv,
     alltoallv,
@@ -51,7 +53,6 @@ from .common import (
     encode_pack,
     exchange,
     packed_size,
-    signed64,
     unpack_decode,
 )
 
@@ -213,7 +214,6 @@ def all_to_all(
 
 
 # ------------------------------------------------------------- point-to-point
-_P2P_WORDS = 8
 _seq_lock = threading.Lock()
 _seq: dict[tuple[str, int], itertools.count] = {}
 
@@ -235,19 +235,8 @@ def isend(comm: Comm, tensor: torch.Tensor, dst: int, tag: int, group_key: str) 
     if not comm.verify:
         return [dist.isend(buf, peer, group=comm.group, tag=tag), buf]
     payload_tag = _next_tag(group_key, dst)
-    desc = torch.tensor(
-        [
-            MAGIC,
-            signed64(comm.codec.config_hash),
-            len(comm.codec.spec.encode()),
-            DTYPE_CODES.get(tensor.dtype, 0),
-            tensor.numel(),
-            buf.numel(),
-            payload_tag,
-            0,
-        ],
-        dtype=torch.int64,
-        device=comm.device,
+    desc = P2PDescriptor.for_send(comm.codec, tensor, buf.numel(), payload_tag).to_tensor(
+        comm.device
     )
     comm.rec.bytes_wire += desc.numel() * 8
     works = [
@@ -272,7 +261,7 @@ def post_recv(comm: Comm, tensor: torch.Tensor, src: int | None, tag: int) -> Pe
     """Post the first receive of a compressed recv (the descriptor, or the payload with
     ``verify=False``) on the caller's thread, in issue order."""
     if comm.verify:
-        buf = torch.empty(_P2P_WORDS, dtype=torch.int64, device=comm.device)
+        buf = P2PDescriptor.empty(comm.device)
     else:
         buf = torch.empty(_size(comm, tensor), dtype=torch.uint8, device=comm.device)
     peer = None if src is None else comm.global_rank(src)
@@ -290,24 +279,23 @@ def complete_recv(p: PendingRecv) -> int:
         _decode_into(comm, p.buf, p.tensor, src)
         comm.rec.bytes_wire += p.buf.numel()
         return src
-    magic, _hash, _spec_len, dcode, numel, nbytes, payload_tag, _ = p.buf.tolist()
-    if magic != MAGIC:
-        raise comm.fail(
-            f"the message from rank {src} is not a commpress descriptor (mixed "
-            "compressed and plain sends on one tag, or mixed commpress versions)"
-        )
+    try:
+        desc = P2PDescriptor.from_tensor(p.buf)
+    except WireError as exc:
+        raise comm.fail(f"the message from rank {src}: {exc}") from None
     expected_bytes = p.tensor.numel() * p.tensor.element_size()
-    if not 0 <= nbytes <= 4 * expected_bytes + (1 << 20) or payload_tag < P2P_TAG_BASE:
+    if desc.nbytes > 4 * expected_bytes + (1 << 20) or desc.payload_tag < P2P_TAG_BASE:
         raise comm.fail(
-            f"rank {src} announced an implausible payload of {nbytes} bytes "
+            f"rank {src} announced an implausible payload of {desc.nbytes} bytes "
             f"for a tensor of {expected_bytes} bytes"
         )
-    payload = torch.empty(nbytes, dtype=torch.uint8, device=comm.device)
-    dist.recv(payload, comm.global_rank(src), group=comm.group, tag=payload_tag)
-    comm.rec.bytes_wire += nbytes + p.buf.numel() * 8
-    if numel != p.tensor.numel() or CODE_DTYPES.get(dcode) != p.tensor.dtype:
+    payload = torch.empty(desc.nbytes, dtype=torch.uint8, device=comm.device)
+    dist.recv(payload, comm.global_rank(src), group=comm.group, tag=desc.payload_tag)
+    comm.rec.bytes_wire += desc.nbytes + p.buf.numel() * 8
+    desc.check_codec(comm.codec, payload, src)
+    if desc.numel != p.tensor.numel() or desc.dtype != p.tensor.dtype:
         raise comm.fail(
-            f"rank {src} sent {numel} elements of {CODE_DTYPES.get(dcode)} but this rank receives "
+            f"rank {src} sent {desc.numel} elements of {desc.dtype} but this rank receives "
             f"into {p.tensor.numel()} elements of {p.tensor.dtype}"
         )
     _decode_into(comm, payload, p.tensor, src)

@@ -188,7 +188,8 @@ class PowerSGD(Codec):
         self.check_tensor(tensor)
         flat = tensor.detach().reshape(-1)
         payload = self._encode_view(flat, tuple(tensor.shape))
-        return Packet(payload, PacketMeta(torch.Size(tensor.shape), tensor.dtype, self.spec))
+        meta = PacketMeta(torch.Size(tensor.shape), tensor.dtype, self.spec, self.config_hash)
+        return Packet(payload, meta)
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # Reached with a flat tensor only from a chain: the 1-D (near-square) view.

@@ -1,4 +1,4 @@
-"""The wire format: a `Packet` as one contiguous ``uint8`` tensor.
+"""The packet format: a `Packet` as one contiguous ``uint8`` tensor.
 
 Layout (little-endian), version 1::
 
@@ -27,6 +27,11 @@ element count is sane -- before it creates any tensor. The sections it
 returns are views into the buffer (no allocation), except where an element is wider
 than the alignment allows (complex128, or a buffer that starts at an odd offset):
 those sections are copied. There is no pickle here.
+
+The config hash comes from the packet itself (`PacketMeta.config_hash`, set by
+the codec that made it), so packing never rebuilds a codec. Only a packet built
+by hand without a hash, and `unpack` without an expected codec, look the codec
+up by its spec in the registry (which never imports ``wire``: no cycle).
 """
 
 from __future__ import annotations
@@ -34,13 +39,25 @@ from __future__ import annotations
 import struct
 import zlib
 
-import numpy as np
 import torch
 
-from .codec import CODE_DTYPES, DTYPE_CODES, Codec, Packet, PacketMeta
-from .errors import CodecMismatchError, ConfigError, WireError
+from ..codec import CODE_DTYPES, DTYPE_CODES, Codec, Packet, PacketMeta
+from ..errors import CodecMismatchError, ConfigError, WireError
+from ..registry import get_codec
 
-__all__ = ["pack", "encode_pack", "unpack", "read_spec", "MAGIC", "VERSION", "HEADER_FIXED"]
+__all__ = [
+    "pack",
+    "encode_pack",
+    "unpack",
+    "read_spec",
+    "packed_nbytes",
+    "layout_nbytes",
+    "MAGIC",
+    "VERSION",
+    "HEADER_FIXED",
+    "MAX_SPEC",
+    "MAX_NUMEL",
+]
 
 MAGIC = b"CMPR"
 VERSION = 1
@@ -66,9 +83,14 @@ def _crc(sections: list[torch.Tensor]) -> int:
     return crc
 
 
-def _header(
-    meta: PacketMeta, config_hash: int, sections: list[tuple[torch.dtype, int]], crc: int | None
-) -> bytes:
+def _config_hash(meta: PacketMeta) -> int:
+    # A codec's packets carry its hash; only a packet built by hand falls back to the registry.
+    if meta.config_hash is not None:
+        return meta.config_hash
+    return get_codec(meta.spec).config_hash
+
+
+def _header(meta: PacketMeta, sections: list[tuple[torch.dtype, int]], crc: int | None) -> bytes:
     """The header for ``sections`` (``(dtype, bytes)`` each), padded to a multiple of 8."""
     spec = meta.spec.encode()
     if meta.dtype not in DTYPE_CODES:
@@ -97,7 +119,7 @@ def _header(
         len(sections),
         len(spec),
         header_len,
-        config_hash,
+        _config_hash(meta),
     )
     return fixed + b"".join(body) + bytes(header_len - raw_len)
 
@@ -137,7 +159,6 @@ def pack(packet: Packet, checksum: bool = False) -> torch.Tensor:
     sizes = [t.numel() * t.element_size() for t in sections]
     header = _header(
         meta,
-        _config_hash(meta.spec),
         [(t.dtype, n) for t, n in zip(sections, sizes, strict=True)],
         _crc(sections) if checksum else None,
     )
@@ -190,7 +211,7 @@ def encode_pack(
         out.copy_(buf)
         return out
     codec.check_tensor(tensor)
-    meta = PacketMeta(torch.Size(tensor.shape), tensor.dtype, codec.spec)
+    meta = PacketMeta(torch.Size(tensor.shape), tensor.dtype, codec.spec, codec.config_hash)
     sizes = [(d, n * d.itemsize) for d, n in layout]
     header_len = _header_len(meta, len(layout), checksum)
     total = header_len + sum(_pad8(n) for _, n in sizes)
@@ -205,7 +226,7 @@ def encode_pack(
         pos += _pad8(nbytes)
     codec.encode_into(tensor, tuple(views), roundtrip=roundtrip)
     crc = _crc(views) if checksum else None
-    _write_header(out, _header(meta, codec.config_hash, sizes, crc))
+    _write_header(out, _header(meta, sizes, crc))
     return out
 
 
@@ -217,12 +238,6 @@ def _check_dest(out: torch.Tensor, total: int) -> None:
         )
     if out.storage_offset() % 8 or not out.is_contiguous():
         raise ValueError("encode_pack: out must be contiguous and start on an 8-byte boundary")
-
-
-def _config_hash(spec: str) -> int:
-    from .registry import get_codec
-
-    return get_codec(spec).config_hash
 
 
 def _header_bytes(buffer: torch.Tensor) -> bytes:
@@ -248,7 +263,7 @@ def read_spec(buffer: torch.Tensor) -> str:
 
 def _parse_header(
     buffer: torch.Tensor,
-) -> tuple[PacketMeta, int, int, list[tuple[torch.dtype, int]], int | None]:
+) -> tuple[PacketMeta, int, list[tuple[torch.dtype, int]], int | None]:
     fixed = _header_bytes(buffer)
     magic, version, flags, dcode, ndim, nsec, spec_len, header_len, config_hash = _FIXED.unpack(
         fixed
@@ -317,8 +332,8 @@ def _parse_header(
             "the buffer is truncated or corrupted"
         )
     crc = struct.unpack_from("<I", rest, pos)[0] if crc_len else None
-    meta = PacketMeta(torch.Size(shape), CODE_DTYPES[dcode], spec)
-    return meta, config_hash, header_len, sections, crc
+    meta = PacketMeta(torch.Size(shape), CODE_DTYPES[dcode], spec, config_hash)
+    return meta, header_len, sections, crc
 
 
 def unpack(buffer: torch.Tensor, codec: Codec | None = None) -> Packet:
@@ -334,9 +349,9 @@ def unpack(buffer: torch.Tensor, codec: Codec | None = None) -> Packet:
         WireError: truncated, corrupted, hostile or foreign buffer.
         CodecMismatchError: the buffer was made by another codec config than ``codec``.
     """
-    meta, config_hash, header_len, sections, crc = _parse_header(buffer)
+    meta, header_len, sections, crc = _parse_header(buffer)
     if codec is not None:
-        if meta.spec != codec.spec or config_hash != codec.config_hash:
+        if meta.spec != codec.spec or meta.config_hash != codec.config_hash:
             detail = (
                 ""
                 if meta.spec != codec.spec
@@ -347,13 +362,11 @@ def unpack(buffer: torch.Tensor, codec: Codec | None = None) -> Packet:
                 f"expects {codec.spec!r}{detail}; every rank must use the same codec spec"
             )
     else:
-        from .registry import get_codec
-
         try:
             codec = get_codec(meta.spec)
         except ConfigError as exc:
             raise WireError(f"wire header names a codec this process cannot build: {exc}") from None
-        if config_hash != codec.config_hash:
+        if meta.config_hash != codec.config_hash:
             raise WireError(f"wire header config hash does not match its spec {meta.spec!r}")
     views = []
     pos = header_len
@@ -385,8 +398,3 @@ def packed_nbytes(packet: Packet, checksum: bool = False) -> int:
     raw = HEADER_FIXED + 8 * len(packet.shape) + len(packet.meta.spec.encode()) + _SECTION.size * ns
     raw += 4 if checksum else 0
     return _pad8(raw) + sum(_pad8(t.numel() * t.element_size()) for t in packet.payload)
-
-
-def as_numpy_bytes(t: torch.Tensor) -> np.ndarray:
-    """A CPU ``uint8`` numpy view (or copy, from another device) of tensor ``t``'s bytes."""
-    return t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()

@@ -1,0 +1,327 @@
+"""The collective descriptor: one fixed-size ``int64`` row per rank.
+
+On gloo, a collective whose ranks pass buffers of different sizes aborts
+the process. So before a compressed collective moves any packed buffer,
+every rank all-gathers one row, its *descriptor*::
+
+    word  field
+    0     magic + descriptor version (catches mixed commpress versions)
+    1     op code (`OP_CODES`)
+    2     algorithm wire code (declared by the algorithm; 0 for none)
+    3     codec config hash (``Codec.config_hash`` as a signed int64)
+    4     length of the codec spec string in bytes (<= ``MAX_SPEC``)
+    5     dtype code of the input (``codec.DTYPE_CODES``, 0 for none)
+    6     element count of this rank's input
+    7     reduce op code (`redop_code`; -1 for ops that do not reduce)
+    8     root (group rank) for rooted ops, else -1
+    9     status: 0 ok, 1 this rank rejected its arguments
+    10..  packed buffer size in bytes for each destination group rank
+
+Every rank then holds the same ``(world, 10 + world)`` table and checks it
+the same way (`DescriptorTable`), so all ranks raise together or proceed
+together. On a codec hash mismatch the ranks all-gather their spec strings,
+each padded to the longest (`spec_row`, `DescriptorTable.specs`), and raise
+`CodecMismatchError` naming every rank's spec. The descriptor is also how
+receivers learn the sizes of variable-size payloads (``zstd``, chains).
+
+Moving the rows is the algorithms' business (``algorithms.common.exchange``);
+building and reading them is this module's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..codec import CODE_DTYPES, DTYPE_CODES
+from ..errors import CodecMismatchError, CollectiveError
+from .packet import MAX_NUMEL, MAX_SPEC
+
+__all__ = [
+    "Descriptor",
+    "DescriptorTable",
+    "DESCRIPTOR_MAGIC",
+    "FIXED_WORDS",
+    "OP_CODES",
+    "REDOP_NAMES",
+    "redop_code",
+    "signed64",
+    "unsigned64",
+    "spec_row",
+]
+
+DESCRIPTOR_MAGIC = (0x434D5052 << 32) | 1  # "CMPR", descriptor version 1
+FIXED_WORDS = 10
+
+OP_CODES: dict[str, int] = {
+    name: i + 1
+    for i, name in enumerate(
+        (
+            "all_reduce",
+            "reduce",
+            "all_gather",
+            "all_gather_into_tensor",
+            "reduce_scatter",
+            "reduce_scatter_tensor",
+            "broadcast",
+            "all_to_all",
+            "all_to_all_single",
+            "gather",
+            "scatter",
+            "send",
+            "recv",
+            "isend",
+            "irecv",
+        )
+    )
+}
+REDOP_NAMES = ("SUM", "AVG", "PRODUCT", "MIN", "MAX", "BAND", "BOR", "BXOR")
+_OP_NAMES = {v: k for k, v in OP_CODES.items()}
+
+
+def redop_code(op: Any) -> int:
+    """A stable small code for a ``ReduceOp`` (-1 for None, 99 for one without a name)."""
+    if op is None:
+        return -1
+    for i, name in enumerate(REDOP_NAMES):
+        if op == getattr(dist.ReduceOp, name):
+            return i
+    return 99
+
+
+def signed64(value: int) -> int:
+    """``value`` (an unsigned 64-bit int, like a config hash) as the int64 that holds it."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def unsigned64(value: int) -> int:
+    """Inverse of `signed64`."""
+    return value + (1 << 64) if value < 0 else value
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """One rank's descriptor row, as typed fields.
+
+    Attributes:
+        op: op code (`OP_CODES`).
+        algorithm: the algorithm's wire code (0: none, e.g. in a rejection).
+        config_hash: ``Codec.config_hash`` (unsigned 64-bit).
+        spec_nbytes: length of the codec's spec string in UTF-8 bytes.
+        dtype: dtype of the input (None: no input, or a dtype without a wire code).
+        numel: element count of this rank's input.
+        redop: `redop_code` of the reduce op.
+        root: group rank of the root for rooted ops, else -1.
+        status: 0 ok, 1 this rank rejected its arguments.
+        sizes: packed bytes this rank sends to each group rank.
+    """
+
+    op: int
+    algorithm: int
+    config_hash: int
+    spec_nbytes: int
+    dtype: torch.dtype | None
+    numel: int
+    redop: int = -1
+    root: int = -1
+    status: int = 0
+    sizes: tuple[int, ...] = ()
+
+    def to_tensor(self, world: int, device: torch.device) -> torch.Tensor:
+        """The ``int64`` row of ``FIXED_WORDS + world`` words (missing sizes are 0)."""
+        if len(self.sizes) > world:
+            raise ValueError(f"descriptor has {len(self.sizes)} sizes for a world of {world}")
+        row = [
+            DESCRIPTOR_MAGIC,
+            self.op,
+            self.algorithm,
+            signed64(self.config_hash),
+            self.spec_nbytes,
+            DTYPE_CODES.get(self.dtype, 0) if self.dtype is not None else 0,
+            self.numel,
+            self.redop,
+            self.root,
+            self.status,
+            *self.sizes,
+        ]
+        row += [0] * (FIXED_WORDS + world - len(row))
+        return torch.tensor(row, dtype=torch.int64, device=device)
+
+    @classmethod
+    def from_row(cls, row: Sequence[int]) -> Descriptor:
+        """Parse one row (its magic already checked); raises ValueError on a bad field."""
+        (_, op, algorithm, config_hash, spec_nbytes, dcode, numel, redop, root, status) = row[
+            :FIXED_WORDS
+        ]
+        sizes = tuple(row[FIXED_WORDS:])
+        if dcode and dcode not in CODE_DTYPES:
+            raise ValueError(f"unknown dtype code {dcode}")
+        if not 0 <= spec_nbytes <= MAX_SPEC:
+            raise ValueError(f"spec length {spec_nbytes} (max {MAX_SPEC})")
+        if status not in (0, 1):
+            raise ValueError(f"status {status}")
+        if not 0 <= numel <= MAX_NUMEL or not all(0 <= s <= MAX_NUMEL for s in sizes):
+            raise ValueError(f"element count {numel} or sizes {list(sizes)} out of range")
+        return cls(
+            op=op,
+            algorithm=algorithm,
+            config_hash=unsigned64(config_hash),
+            spec_nbytes=spec_nbytes,
+            dtype=CODE_DTYPES.get(dcode),
+            numel=numel,
+            redop=redop,
+            root=root,
+            status=status,
+            sizes=sizes,
+        )
+
+
+def spec_row(spec: str, length: int, device: torch.device) -> torch.Tensor:
+    """``spec`` as UTF-8 bytes zero-padded to ``length`` (at least 1) bytes, for the
+    all-gather of specs after a hash mismatch (`DescriptorTable.longest_spec`)."""
+    mine = spec.encode()
+    row = torch.zeros(max(length, 1), dtype=torch.uint8, device=device)
+    if mine:
+        row[: len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8).to(device)
+    return row
+
+
+@dataclass(frozen=True)
+class DescriptorTable:
+    """Every rank's descriptor, ``rows[rank]``, parsed from the all-gathered rows.
+
+    The checks raise the same error on every rank, because every rank holds the
+    same table. Call them in order: `check_status`, then `same_codec` (and on
+    False the specs exchange, then `codec_mismatch`), then `check_call`.
+    """
+
+    op: str
+    rows: tuple[Descriptor, ...]
+
+    @classmethod
+    def from_tensor(cls, table: torch.Tensor, world: int, op: str) -> DescriptorTable:
+        """Parse ``world`` all-gathered rows (one flat or ``(world, W)`` ``int64`` tensor).
+
+        Raises:
+            CollectiveError: the rows are not ``FIXED_WORDS + world`` words each, a
+                rank's magic differs (another commpress version), or a field is malformed.
+        """
+        width = FIXED_WORDS + world
+        if table.dtype != torch.int64 or table.numel() != world * width:
+            raise CollectiveError(
+                f"{op}: descriptor table of {table.numel()} {table.dtype} words, expected "
+                f"{world} rows of {width} int64"
+            )
+        raw = table.reshape(world, width).tolist()
+        if any(row[0] != DESCRIPTOR_MAGIC for row in raw):
+            raise CollectiveError(
+                f"{op}: ranks run different commpress versions (descriptor magic differs)"
+            )
+        rows = []
+        for r, row in enumerate(raw):
+            try:
+                rows.append(Descriptor.from_row(row))
+            except ValueError as exc:
+                raise CollectiveError(
+                    f"{op}: the descriptor of rank {r} is malformed: {exc}"
+                ) from None
+        return cls(op, tuple(rows))
+
+    # ------------------------------------------------------------ reading
+    def sizes_from(self, rank: int) -> list[int]:
+        """Packed sizes ``rank`` sends to each destination."""
+        return list(self.rows[rank].sizes)
+
+    def sizes_to(self, dest: int) -> list[int]:
+        """Packed sizes each rank sends to ``dest``."""
+        return [row.sizes[dest] for row in self.rows]
+
+    def numel(self, rank: int) -> int:
+        """Element count of ``rank``'s input."""
+        return self.rows[rank].numel
+
+    @property
+    def longest_spec(self) -> int:
+        """The longest spec length any rank announced (the width of the spec exchange)."""
+        return max(row.spec_nbytes for row in self.rows)
+
+    # ------------------------------------------------------------ checking
+    def check_status(self) -> None:
+        """Raise `CollectiveError` if a rank rejected its arguments or the ops differ."""
+        bad = [r for r, row in enumerate(self.rows) if row.status != 0]
+        if bad:
+            raise self._fail(
+                f"rank(s) {bad} of the group rejected their arguments (see the error raised "
+                "there); nothing was sent"
+            )
+        self._agree("op", lambda d: d.op, lambda v: _OP_NAMES.get(v, str(v)))
+
+    def same_codec(self) -> bool:
+        """Whether every rank uses the same codec config (equal hashes)."""
+        return len({row.config_hash for row in self.rows}) == 1
+
+    def specs(self, gathered: torch.Tensor) -> list[str]:
+        """Every rank's spec from the all-gathered `spec_row`s (``world * longest_spec``
+        ``uint8``, or a ``(world, longest_spec)`` tensor)."""
+        width = max(self.longest_spec, 1)
+        if gathered.dtype != torch.uint8 or gathered.numel() != len(self.rows) * width:
+            raise CollectiveError(
+                f"{self.op}: spec table of {gathered.numel()} {gathered.dtype} elements, "
+                f"expected {len(self.rows)} rows of {width} bytes"
+            )
+        table = gathered.reshape(len(self.rows), width).cpu()
+        return [
+            bytes(table[r, : row.spec_nbytes].tolist()).decode(errors="replace")
+            for r, row in enumerate(self.rows)
+        ]
+
+    def codec_mismatch(self, specs: Sequence[str], rank: int) -> CodecMismatchError:
+        """The error naming every rank's spec (from `specs`), as seen by ``rank``."""
+        by_spec: dict[str, list[int]] = {}
+        for r, s in enumerate(specs):
+            by_spec.setdefault(s, []).append(r)
+        listing = "; ".join(
+            f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {s!r}"
+            for s, rs in by_spec.items()
+        )
+        return CodecMismatchError(
+            f"{self.op}: codec mismatch across ranks ({listing}); this rank ({rank}) uses "
+            f"{specs[rank]!r}. Every rank must pass the same codec= (or run under the same "
+            "policy); nothing was sent"
+        )
+
+    def check_call(self, *, same_numel: bool, algorithm_name: Callable[[int], str] = str) -> None:
+        """Raise `CollectiveError` if the ranks disagree on the algorithm, dtype, element
+        count (when ``same_numel``), reduce op or root.
+
+        Args:
+            same_numel: every rank must pass the same number of elements.
+            algorithm_name: how to show an algorithm wire code in the message.
+        """
+        self._agree(
+            "algorithm (set the same Policy.algorithm on every rank)",
+            lambda d: d.algorithm,
+            algorithm_name,
+        )
+        self._agree("dtype", lambda d: d.dtype, str)
+        if same_numel:
+            self._agree("number of elements", lambda d: d.numel, str)
+        self._agree(
+            "reduce op",
+            lambda d: d.redop,
+            lambda v: REDOP_NAMES[v] if 0 <= v < len(REDOP_NAMES) else str(v),
+        )
+        self._agree("root rank (group rank of src/dst)", lambda d: d.root, str)
+
+    def _agree(self, what: str, field: Callable[[Descriptor], Any], show: Callable) -> None:
+        values = [field(row) for row in self.rows]
+        if len(set(values)) > 1:
+            listing = ", ".join(f"rank {r}: {show(v)}" for r, v in enumerate(values))
+            raise self._fail(f"ranks disagree on the {what}: {listing}")
+
+    def _fail(self, what: str) -> CollectiveError:
+        return CollectiveError(f"{self.op}: {what}")
