@@ -11,7 +11,7 @@ import torch
 
 import commpress
 from commpress import registry
-from commpress.codec import Codec
+from commpress.codec import CODEC_CLASSES, Codec
 from commpress.codecs.chain import Chain
 from commpress.errors import ConfigError, UnknownCodecError
 from commpress.registry import get_codec, list_codecs, parse_spec, register_codec
@@ -19,11 +19,14 @@ from commpress.registry import get_codec, list_codecs, parse_spec, register_code
 
 @pytest.fixture
 def isolated_registry(monkeypatch):
-    """A copy of the registry, with entry points not yet loaded; restored afterwards."""
+    """The registry, with entry points not yet loaded; restored afterwards."""
     list_codecs()  # make sure the built-ins are in before copying
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    saved = dict(CODEC_CLASSES)
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
-    return registry._REGISTRY
+    yield CODEC_CLASSES
+    CODEC_CLASSES.clear()
+    CODEC_CLASSES.update(saved)
+    registry._from_spec.cache_clear()
 
 
 @dataclass(frozen=True, repr=False)
@@ -238,7 +241,7 @@ def test_registered_test_codec_works_everywhere(isolated_registry):
     x = torch.arange(9, dtype=torch.float32)
     y = codec.decode(commpress.wire.unpack(commpress.wire.pack(codec.encode(x)), codec))
     assert torch.equal(y[::3], x[::3]) and torch.all(y[1::3] == 0)
-    assert registry.codec_factory("test_halve") is Halve
+    assert type(get_codec("test_halve")) is Halve
     with pytest.raises(ConfigError, match="keep=0"):
         get_codec("test_halve:keep=0")
 

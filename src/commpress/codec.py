@@ -22,8 +22,19 @@ Class-level capabilities, declared, never guessed:
 - ``lossless`` -- ``decode(encode(x))`` is bit-identical to ``x``;
 - ``summable`` -- payloads of several ranks can be summed by the backend
   directly (the fp16/bf16 casts), so all-reduce needs no decode/re-encode hop.
+- ``fixed_size`` -- ``encoded_nbytes(numel, dtype)`` is exact and known in
+  advance for every supported dtype (then collectives need no size exchange);
+- ``prescale`` -- for summable codecs: the all-reduce divides by the world
+  size before encoding (fp16 would overflow otherwise) instead of after the sum;
+- ``wants_error_feedback`` -- the codec is biased (sign, top-k, random-k,
+  PowerSGD): the policy turns error feedback on unless told otherwise;
 - ``algorithm`` -- name of the reduction algorithm the codec requires
-  (``"powersgd"``), or None to let the policy choose from the capabilities.
+  (``"powersgd"``), or None to let the policy choose from the capabilities;
+- ``composite`` -- made of other codecs (``chain``, spelled ``a+b``).
+
+Registration: ``commpress.registry.register_codec`` puts a class in
+`CODEC_CLASSES`, the table `Codec.from_config` dispatches through; this module
+never imports the registry.
 
 Per-instance capabilities:
 
@@ -55,15 +66,26 @@ import dataclasses
 import functools
 import hashlib
 import json
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from .errors import ConfigError, UnsupportedDeviceError, UnsupportedDtypeError
+from .errors import (
+    CodecMismatchError,
+    ConfigError,
+    UnknownCodecError,
+    UnsupportedDeviceError,
+    UnsupportedDtypeError,
+    WireError,
+)
+from .units import parse_bool
 
 __all__ = [
     "Codec",
+    "CODEC_CLASSES",
+    "codec_class",
     "Packet",
     "PacketMeta",
     "FLOAT_DTYPES",
@@ -170,9 +192,17 @@ class Codec(abc.ABC):
     codec_id: ClassVar[str] = ""
     lossless: ClassVar[bool] = False
     summable: ClassVar[bool] = False
+    #: ``encoded_nbytes`` is exact and never None for a supported dtype.
+    fixed_size: ClassVar[bool] = False
+    #: Summable codecs: divide by the world size before encoding, not after the sum.
+    prescale: ClassVar[bool] = True
+    #: Biased codecs (sign, topk, randomk, powersgd): the policy turns error feedback on.
+    wants_error_feedback: ClassVar[bool] = False
     #: Reduction algorithm this codec requires (e.g. "powersgd"); None: chosen by capabilities.
     algorithm: ClassVar[str | None] = None
-    wants_error_feedback: ClassVar[bool] = False  # biased codecs (sign, topk): policy turns EF on
+    #: Made of other codecs (``chain``): spec strings spell it with "+", not by name, and
+    #: ``list_codecs`` leaves it out.
+    composite: ClassVar[bool] = False
     #: Devices the codec can run on ("cpu", "cuda", ...); None means any.
     devices: ClassVar[tuple[str, ...] | None] = None
 
@@ -183,10 +213,44 @@ class Codec(abc.ABC):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Codec:
-        """Build a codec from ``config()`` output (or any dict with an ``"id"``)."""
-        from .registry import get_codec
+        """Build a codec from ``config()`` output (or any dict with an ``"id"``).
 
-        return get_codec(config)
+        On `Codec` itself the class is the registered one named by ``"id"``
+        (``commpress.get_codec`` takes the same dicts and loads entry points first).
+
+        Raises:
+            UnknownCodecError: ``"id"`` names no registered codec.
+            ConfigError: the dict has no string ``"id"``, another class's id, unknown
+                parameters or values out of range.
+        """
+        if not isinstance(config, dict):
+            raise ConfigError(f"codec config must be a dict, got {type(config).__name__}")
+        params = dict(config)
+        name = params.pop("id", None)
+        if not isinstance(name, str):
+            raise ConfigError(f"codec config {config!r} has no string 'id'")
+        target = codec_class(name) if cls is Codec else cls
+        if name != target.codec_id:
+            raise ConfigError(f"config {config!r} is not a {target.codec_id!r} config")
+        return target.from_params(params)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Codec:
+        """Build this class from parameter values (``config()`` without ``"id"``).
+
+        String values are converted to the field's type (``int``, ``float``, ``bool``
+        from ``1/0/true/false/yes/no/on/off``), as spec strings need.
+
+        Raises:
+            ConfigError: an unknown parameter, a value of the wrong kind or out of range.
+        """
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - fields)
+        if unknown:
+            allowed = ", ".join(sorted(fields)) or "none"
+            raise ConfigError(f"{cls.codec_id}: unknown parameter(s) {unknown}; allowed: {allowed}")
+        return cls(**{k: _convert(cls.codec_id, k, v, hints.get(k)) for k, v in params.items()})
 
     @functools.cached_property
     def spec(self) -> str:
@@ -331,8 +395,6 @@ class Codec(abc.ABC):
             ValueError: ``out`` is missing (with ``accumulate``) or has the wrong shape
                 or dtype.
         """
-        from .errors import CodecMismatchError, WireError
-
         meta = packet.meta
         if meta.spec != self.spec:
             raise CodecMismatchError(
@@ -418,6 +480,25 @@ class Codec(abc.ABC):
         return None
 
 
+#: Every registered codec class by ``codec_id``; ``commpress.registry.register_codec``
+#: fills it (the built-ins register when ``commpress`` is imported).
+CODEC_CLASSES: dict[str, type[Codec]] = {}
+
+
+def codec_class(name: str) -> type[Codec]:
+    """The registered class named ``name``.
+
+    Raises:
+        UnknownCodecError: no codec of that name is registered (lists those that are).
+    """
+    try:
+        return CODEC_CLASSES[name]
+    except KeyError:
+        raise UnknownCodecError(
+            f"unknown codec {name!r}; registered codecs: {', '.join(sorted(CODEC_CLASSES))}"
+        ) from None
+
+
 def fresh_output(
     payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype, out: torch.Tensor | None
 ) -> torch.Tensor:
@@ -458,6 +539,22 @@ def saturating_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         big = torch.full((), torch.finfo(dtype).max, dtype=dtype, device=y.device)
         y = torch.where(over, torch.where(t < 0, -big, big), y)
     return y
+
+
+def _convert(codec_id: str, key: str, raw: Any, typ: Any) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if typ is bool:
+            return parse_bool(raw)
+        if typ is int:
+            return int(raw)
+        if typ is float:
+            return float(raw)
+    except ValueError:
+        kind = getattr(typ, "__name__", str(typ))
+        raise ConfigError(f"{codec_id}: {key}={raw!r} is not a valid {kind}") from None
+    return raw
 
 
 def _format_value(value: Any) -> str:

@@ -14,6 +14,9 @@ left to right (see `commpress.codecs.chain.Chain`).
 A config dict ``{"id": "int8", "block": 128}`` (what ``Codec.config()``
 returns) is accepted wherever a spec string is, and so is a `Codec`.
 
+The table itself is `commpress.codec.CODEC_CLASSES` (so that
+``Codec.from_config`` needs no registry); the built-in codecs, ``chain``
+among them, register with `register_codec` when ``commpress`` is imported.
 Third-party codecs register through the entry-point group
 ``commpress.codecs``: each entry point names a `Codec` subclass, which is
 registered under its ``codec_id`` the first time the registry is consulted.
@@ -21,21 +24,17 @@ registered under its ``codec_id`` the first time the registry is consulted.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import typing
-from collections.abc import Callable
 from importlib import metadata
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from .codec import Codec
-from .errors import ConfigError, UnknownCodecError
+from .codec import CODEC_CLASSES, Codec, codec_class
+from .errors import ConfigError
 
 __all__ = ["register_codec", "get_codec", "list_codecs", "parse_spec", "CodecLike"]
 
 ENTRY_POINT_GROUP = "commpress.codecs"
 
-_REGISTRY: dict[str, type[Codec]] = {}
 _entry_points_loaded = False
 
 C = TypeVar("C", bound=type[Codec])
@@ -51,13 +50,13 @@ def register_codec(cls: C) -> C:
     name = cls.codec_id
     if not name or any(ch in name for ch in ":,+= "):
         raise ConfigError(f"codec id {name!r} is not allowed; use a non-empty name without ':,+= '")
-    existing = _REGISTRY.get(name)
+    existing = CODEC_CLASSES.get(name)
     if existing is not None and existing is not cls:
         raise ConfigError(
             f"codec id {name!r} is already registered by "
             f"{existing.__module__}.{existing.__qualname__}"
         )
-    _REGISTRY[name] = cls
+    CODEC_CLASSES[name] = cls
     _from_spec.cache_clear()
     return cls
 
@@ -77,59 +76,22 @@ def _load_entry_points() -> None:
         register_codec(cls)
 
 
-def _ensure_builtins() -> None:
-    from . import codecs  # noqa: F401  (registers the built-in codecs on import)
-
-    _load_entry_points()
-
-
 def list_codecs() -> list[str]:
-    """Names of every registered codec, sorted."""
-    _ensure_builtins()
-    return sorted(_REGISTRY)
+    """Names of every registered codec a spec can name, sorted (``chain`` is spelled ``+``)."""
+    _load_entry_points()
+    return sorted(name for name, cls in CODEC_CLASSES.items() if not cls.composite)
 
 
 def _lookup(name: str) -> type[Codec]:
-    _ensure_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownCodecError(
-            f"unknown codec {name!r}; registered codecs: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+    _load_entry_points()
+    return codec_class(name)
 
 
-def _convert(codec_id: str, key: str, raw: Any, typ: Any) -> Any:
-    if not isinstance(raw, str):
-        return raw
-    try:
-        if typ is bool:
-            low = raw.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if typ is int:
-            return int(raw)
-        if typ is float:
-            return float(raw)
-    except ValueError:
-        kind = getattr(typ, "__name__", str(typ))
-        raise ConfigError(f"{codec_id}: {key}={raw!r} is not a valid {kind}") from None
-    return raw
-
-
-def _build(name: str, params: dict[str, Any]) -> Codec:
+def _stage(name: str, params: dict[str, str]) -> Codec:
     cls = _lookup(name)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        allowed = ", ".join(sorted(fields)) or "none"
-        raise ConfigError(f"{name}: unknown parameter(s) {unknown}; allowed: {allowed}")
-    kwargs = {k: _convert(name, k, v, hints.get(k)) for k, v in params.items()}
-    return cls(**kwargs)
+    if cls.composite:
+        raise ConfigError(f"codec {name!r} is spelled with '+' in a spec, e.g. 'int8+zstd'")
+    return cls.from_params(params)
 
 
 def parse_spec(spec: str) -> list[tuple[str, dict[str, str]]]:
@@ -180,20 +142,8 @@ def get_codec(spec: CodecLike) -> Codec:
     if isinstance(spec, Codec):
         return spec
     if isinstance(spec, dict):
-        params = dict(spec)
-        name = params.pop("id", None)
-        if not isinstance(name, str):
-            raise ConfigError(f"codec config {spec!r} has no string 'id'")
-        if name == "chain":
-            stages = params.pop("stages", None)
-            if not isinstance(stages, list) or params:
-                raise ConfigError(
-                    f"chain config {spec!r} must be {{'id': 'chain', 'stages': [...]}}"
-                )
-            from .codecs.chain import Chain
-
-            return Chain(tuple(get_codec(s) for s in stages))
-        return _build(name, params)
+        _load_entry_points()
+        return Codec.from_config(spec)
     if not isinstance(spec, str):
         raise ConfigError(
             f"codec must be a spec string, a config dict or a Codec, got {type(spec).__name__}"
@@ -205,15 +155,6 @@ def get_codec(spec: CodecLike) -> Codec:
 def _from_spec(spec: str) -> Codec:
     # Codecs are immutable, so one instance per spec string can be shared; the wire and
     # the collectives resolve specs on every call.
-    stages = parse_spec(spec)
-    codecs = [_build(name, params) for name, params in stages]
-    if len(codecs) == 1:
-        return codecs[0]
-    from .codecs.chain import Chain
-
-    return Chain(tuple(codecs))
-
-
-def codec_factory(name: str) -> Callable[..., Codec]:
-    """The registered class for ``name`` (for introspection and docs)."""
-    return _lookup(name)
+    codecs = [_stage(name, params) for name, params in parse_spec(spec)]
+    # "+" is how a spec string spells the registered "chain" codec.
+    return codecs[0] if len(codecs) == 1 else _lookup("chain")(tuple(codecs))

@@ -57,6 +57,7 @@ class NoneCodec(Codec):
 
     codec_id: ClassVar[str] = "none"
     lossless: ClassVar[bool] = True
+    fixed_size: ClassVar[bool] = True
 
     def encoded_nbytes(self, numel: int, dtype: torch.dtype) -> int:
         return numel * torch.empty((), dtype=dtype).element_size()
@@ -84,6 +85,7 @@ class _Cast(Codec):
     #: Finite values past the wire dtype's range: saturate (bf16) or become +-Inf (fp16).
     saturate: ClassVar[bool]
     summable: ClassVar[bool] = True
+    fixed_size: ClassVar[bool] = True
 
     def encoded_nbytes(self, numel: int, dtype: torch.dtype) -> int:
         return numel * 2

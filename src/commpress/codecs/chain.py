@@ -7,8 +7,11 @@ of output sections]`` per input section, so decoding can walk the stages
 backwards without any other information.
 
 Capabilities follow from the stages: a chain is lossless when every stage
-is, is never summable, takes the dtypes its first stage takes, and its size
-is data-dependent (``encoded_nbytes`` is None). Its error bound is the first
+is, is never summable, takes the dtypes its first stage takes, wants error
+feedback (and pre-scaling) when its first stage does, and its size is
+data-dependent (``fixed_size`` is False, ``encoded_nbytes`` None). It is
+registered as ``"chain"`` like any codec, but ``composite``: spec strings
+spell it with ``+`` rather than by name. Its error bound is the first
 lossy stage's bound (later stages must be lossless, which is checked,
 because a bound for lossy-after-lossy would depend on the intermediate
 encoding, and no useful chain needs it).
@@ -23,10 +26,12 @@ import torch
 
 from ..codec import CODE_DTYPES, DTYPE_CODES, Codec
 from ..errors import ConfigError, UnsupportedDtypeError, WireError
+from ..registry import register_codec
 
 __all__ = ["Chain"]
 
 
+@register_codec
 @dataclass(frozen=True, repr=False)
 class Chain(Codec):
     """Codecs applied left to right. Build with ``get_codec("a+b")`` or ``Chain((a, b))``.
@@ -36,6 +41,7 @@ class Chain(Codec):
     """
 
     codec_id: ClassVar[str] = "chain"
+    composite: ClassVar[bool] = True
     stages: tuple[Codec, ...] = ()
 
     def __post_init__(self) -> None:
@@ -52,9 +58,33 @@ class Chain(Codec):
                     "chain may be lossy (e.g. 'int8+zstd')"
                 )
 
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Codec:
+        """Build from ``{"stages": [stage config or Codec, ...]}`` (``config()`` without id).
+
+        Raises:
+            ConfigError: ``stages`` is missing or not a list, or other keys are present.
+        """
+        rest = dict(params)
+        stages = rest.pop("stages", None)
+        if not isinstance(stages, list) or rest:
+            raise ConfigError(
+                f"chain config {{'id': 'chain', **{params!r}}} must be "
+                "{'id': 'chain', 'stages': [...]}"
+            )
+        return cls(tuple(s if isinstance(s, Codec) else Codec.from_config(s) for s in stages))
+
     @property
     def lossless(self) -> bool:  # type: ignore[override]
         return all(s.lossless for s in self.stages)
+
+    @property
+    def wants_error_feedback(self) -> bool:  # type: ignore[override]
+        return self.stages[0].wants_error_feedback
+
+    @property
+    def prescale(self) -> bool:  # type: ignore[override]
+        return self.stages[0].prescale
 
     @property
     def devices(self) -> tuple[str, ...] | None:  # type: ignore[override]

@@ -82,6 +82,7 @@ class _FP8(Codec):
     subnormal_error: ClassVar[float]
     #: Whether the format has +-Inf (e5m2); if not (e4m3fn), +-Inf is stored as NaN.
     has_inf: ClassVar[bool]
+    fixed_size: ClassVar[bool] = True
 
     block: int = 128
     pow2: bool = False

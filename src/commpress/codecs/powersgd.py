@@ -123,6 +123,7 @@ class PowerSGD(Codec):
 
     codec_id: ClassVar[str] = "powersgd"
     algorithm: ClassVar[str | None] = "powersgd"
+    wants_error_feedback: ClassVar[bool] = True
 
     rank: int = 4
     min_compression: float = 2.0

@@ -262,6 +262,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 @dataclass(frozen=True, repr=False)
 class _IntQuant(Codec):
     bits: ClassVar[int] = 8
+    fixed_size: ClassVar[bool] = True
     block: int = 256
     stochastic: bool = False
 
@@ -499,6 +500,8 @@ class Sign(Codec):
     """
 
     codec_id: ClassVar[str] = "sign"
+    fixed_size: ClassVar[bool] = True
+    wants_error_feedback: ClassVar[bool] = True
     block: int = 256
 
     def __post_init__(self) -> None:

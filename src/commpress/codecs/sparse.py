@@ -125,6 +125,8 @@ class TopK(Codec):
     """
 
     codec_id: ClassVar[str] = "topk"
+    fixed_size: ClassVar[bool] = True
+    wants_error_feedback: ClassVar[bool] = True
     ratio: float = 0.01
 
     def __post_init__(self) -> None:
@@ -251,6 +253,8 @@ class RandomK(Codec):
     """
 
     codec_id: ClassVar[str] = "randomk"
+    fixed_size: ClassVar[bool] = True
+    wants_error_feedback: ClassVar[bool] = True
     ratio: float = 0.01
     seed: int = 0
     unbiased: bool = False

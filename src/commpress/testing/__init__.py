@@ -16,6 +16,8 @@ from .checks import (
     gaussian,
     golden_digest,
     heavy_tailed,
+    random_bits,
+    structured,
     zeros,
 )
 from .dist import DistPool, RankDied, RemoteError, free_port
@@ -33,6 +35,8 @@ __all__ = [
     "gaussian",
     "golden_digest",
     "heavy_tailed",
+    "random_bits",
+    "structured",
     "zeros",
     # multi-process runner
     "DistPool",

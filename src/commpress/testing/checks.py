@@ -14,6 +14,7 @@ A new codec gets its tests in a few lines::
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -32,6 +33,8 @@ __all__ = [
     "gaussian",
     "heavy_tailed",
     "zeros",
+    "structured",
+    "random_bits",
     "SHAPES",
 ]
 
@@ -81,6 +84,25 @@ def heavy_tailed(
 def zeros(shape: int | tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     shape = (shape,) if isinstance(shape, int) else shape
     return torch.zeros(shape, dtype=dtype)
+
+
+def structured(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Small repeating values: compressible, exact in every dtype."""
+    base = torch.arange(math.prod(shape)) % 13
+    if dtype == torch.bool:
+        return (base % 3 == 0).reshape(shape)
+    if dtype.is_signed or dtype.is_floating_point or dtype.is_complex:
+        base = base - 6
+    return base.to(dtype).reshape(shape)
+
+
+def random_bits(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Every bit pattern (NaN payloads, subnormals, -0.0): incompressible."""
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    n = math.prod(shape) * dtype.itemsize
+    return torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 def check_roundtrip(codec: Codec, tensor: torch.Tensor, via_wire: bool = True) -> torch.Tensor:
@@ -222,9 +244,24 @@ def edge_values(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tens
     g = _generator(seed)
     base = torch.randn(4099, generator=g, dtype=torch.float64)
     special = [
-        info.max, -info.max, info.max * 0.999, info.tiny, -info.tiny, info.tiny / 8,
-        info.smallest_normal * 2**-3, 0.0, -0.0, 65504.0, -65504.0, 65519.0, 1e-40,
-        float("nan"), float("inf"), -float("inf"), 1.0, -1.0,
+        info.max,
+        -info.max,
+        info.max * 0.999,
+        info.tiny,
+        -info.tiny,
+        info.tiny / 8,
+        info.smallest_normal * 2**-3,
+        0.0,
+        -0.0,
+        65504.0,
+        -65504.0,
+        65519.0,
+        1e-40,
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        1.0,
+        -1.0,
     ]
     # Keep every value representable in ``dtype`` (float16 has no 1e-40, nor 2**127).
     special_t = torch.tensor(special, dtype=torch.float64).to(dtype).to(torch.float64)
