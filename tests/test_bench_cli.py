@@ -14,45 +14,16 @@ from commpress.bench.collectives import (
     SweepConfig,
     add_speedups,
     bus_factor,
-    format_size,
-    parse_size,
     size_range,
     sweep,
 )
+from commpress.units import parse_size
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     cli.configure_parser(parser)
     return parser.parse_args(argv)
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("8K", 8192),
-        ("8k", 8192),
-        ("256M", 256 << 20),
-        ("1G", 1 << 30),
-        ("4096", 4096),
-        ("1MiB", 1 << 20),
-        ("2KB", 2048),
-        ("0.5K", 512),
-    ],
-)
-def test_parse_size(text, expected):
-    assert parse_size(text) == expected
-
-
-@pytest.mark.parametrize("text", ["", "0", "-1K", "12Q", "K", "0.3K", "1.5"])
-def test_parse_size_rejects_bad_sizes_with_a_hint(text):
-    with pytest.raises(ValueError, match="size"):
-        parse_size(text)
-
-
-def test_format_size_inverts_parse_size():
-    for text in ("8K", "256M", "1G", "100B"):
-        assert format_size(parse_size(text)) == text
 
 
 def test_size_range_is_nccl_tests_b_e_f():

@@ -57,8 +57,17 @@ def test_codecs_json(capsys):
 
 
 def test_unsupported_dtype_shows_n_a(capsys):
-    argv = ["codecs", "--size", "4K", "--dtype", "int32", "--codecs", "none,bf16,lz4",
-            "--repeat", "1"]
+    argv = [
+        "codecs",
+        "--size",
+        "4K",
+        "--dtype",
+        "int32",
+        "--codecs",
+        "none,bf16,lz4",
+        "--repeat",
+        "1",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     rows = _rows(out)
@@ -74,8 +83,19 @@ def test_large_size_works(capsys):
 
 
 def test_console_script_in_a_subprocess():
-    argv = [sys.executable, "-m", "commpress.cli", "codecs", "--size", "64K", "--codecs",
-            "none,bf16", "--repeat", "1", "--progress"]
+    argv = [
+        sys.executable,
+        "-m",
+        "commpress.cli",
+        "codecs",
+        "--size",
+        "64K",
+        "--codecs",
+        "none,bf16",
+        "--repeat",
+        "1",
+        "--progress",
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert set(_rows(done.stdout)) >= {"tensor.clone()", "none", "bf16"}
@@ -118,8 +138,17 @@ def test_version(capsys):
 
 @pytest.mark.parametrize(
     "text, nbytes",
-    [("1K", 1024), ("4M", 4 << 20), ("64MiB", 64 << 20), ("1G", 1 << 30), ("100", 100),
-     ("64kb", 64 << 10), ("1.5M", 3 << 19), ("16 MiB", 16 << 20), ("7B", 7)],
+    [
+        ("1K", 1024),
+        ("4M", 4 << 20),
+        ("64MiB", 64 << 20),
+        ("1G", 1 << 30),
+        ("100", 100),
+        ("64kb", 64 << 10),
+        ("1.5M", 3 << 19),
+        ("16 MiB", 16 << 20),
+        ("7B", 7),
+    ],
 )
 def test_parse_size(text, nbytes):
     assert parse_size(text) == nbytes
@@ -129,13 +158,6 @@ def test_parse_size(text, nbytes):
 def test_parse_size_rejects(text):
     with pytest.raises(argparse.ArgumentTypeError):
         parse_size(text)
-
-
-@pytest.mark.parametrize(
-    "nbytes, text", [(7, "7 B"), (64 << 10, "64 KiB"), (3 << 19, "1.5 MiB"), (1 << 30, "1 GiB")]
-)
-def test_format_bytes(nbytes, text):
-    assert cli_codecs.format_bytes(nbytes) == text
 
 
 def test_codec_list_keeps_parameters_together():
@@ -162,8 +184,15 @@ class Broken(Codec):
 
 def test_a_broken_codec_is_reported_and_fails_the_run(capsys):
     args = argparse.Namespace(
-        size=4096, dtype="float32", codecs=[commpress.get_codec("none"), Broken()], repeat=1,
-        device="cpu", seed=0, json=False, progress=False, threads=1,
+        size=4096,
+        dtype="float32",
+        codecs=[commpress.get_codec("none"), Broken()],
+        repeat=1,
+        device="cpu",
+        seed=0,
+        json=False,
+        progress=False,
+        threads=1,
     )
     assert cli_codecs.run(args) == 1
     out = capsys.readouterr().out

@@ -40,15 +40,24 @@ from typing import IO, Any
 
 import torch
 
-from . import wire
+from . import units, wire
 from .codec import Codec
 from .errors import CommpressError
 from .registry import get_codec, list_codecs
 
 __all__ = [
-    "CodecRow", "DEFAULT_SIZE", "DTYPES", "add_parser", "measure_clone", "measure_copy",
+    "CodecRow",
+    "DEFAULT_SIZE",
+    "DTYPES",
+    "add_parser",
+    "measure_clone",
+    "measure_copy",
     "measure_codec",
-    "format_bytes", "parse_codec_list", "parse_size", "run", "sample", "format_table",
+    "parse_codec_list",
+    "parse_size",
+    "run",
+    "sample",
+    "format_table",
 ]
 
 DEFAULT_SIZE = 16 << 20
@@ -68,36 +77,17 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
-
 
 def parse_size(text: str) -> int:
-    """Bytes in ``"1K"``, ``"4M"``, ``"64MiB"``, ``"1G"``, ``"1.5M"`` or ``"4096"``.
-
-    Units are powers of 1024 (``K``, ``KB`` and ``KiB`` all mean 1024 bytes).
+    """`commpress.units.parse_size` of at least 1 byte, as an argparse ``type``.
 
     Raises:
-        argparse.ArgumentTypeError: not a positive size.
+        argparse.ArgumentTypeError: not a size (the message names the grammar).
     """
-    match = _SIZE_RE.match(text)
-    if match is None or (match.group(3) and match.group(3).upper() == "IB" and not match.group(2)):
-        raise argparse.ArgumentTypeError(
-            f"invalid size {text!r}: expected a number with an optional unit K, M, G or T "
-            "(powers of 1024), e.g. 64K, 4M, 64MiB, 1G"
-        )
-    value = float(match.group(1)) * _UNITS[match.group(2).upper()]
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be at least 1 byte")
-    return int(value)
-
-
-def format_bytes(n: int) -> str:
-    """``65536`` -> ``"64 KiB"``, ``3 << 19`` -> ``"1.5 MiB"``."""
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.4g} {unit}"
-    return f"{n} B"
+    try:
+        return units.parse_size(text, minimum=1)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid {exc}") from None
 
 
 def parse_codec_list(text: str) -> list[Codec]:
@@ -120,7 +110,7 @@ def parse_codec_list(text: str) -> list[Codec]:
         try:
             codecs.append(get_codec(spec.strip()))
         except CommpressError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+            raise argparse.ArgumentTypeError(f"invalid {exc}") from None
     if not codecs:
         raise argparse.ArgumentTypeError(f"no codecs in {text!r}")
     return codecs
@@ -285,20 +275,32 @@ def format_table(
 ) -> str:
     """The rows as an aligned text table, the ``dst.copy_(x)`` yardstick first."""
     copy = clone_gbps if copy_gbps is None else copy_gbps
-    header = ("codec", "ratio", "encode GB/s", "x copy_", "decode GB/s", "x copy_",
-              "rel L2 error")
+    header = ("codec", "ratio", "encode GB/s", "x copy_", "decode GB/s", "x copy_", "rel L2 error")
     body = [
         ("dst.copy_(x)", "-", _fmt_gbps(copy), "1.00x", _fmt_gbps(copy), "1.00x", "-"),
-        ("tensor.clone()", "-", _fmt_gbps(clone_gbps), _fmt_x(clone_gbps, copy),
-         _fmt_gbps(clone_gbps), _fmt_x(clone_gbps, copy), "-"),
+        (
+            "tensor.clone()",
+            "-",
+            _fmt_gbps(clone_gbps),
+            _fmt_x(clone_gbps, copy),
+            _fmt_gbps(clone_gbps),
+            _fmt_x(clone_gbps, copy),
+            "-",
+        ),
     ]
     notes = []
     for row in rows:
-        body.append((
-            row.codec, _fmt_ratio(row.ratio), _fmt_gbps(row.encode_gbps),
-            _fmt_x(row.encode_gbps, copy), _fmt_gbps(row.decode_gbps),
-            _fmt_x(row.decode_gbps, copy), _fmt_err(row.rel_l2_error),
-        ))
+        body.append(
+            (
+                row.codec,
+                _fmt_ratio(row.ratio),
+                _fmt_gbps(row.encode_gbps),
+                _fmt_x(row.encode_gbps, copy),
+                _fmt_gbps(row.decode_gbps),
+                _fmt_x(row.decode_gbps, copy),
+                _fmt_err(row.rel_l2_error),
+            )
+        )
         if row.note:
             notes.append(f"  {row.codec}: {row.note}")
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
@@ -326,24 +328,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     p.add_argument(
-        "--size", type=parse_size, default=DEFAULT_SIZE,
+        "--size",
+        type=parse_size,
+        default=DEFAULT_SIZE,
         help="bytes of sample data, e.g. 1K, 4M, 64MiB, 1G (default: 16MiB)",
     )
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="(default: float32)")
     p.add_argument(
-        "--codecs", type=parse_codec_list, default=None, metavar="SPEC,SPEC",
+        "--codecs",
+        type=parse_codec_list,
+        default=None,
+        metavar="SPEC,SPEC",
         help="comma-separated codec specs (default: every registered codec and a few chains)",
     )
     p.add_argument("--repeat", type=_positive_int, default=3, help="timed runs (default: 3)")
     p.add_argument(
-        "--threads", type=_positive_int, default=1,
+        "--threads",
+        type=_positive_int,
+        default=1,
         help="torch (and kernel) threads while measuring (default: 1)",
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="sample data seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="progress bar on stderr (default: when stderr is a terminal)",
     )
     p.set_defaults(func=run)
@@ -356,8 +367,11 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     itemsize = dtype.itemsize
     if args.size < itemsize:
-        print(f"commpress codecs: error: --size {args.size} is smaller than one {args.dtype} "
-              f"element ({itemsize} bytes)", file=sys.stderr)
+        print(
+            f"commpress codecs: error: --size {args.size} is smaller than one {args.dtype} "
+            f"element ({itemsize} bytes)",
+            file=sys.stderr,
+        )
         return 2
     try:
         device = torch.device(args.device)
@@ -379,23 +393,32 @@ def run(args: argparse.Namespace, out: IO[str] | None = None) -> int:
             try:
                 rows.append(measure_codec(codec, x, args.repeat))
             except Exception as exc:  # noqa: BLE001 - one broken codec must not hide the others
-                rows.append(CodecRow(codec.spec, note=f"failed: {type(exc).__name__}: {exc}",
-                                     failed=True))
+                rows.append(
+                    CodecRow(codec.spec, note=f"failed: {type(exc).__name__}: {exc}", failed=True)
+                )
     finally:
         progress.close()
     nbytes = x.numel() * x.element_size()
     if args.json:
         doc = {
-            "size_bytes": nbytes, "numel": x.numel(), "dtype": args.dtype,
-            "device": str(device), "repeat": args.repeat, "seed": args.seed,
-            "threads": args.threads, "copy_gbps": copy_gbps, "clone_gbps": clone_gbps,
+            "size_bytes": nbytes,
+            "numel": x.numel(),
+            "dtype": args.dtype,
+            "device": str(device),
+            "repeat": args.repeat,
+            "seed": args.seed,
+            "threads": args.threads,
+            "copy_gbps": copy_gbps,
+            "clone_gbps": clone_gbps,
             "rows": [_json_row(r) for r in rows],
         }
         out.write(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     else:
-        title = (f"commpress codecs: {format_bytes(nbytes)} of {args.dtype} "
-                 f"({x.numel()} Gaussian elements, seed {args.seed}) on {device}, "
-                 f"{args.threads} thread(s), median of {args.repeat}")
+        title = (
+            f"commpress codecs: {units.format_size(nbytes)} of {args.dtype} "
+            f"({x.numel()} Gaussian elements, seed {args.seed}) on {device}, "
+            f"{args.threads} thread(s), median of {args.repeat}"
+        )
         out.write(format_table(rows, clone_gbps, title, copy_gbps) + "\n")
     return 1 if any(r.failed for r in rows) else 0
 

@@ -28,7 +28,8 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import CommpressError
-from .collectives import OPS, SweepConfig, add_speedups, format_size, parse_size, size_range
+from ..units import format_size, parse_size
+from .collectives import OPS, SweepConfig, add_speedups, size_range
 
 __all__ = ["add_parser", "build_config", "run", "main"]
 
@@ -99,7 +100,9 @@ def build_config(args: argparse.Namespace) -> SweepConfig:
             raise ValueError(f"--shape {args.shape!r} is not ROWSxCOLS, e.g. 4096x4096") from None
         if len(shape) != 2 or min(shape) < 1:
             raise ValueError(f"--shape {args.shape!r} must be two positive numbers, e.g. 4096x4096")
-    sizes = size_range(parse_size(args.minbytes), parse_size(args.maxbytes), args.stepfactor)
+    sizes = size_range(
+        parse_size(args.minbytes, minimum=1), parse_size(args.maxbytes, minimum=1), args.stepfactor
+    )
     return SweepConfig(
         ops=ops,
         codecs=tuple(_csv(args.codecs)),
@@ -123,7 +126,8 @@ class _Progress:
             return
         width = 30
         filled = int(width * done / max(total, 1))
-        label = f"{case.op} {format_size(case.size)} {case.codec}" if done < total else "done"
+        size = format_size(case.size, exact=True)
+        label = f"{case.op} {size} {case.codec}" if done < total else "done"
         sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<40}")
         if done >= total:
             sys.stderr.write("\n")
@@ -234,7 +238,7 @@ def format_rows(rows: list[dict[str, Any]], title: str | None = None) -> str:
         cols.append("status")
     percent = lambda v: f"{100 * v:.1f}"  # noqa: E731
     formats = {
-        "size": format_size,
+        "size": lambda n: format_size(n, exact=True),
         "time_us": "{:.0f}",
         "algbw_GBps": "{:.3f}",
         "busbw_GBps": "{:.3f}",

@@ -51,8 +51,6 @@ __all__ = [
     "BUS_FACTORS",
     "Case",
     "SweepConfig",
-    "parse_size",
-    "format_size",
     "size_range",
     "bus_factor",
     "run_case",
@@ -75,43 +73,11 @@ BUS_FACTORS: dict[str, Callable[[int], float]] = {
     "all_to_all": lambda n: (n - 1) / n,
 }
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
 def bus_factor(op: str, world_size: int) -> float:
     """nccl-tests' bus-bandwidth factor of ``op`` on ``world_size`` ranks."""
     if op not in BUS_FACTORS:
         raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
     return BUS_FACTORS[op](world_size)
-
-
-def parse_size(text: str) -> int:
-    """``"8K"`` -> 8192, ``"256M"`` -> 268435456, ``"1G"``, ``"4096"`` (bytes, powers of 1024).
-
-    Raises:
-        ValueError: not a positive whole number of bytes with an optional K/M/G suffix.
-    """
-    s = str(text).strip().upper().removesuffix("IB").removesuffix("B") or "0"
-    unit = s[-1] if s[-1] in "KMG" else ""
-    number = s[: len(s) - len(unit)]
-    try:
-        value = float(number) * _UNITS[unit]
-    except ValueError:
-        raise ValueError(
-            f"size {text!r} is not understood; write bytes with an optional K, M or G "
-            "suffix (powers of 1024), e.g. 8K, 256M, 1G"
-        ) from None
-    if value <= 0 or value != int(value):
-        raise ValueError(f"size {text!r} must be a positive whole number of bytes")
-    return int(value)
-
-
-def format_size(nbytes: int) -> str:
-    """The inverse of `parse_size` where exact: 8192 -> ``"8K"``, 1.5 MiB -> ``"1536K"``."""
-    for unit in ("G", "M", "K"):
-        if nbytes % _UNITS[unit] == 0:
-            return f"{nbytes // _UNITS[unit]}{unit}"
-    return f"{nbytes}B"
 
 
 def size_range(begin: int, end: int, factor: int) -> list[int]:
