@@ -256,29 +256,6 @@ def test_handle_errors_futures_and_completed_handles():
     engine.close()
 
 
-def test_engine_pipeline_prepares_ahead_and_finishes_in_order():
-    engine = Engine(num_threads=2)
-    prepared: list[int] = []
-    finished: list[int] = []
-
-    def prepare(i):
-        prepared.append(i)
-        return i * 10
-
-    def finish(i, state):
-        assert state == i * 10
-        if i == 0:
-            time.sleep(0.05)
-            assert len(prepared) >= 3  # chunks 1 and 2 were encoded meanwhile
-        finished.append(i)
-
-    engine.pipeline(6, prepare, finish)
-    assert finished == list(range(6)) and sorted(prepared) == list(range(6))
-    with pytest.raises(ValueError, match="bad chunk"):
-        engine.pipeline(4, prepare, lambda i, s: (_ for _ in ()).throw(ValueError("bad chunk")))
-    engine.close()
-
-
 def test_get_and_set_engine():
     before = get_engine()
     mine = Engine(num_threads=0, chunk_bytes=0)

@@ -46,9 +46,8 @@ import contextlib
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future as _PyFuture
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -56,8 +55,6 @@ from .errors import CollectiveError, ConfigError
 from .handle import Handle
 
 __all__ = ["Engine", "Handle", "get_engine", "set_engine"]
-
-S = TypeVar("S")
 
 
 class _GroupQueue:
@@ -272,55 +269,9 @@ class Engine:
         handle.wait()
         return handle._value
 
-    # ------------------------------------------------------------ pipelining
-    def pipeline(
-        self,
-        count: int,
-        prepare: Callable[[int], S],
-        finish: Callable[[int, S], None],
-        device: torch.device | None = None,
-    ) -> None:
-        """``finish(i, prepare(i))`` for ``i < count``, with ``prepare`` running ahead.
-
-        ``prepare`` (encoding: local work only) runs on the encode threads up to
-        ``num_threads`` items ahead; ``finish`` (transfers, in order) runs here.
-        """
-        if count <= 1 or self.num_threads == 0:
-            for i in range(count):
-                finish(i, prepare(i))
-            return
-        pool = self._encode_pool()
-        stream = (
-            self._cuda_streams(device).stream
-            if device is not None and device.type == "cuda"
-            else None
-        )
-
-        def run_prepare(i: int) -> S:
-            if stream is None:
-                return prepare(i)
-            with torch.cuda.stream(stream):
-                return prepare(i)
-
-        ahead: collections.deque[_PyFuture] = collections.deque()
-        nxt = 0
-        try:
-            for i in range(count):
-                # chunks i .. i+num_threads are being encoded while chunk i goes on the wire
-                while nxt < count and nxt <= i + self.num_threads:
-                    ahead.append(pool.submit(run_prepare, nxt))
-                    nxt += 1
-                state = ahead.popleft().result()
-                finish(i, state)
-        finally:
-            for f in ahead:
-                f.cancel()
-            for f in ahead:
-                if not f.cancelled():
-                    with contextlib.suppress(BaseException):
-                        f.result()
-
-    def _encode_pool(self) -> ThreadPoolExecutor:
+    # ------------------------------------------------------------ encode threads
+    def encode_pool(self) -> ThreadPoolExecutor:
+        """The ``num_threads`` threads that encode chunks ahead (`commpress.algorithms.chunked`)."""
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(

@@ -21,6 +21,10 @@ another codec (the residual of one codec is meaningless for another).
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import weakref
 from collections.abc import Hashable
 from typing import Any
 
@@ -30,7 +34,14 @@ from .codec import Codec, Packet
 from .errors import CodecMismatchError, ConfigError
 from .registry import CodecLike, get_codec
 
-__all__ = ["ErrorFeedback", "residual_dtype"]
+__all__ = [
+    "ErrorFeedback",
+    "residual_dtype",
+    "error_feedback",
+    "reset_error_feedback",
+    "auto_key",
+    "MAX_SLOTS_PER_SITE",
+]
 
 
 def residual_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -172,3 +183,98 @@ class ErrorFeedback:
         self._residuals = {
             k: v.detach().to(residual_dtype(v.dtype)).clone() for k, v in residuals.items()
         }
+
+
+# ------------------------------------------------- the collectives' memory
+_store_lock = threading.Lock()
+_store: dict[Codec, ErrorFeedback] = {}
+
+
+def error_feedback(codec: CodecLike) -> ErrorFeedback:
+    """The error-feedback memory of the compressed collectives for ``codec`` (residuals per key).
+
+    Use it to inspect residuals, or to checkpoint them with ``state_dict()``.
+    """
+    c = get_codec(codec)
+    with _store_lock:
+        ef = _store.get(c)
+        if ef is None:
+            ef = _store[c] = ErrorFeedback(c)
+        return ef
+
+
+def reset_error_feedback() -> None:
+    """Forget every residual of the compressed collectives."""
+    with _store_lock:
+        _store.clear()
+
+
+def call_site(depth: int = 2) -> str:
+    """``"module:function+line"`` of the first caller outside commpress and torch.distributed.
+
+    The module is the caller's ``__name__`` (for a script: its ``__spec__`` name under
+    ``python -m``, else its file name without ``.py``) and the line is counted from the
+    function's ``def``: the site survives a move of the checkout and edits elsewhere in
+    the file, which absolute ``path:line`` did not.
+    """
+    frame = sys._getframe(depth)
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name == "commpress" or name.startswith(("commpress.", "torch.distributed"))):
+            code = frame.f_code
+            if name == "__main__":
+                spec = frame.f_globals.get("__spec__")
+                name = (
+                    getattr(spec, "name", None)
+                    or os.path.splitext(os.path.basename(code.co_filename))[0]
+                )
+            qualname = getattr(code, "co_qualname", code.co_name)
+            return f"{name}:{qualname}+{frame.f_lineno - code.co_firstlineno}"
+        frame = frame.f_back  # type: ignore[assignment]
+    return "?"
+
+
+#: Most tensors one call site may keep apart before `auto_key` asks for ``key=``.
+MAX_SLOTS_PER_SITE = 1024
+_slots_lock = threading.Lock()
+# (op, group, shape, dtype, site) -> one weak reference per slot: the tensor that used it last
+_site_slots: dict[tuple, list[Any]] = {}
+
+
+def auto_key(op: str, group_key: str, t: torch.Tensor) -> tuple:
+    """The error-feedback key of a call without ``key=``: site, shape, dtype and a slot.
+
+    Tensors reduced at one call site (a loop over layers) get one slot each, in call
+    order: a tensor (or the tensor it is a view of) that used a slot before keeps it;
+    a new one takes the first slot whose previous tensor has been freed (last step's
+    gradients, after ``zero_grad``), else a new slot. So ``for p in params:
+    all_reduce(p.grad)`` keeps one residual per parameter, step after step, whether
+    ``zero_grad`` frees the gradients or zeroes them in place. What this cannot tell
+    apart: temporaries made and freed inside the loop (``all_reduce(torch.cat(...))``)
+    share one slot -- pass ``key=`` there.
+
+    Raises:
+        ConfigError: one site kept more than 1024 tensors alive at once.
+    """
+    site = (op, group_key, tuple(t.shape), str(t.dtype), call_site())
+    owner = t._base if t._base is not None else t
+    with _slots_lock:
+        slots = _site_slots.setdefault(site, [])
+        free = None
+        for i, ref in enumerate(slots):
+            held = ref()
+            if held is owner:
+                return (*site, i)
+            if held is None and free is None:
+                free = i
+        if free is None:
+            if len(slots) >= MAX_SLOTS_PER_SITE:
+                raise ConfigError(
+                    f"{op} at {site[-1]}: error feedback keeps more than "
+                    f"{MAX_SLOTS_PER_SITE} live tensors of shape {list(t.shape)} apart at "
+                    "this call site; pass key= (e.g. the parameter name) to name each stream"
+                )
+            slots.append(None)
+            free = len(slots) - 1
+        slots[free] = weakref.ref(owner)
+        return (*site, free)

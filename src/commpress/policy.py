@@ -43,8 +43,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .algorithms import algorithms, get_algorithm
 from .codec import Codec, is_float
 from .errors import ConfigError, UnsupportedDtypeError
+from .ops import FAMILIES, OPS, REDUCTIONS
 from .registry import CodecLike, get_codec
 
 __all__ = [
@@ -58,35 +60,16 @@ __all__ = [
     "FAMILIES",
     "REDUCTIONS",
     "ALGORITHMS",
-    "wants_error_feedback",
 ]
 
 #: Public op name -> the family `Policy.ops` names (aliases share a family).
-OP_FAMILIES: dict[str, str] = {
-    "all_reduce": "all_reduce",
-    "reduce": "reduce",
-    "all_gather": "all_gather",
-    "all_gather_into_tensor": "all_gather",
-    "reduce_scatter": "reduce_scatter",
-    "reduce_scatter_tensor": "reduce_scatter",
-    "broadcast": "broadcast",
-    "all_to_all": "all_to_all",
-    "all_to_all_single": "all_to_all",
-    "gather": "gather",
-    "scatter": "scatter",
-    "send": "p2p",
-    "recv": "p2p",
-    "isend": "p2p",
-    "irecv": "p2p",
-}
-FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(OP_FAMILIES.values()))
-#: Families whose op sums tensors (the others only move them).
-REDUCTIONS: frozenset[str] = frozenset({"all_reduce", "reduce", "reduce_scatter"})
-ALGORITHMS: tuple[str, ...] = ("auto", "direct", "two_phase", "gather", "hierarchical")
-
-#: Codec ids that want error feedback by default even if their class does not
-#: declare ``wants_error_feedback`` (the biased compressors).
-_EF_BY_DEFAULT: frozenset[str] = frozenset({"sign", "topk", "randomk", "powersgd"})
+OP_FAMILIES: dict[str, str] = {name: o.family for name, o in OPS.items()}
+#: Algorithms ``Policy(algorithm=...)`` may force (the others are chosen by the codec
+#: or the op), after ``"auto"``.
+ALGORITHMS: tuple[str, ...] = (
+    "auto",
+    *(a.name for a in algorithms("all_reduce") if not a.by_codec),
+)
 
 _SUM_LIKE = (dist.ReduceOp.SUM, dist.ReduceOp.AVG)
 _EXACT_OPS = (
@@ -387,12 +370,6 @@ class Decision:
         return self.codec is not None
 
 
-def wants_error_feedback(codec: Codec) -> bool:
-    """Whether ``codec`` wants error feedback by default (a chain: its first stage)."""
-    first = getattr(codec, "stages", (codec,))[0]
-    return bool(getattr(first, "wants_error_feedback", False)) or first.codec_id in _EF_BY_DEFAULT
-
-
 def _plain(reason: str) -> Decision:
     return Decision(None, None, False, reason)
 
@@ -441,13 +418,15 @@ def decide(
             raise UnsupportedDtypeError(
                 f"{op}: ReduceOp.AVG needs a floating tensor, got {dtype}; use SUM and divide"
             )
-    if c.algorithm == "powersgd" and family not in ("all_reduce", "reduce"):
+    named = None if c.algorithm is None else get_algorithm(c.algorithm)
+    if named is not None and family not in named.families:
         if explicit:
             raise ConfigError(
-                f"{op}: codec {c.spec!r} is an all-reduce algorithm and cannot run {op}; "
-                "use it with all_reduce/reduce, or pick a codec such as 'int8' or 'bf16'"
+                f"{op}: codec {c.spec!r} is the {named.name!r} algorithm, which runs "
+                f"{'/'.join(sorted(named.families))} only, and cannot run {op}; use it with "
+                f"those, or pick a codec such as 'int8' or 'bf16'"
             )
-        return _plain(f"{c.spec} compresses all_reduce/reduce only")
+        return _plain(f"{c.spec} compresses {'/'.join(sorted(named.families))} only")
     if c.codec_id == "none":
         return _plain("codec none")
     if not explicit and policy.ops is not None and family not in policy.ops:
@@ -470,32 +449,49 @@ def decide(
     ef = (
         reduction
         and not c.lossless
-        and (
-            policy.error_feedback if policy.error_feedback is not None else wants_error_feedback(c)
-        )
+        and (policy.error_feedback if policy.error_feedback is not None else c.wants_error_feedback)
     )
-    if c.algorithm == "powersgd":
-        return Decision(c, "powersgd", True, "powersgd all-reduce")
-    if c.algorithm is not None:
-        raise ConfigError(
-            f"codec {c.spec!r} requires algorithm {c.algorithm!r}, which commpress does not know"
-        )
+    if named is not None:
+        return Decision(c, named.name, ef or named.by_codec, f"{named.name} {family}")
     if not reduction:
-        return Decision(c, "transport", False, "encode once, move, decode", threshold)
-    if family == "reduce_scatter":
-        return Decision(c, "two_phase", ef, "reduce-scatter: first phase of two_phase")
+        mover = _moving(family)
+        return Decision(c, mover.name, False, "encode once, move, decode", threshold)
+    return _reduction(op, family, c, reduce_op, size, world_size, policy, ef)
+
+
+def _moving(family: str) -> Any:
+    """The algorithm of an op that only moves data: the first in ``auto_order``."""
+    return min(
+        (a for a in algorithms(family) if a.auto_order is not None), key=lambda a: a.auto_order
+    )
+
+
+def _reduction(
+    op: str,
+    family: str,
+    c: Codec,
+    reduce_op: Any,
+    size: int,
+    world_size: int,
+    policy: Policy,
+    ef: bool,
+) -> Decision:
+    """The algorithm of a compressed reduction: the forced one, else the first in
+    ``auto_order`` that can run the call and fits its size."""
     sum_like = any(reduce_op == r for r in _SUM_LIKE)
-    algorithm = policy.algorithm
-    if algorithm == "direct" and not (c.summable and sum_like):
-        raise ConfigError(
-            f"{op}: Policy(algorithm='direct') needs a summable codec (fp16, bf16) and SUM/AVG; "
-            f"got codec {c.spec!r} with ReduceOp.{_op_name(reduce_op)}; use algorithm='auto'"
-        )
-    if algorithm == "auto":
-        if c.summable and sum_like:
-            algorithm = "direct"
-        elif size <= policy.gather_bytes and world_size <= 8:
-            algorithm = "gather"
-        else:
-            algorithm = "two_phase"
-    return Decision(c, algorithm, ef, f"{algorithm} all-reduce")
+    forced = None if policy.algorithm == "auto" else get_algorithm(policy.algorithm)
+    if forced is not None and family in forced.families:
+        why_not = forced.eligible(c, sum_like)
+        if why_not is not None:
+            raise ConfigError(
+                f"{op}: Policy(algorithm={forced.name!r}) {why_not}; got codec {c.spec!r} "
+                f"with ReduceOp.{_op_name(reduce_op)}; use algorithm='auto'"
+            )
+        return Decision(c, forced.name, ef, f"{forced.name} {family}")
+    candidates = sorted(
+        (a for a in algorithms(family) if a.auto_order is not None), key=lambda a: a.auto_order
+    )
+    for a in candidates:
+        if a.eligible(c, sum_like) is None and a.fits(c, size, world_size, policy):
+            return Decision(c, a.name, ef, f"{a.name} {family}")
+    raise ConfigError(f"{op}: no registered algorithm can reduce with codec {c.spec!r}")

@@ -30,10 +30,15 @@ shows a table::
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
-__all__ = ["OpStats", "Stats", "stats", "reset_stats", "CallRecord"]
+import torch
+
+__all__ = ["OpStats", "Stats", "stats", "reset_stats", "CallRecord", "PHASES", "call_range"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,10 @@ def _human(n: int) -> str:
     return str(n)  # unreachable, keeps type checkers calm
 
 
+#: The stages of a compressed call, each timed into ``CallRecord.<stage>_s``.
+PHASES = ("encode", "transfer", "decode")
+
+
 @dataclass
 class CallRecord:
     """What one call did; algorithms fill it in, `record` adds it to the counters."""
@@ -155,6 +164,47 @@ class CallRecord:
     encode_s: float = 0.0
     transfer_s: float = 0.0
     decode_s: float = 0.0
+
+    def merge(self, part: CallRecord) -> None:
+        """Add the wire bytes and stage times of ``part`` (one chunk of this call)."""
+        self.bytes_wire += part.bytes_wire
+        self.encode_s += part.encode_s
+        self.transfer_s += part.transfer_s
+        self.decode_s += part.decode_s
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the block into ``<name>_s`` and show it as ``commpress:<name>`` in profiles.
+
+        ``name`` is one of `PHASES`. The range nests inside the call's own range
+        (``commpress:all_reduce[int8]``), so ``torch.profiler`` traces show where a
+        compressed call spends its time.
+        """
+        field_name = f"{name}_s"
+        t0 = time.perf_counter()
+        try:
+            if _profiling():
+                with torch.profiler.record_function(f"commpress:{name}"):
+                    yield
+            else:
+                yield
+        finally:
+            setattr(self, field_name, getattr(self, field_name) + time.perf_counter() - t0)
+
+
+def _profiling() -> bool:
+    """Whether a ``torch.profiler`` session records ranges (skip the cost when not)."""
+    return torch.autograd.profiler._is_profiler_enabled
+
+
+@contextlib.contextmanager
+def call_range(op: str, spec: str) -> Iterator[None]:
+    """The profiler range of one compressed call: ``commpress:<op>[<codec spec>]``."""
+    if _profiling():
+        with torch.profiler.record_function(f"commpress:{op}[{spec}]"):
+            yield
+    else:
+        yield
 
 
 _lock = threading.Lock()

@@ -20,7 +20,6 @@ computes the packed sizes from shapes it already knows (`packed_size`).
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ from ..errors import CollectiveError
 from ..feedback import ErrorFeedback
 from ..stats import CallRecord
 from ..wire.descriptor import OP_CODES, Descriptor, DescriptorTable, redop_code, spec_row
+from .registry import algorithm_name
 
 __all__ = [
     "Comm",
@@ -51,20 +51,10 @@ __all__ = [
     "acc_dtype",
     "reduce_into",
     "chunk_bounds",
-    "ALGO_CODES",
+    "average",
     "gather_sizes",
     "broadcast_buf",
 ]
-
-#: The algorithms' descriptor wire codes (0: none, as in a rejection).
-ALGO_CODES: dict[str, int] = {
-    "direct": 1,
-    "two_phase": 2,
-    "gather": 3,
-    "transport": 4,
-    "powersgd": 5,
-}
-_ALGO_NAMES = {v: k for k, v in ALGO_CODES.items()}
 
 
 @dataclass
@@ -119,9 +109,8 @@ def _all_gather_flat(
 def _gather_rows(comm: Comm, desc: Descriptor) -> torch.Tensor:
     row = desc.to_tensor(comm.size, comm.device)
     out = torch.empty(comm.size * row.numel(), dtype=torch.int64, device=comm.device)
-    t0 = time.perf_counter()
-    _all_gather_flat(out, row, comm.group)
-    comm.rec.transfer_s += time.perf_counter() - t0
+    with comm.rec.phase("transfer"):
+        _all_gather_flat(out, row, comm.group)
     comm.rec.bytes_wire += row.numel() * 8
     return out
 
@@ -129,7 +118,7 @@ def _gather_rows(comm: Comm, desc: Descriptor) -> torch.Tensor:
 def exchange(
     comm: Comm,
     *,
-    algorithm: str,
+    algorithm: int,
     dtype: torch.dtype | None,
     numel: int,
     sizes: Sequence[int],
@@ -139,6 +128,8 @@ def exchange(
 ) -> DescriptorTable:
     """All-gather this rank's descriptor and check every rank's against each other.
 
+    ``algorithm`` is the wire code of the calling algorithm (`Algorithm.code`).
+
     Raises, on every rank alike:
         CollectiveError: another rank rejected its arguments, or the ranks disagree on the
             op, algorithm, dtype, element count (when ``same_numel``), reduce op or root.
@@ -146,7 +137,7 @@ def exchange(
     """
     desc = Descriptor(
         op=OP_CODES[comm.op],
-        algorithm=ALGO_CODES.get(algorithm, 0),
+        algorithm=algorithm,
         config_hash=comm.codec.config_hash,
         spec_nbytes=len(comm.codec.spec.encode()),
         dtype=dtype,
@@ -159,7 +150,7 @@ def exchange(
     table.check_status()
     if not table.same_codec():
         raise table.codec_mismatch(_gather_specs(comm, table), comm.rank)
-    table.check_call(same_numel=same_numel, algorithm_name=lambda v: _ALGO_NAMES.get(v, str(v)))
+    table.check_call(same_numel=same_numel, algorithm_name=algorithm_name)
     return table
 
 
@@ -219,10 +210,8 @@ def encode_pack(
 
     ``roundtrip``: also overwrite ``x`` with what the receivers will decode.
     """
-    t0 = time.perf_counter()
-    buf = wire.encode_pack(comm.codec, x, checksum=comm.checksum, out=out, roundtrip=roundtrip)
-    comm.rec.encode_s += time.perf_counter() - t0
-    return buf
+    with comm.rec.phase("encode"):
+        return wire.encode_pack(comm.codec, x, checksum=comm.checksum, out=out, roundtrip=roundtrip)
 
 
 def encode_pack_many(comm: Comm, pieces: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
@@ -269,28 +258,24 @@ def unpack_decode(
         CodecMismatchError: the buffer was made by another codec config.
         CollectiveError: it holds another number of elements than expected.
     """
-    t0 = time.perf_counter()
-    packet = wire.unpack(buf, comm.codec)
-    if numel is not None and packet.meta.numel != numel:
-        who = f" from rank {source}" if source is not None else ""
-        raise comm.fail(
-            f"received a tensor of {packet.meta.numel} elements (shape {tuple(packet.meta.shape)})"
-            f"{who} where {numel} were expected; the ranks' tensor sizes do not match"
-        )
-    if out is not None and out.shape != packet.meta.shape:
-        out = out.view(packet.meta.shape)
-    result = comm.codec.decode(packet, out=out, accumulate=accumulate)
-    comm.rec.decode_s += time.perf_counter() - t0
-    return result
+    with comm.rec.phase("decode"):
+        packet = wire.unpack(buf, comm.codec)
+        if numel is not None and packet.meta.numel != numel:
+            who = f" from rank {source}" if source is not None else ""
+            raise comm.fail(
+                f"received a tensor of {packet.meta.numel} elements "
+                f"(shape {tuple(packet.meta.shape)}){who} where {numel} were expected; "
+                "the ranks' tensor sizes do not match"
+            )
+        if out is not None and out.shape != packet.meta.shape:
+            out = out.view(packet.meta.shape)
+        return comm.codec.decode(packet, out=out, accumulate=accumulate)
 
 
 # ----------------------------------------------------------------- transfers
 def _timed(comm: Comm, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    t0 = time.perf_counter()
-    try:
+    with comm.rec.phase("transfer"):
         return fn(*args, **kwargs)
-    finally:
-        comm.rec.transfer_s += time.perf_counter() - t0
 
 
 def alltoallv(
@@ -455,3 +440,11 @@ def gather_sizes(comm: Comm, nbytes: int) -> list[int]:
     _timed(comm, _all_gather_flat, out, row, comm.group)
     comm.rec.bytes_wire += 8
     return out.tolist()
+
+
+def average(t: torch.Tensor, op: Any, world: int) -> torch.Tensor:
+    """``t`` divided in place by ``world`` for ``ReduceOp.AVG`` (a sum otherwise): the
+    one place AVG becomes a division. ``t`` must be the caller's own result buffer."""
+    if op == dist.ReduceOp.AVG:
+        t.div_(world)
+    return t

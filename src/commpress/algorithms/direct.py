@@ -29,7 +29,6 @@ the decode is deterministic.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,10 +36,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..codec import Packet
+from ..codec import Codec, Packet
 from .common import Comm, acc_dtype, exchange, wait_timed
+from .registry import Algorithm, CodecSpeed, Link, Stage, register_algorithm
 
-__all__ = ["Prepared", "prepare", "all_reduce", "all_reduce_pipelined", "reduce"]
+__all__ = ["Direct", "Prepared", "prepare", "all_reduce", "stages", "reduce"]
 
 
 @dataclass
@@ -56,27 +56,21 @@ def prepare(comm: Comm, flat: torch.Tensor) -> Prepared:
     return Prepared(flat, _encode_scaled(comm, flat))
 
 
-def _prescale(comm: Comm) -> bool:
-    # Only narrow-range casts (fp16) need it; bf16 has float32's range.
-    return getattr(comm.codec, "prescale", True)
-
-
 def _encode_scaled(comm: Comm, flat: torch.Tensor) -> Packet:
     x = flat if comm.feedback is None else comm.feedback.compensate(flat, comm.key)
     x = x.to(acc_dtype(flat.dtype))
-    t0 = time.perf_counter()
-    scaled = x / comm.size if _prescale(comm) else x
-    packet = comm.codec.encode(scaled)
-    # The backend sums in place: never let it write into a view of the input.
-    payload = tuple(
-        p.clone() if p.data_ptr() == scaled.data_ptr() or p.data_ptr() == flat.data_ptr() else p
-        for p in packet.payload
-    )
-    packet = Packet(payload, packet.meta)
-    if comm.feedback is not None:
-        own = comm.codec.decode(packet).to(x.dtype)
-        comm.feedback.update(comm.key, x, own * comm.size if _prescale(comm) else own)
-    comm.rec.encode_s += time.perf_counter() - t0
+    with comm.rec.phase("encode"):
+        scaled = x / comm.size if comm.codec.prescale else x
+        packet = comm.codec.encode(scaled)
+        # The backend sums in place: never let it write into a view of the input.
+        payload = tuple(
+            p.clone() if p.data_ptr() in (scaled.data_ptr(), flat.data_ptr()) else p
+            for p in packet.payload
+        )
+        packet = Packet(payload, packet.meta)
+        if comm.feedback is not None:
+            own = comm.codec.decode(packet).to(x.dtype)
+            comm.feedback.update(comm.key, x, own * comm.size if comm.codec.prescale else own)
     return packet
 
 
@@ -84,7 +78,7 @@ def _describe(comm: Comm, flat: torch.Tensor, packet: Packet, op: Any, root: int
     if comm.verify:
         exchange(
             comm,
-            algorithm="direct",
+            algorithm=Direct.code,
             dtype=flat.dtype,
             numel=flat.numel(),
             sizes=[packet.nbytes] * comm.size,
@@ -97,17 +91,29 @@ def _finish(
     comm: Comm, packet: Packet, average: bool, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Decode the summed packet (into ``out`` if given) and undo or apply the scaling."""
-    t0 = time.perf_counter()
-    if out is None:
-        out = comm.codec.decode(packet)
-    else:
-        comm.codec.decode(packet, out=out)
-    if _prescale(comm) and not average:
-        out.mul_(comm.size)
-    elif not _prescale(comm) and average:
-        out.div_(comm.size)
-    comm.rec.decode_s += time.perf_counter() - t0
+    with comm.rec.phase("decode"):
+        if out is None:
+            out = comm.codec.decode(packet)
+        else:
+            comm.codec.decode(packet, out=out)
+        if comm.codec.prescale and not average:
+            out.mul_(comm.size)
+        elif not comm.codec.prescale and average:
+            out.div_(comm.size)
     return out
+
+
+def _reduce_payload(comm: Comm, flat: torch.Tensor, packet: Packet, op: Any, root: int) -> None:
+    """Describe the call, then let the backend sum every section (into ``root``, or
+    on every rank for ``root`` -1)."""
+    _describe(comm, flat, packet, op, root)
+    with comm.rec.phase("transfer"):
+        for section in packet.payload:
+            if root < 0:
+                dist.all_reduce(section, group=comm.group)
+            else:
+                dist.reduce(section, comm.global_rank(root), group=comm.group)
+            comm.rec.bytes_wire += section.numel() * section.element_size()
 
 
 def all_reduce(
@@ -124,12 +130,7 @@ def all_reduce(
     ``prepared``: `prepare`'s output when the encode already ran (pipelining).
     """
     packet = (prepared or prepare(comm, flat)).packet
-    _describe(comm, flat, packet, op, -1)
-    t0 = time.perf_counter()
-    for section in packet.payload:
-        dist.all_reduce(section, group=comm.group)
-        comm.rec.bytes_wire += section.numel() * section.element_size()
-    comm.rec.transfer_s += time.perf_counter() - t0
+    _reduce_payload(comm, flat, packet, op, -1)
     return _finish(comm, packet, op == dist.ReduceOp.AVG, out)
 
 
@@ -138,57 +139,80 @@ def reduce(
 ) -> torch.Tensor | None:
     """Like `all_reduce`, but only group rank ``root`` gets (and returns) the result."""
     packet = (prepared or prepare(comm, flat)).packet
-    _describe(comm, flat, packet, op, root)
-    t0 = time.perf_counter()
-    for section in packet.payload:
-        dist.reduce(section, comm.global_rank(root), group=comm.group)
-        comm.rec.bytes_wire += section.numel() * section.element_size()
-    comm.rec.transfer_s += time.perf_counter() - t0
+    _reduce_payload(comm, flat, packet, op, root)
     if comm.rank != root:
         return None
     return _finish(comm, packet, op == dist.ReduceOp.AVG)
 
 
-def all_reduce_pipelined(
+def stages(
     comms: Sequence[Comm],
     flat: torch.Tensor,
     op: Any,
     bounds: Sequence[tuple[int, int]],
     out: torch.Tensor,
-) -> None:
-    """Chunked `all_reduce` with each chunk's backend all-reduce in flight while the
-    next chunk is encoded and the previous one decoded (same order on every rank).
+) -> list[Stage]:
+    """The chunked all-reduce's two stages: each chunk's backend all-reduce is in
+    flight while the next chunk is encoded and the previous one decoded.
 
-    One descriptor exchange covers the call (``comms[0]``); ``out`` is the 1-D result
-    in the accumulation dtype.
+    One descriptor exchange covers the call (``comms[0]``, run here, before the
+    first stage); ``out`` is the 1-D result in the accumulation dtype.
     """
     first = comms[0]
     if first.verify:
         exchange(
             first,
-            algorithm="direct",
+            algorithm=Direct.code,
             dtype=flat.dtype,
             numel=flat.numel(),
             sizes=[0] * first.size,
             redop=op,
         )
     average = op == dist.ReduceOp.AVG
-    pending: list[tuple[int, Packet, list[Any]]] = []
 
-    def drain(upto: int) -> None:
-        while len(pending) > upto:
-            k, packet, works = pending.pop(0)
-            for w in works:
-                wait_timed(comms[k], w)
-            a, b = bounds[k]
-            _finish(comms[k], packet, average, out[a:b])
-
-    for k, (a, b) in enumerate(bounds):
+    def post(k: int, _: Any) -> tuple[Packet, list[Any]]:
+        a, b = bounds[k]
         packet = _encode_scaled(comms[k], flat[a:b])
         works = []
         for section in packet.payload:
             works.append(dist.all_reduce(section, group=comms[k].group, async_op=True))
             comms[k].rec.bytes_wire += section.numel() * section.element_size()
-        pending.append((k, packet, works))
-        drain(1)
-    drain(0)
+        return packet, works
+
+    def finish(k: int, posted: tuple[Packet, list[Any]]) -> None:
+        packet, works = posted
+        for w in works:
+            wait_timed(comms[k], w)
+        a, b = bounds[k]
+        _finish(comms[k], packet, average, out[a:b])
+
+    return [(0, post), (1, finish)]
+
+
+@register_algorithm
+class Direct(Algorithm):
+    """The backend sums the payload of a summable codec (fp16/bf16); module docstring."""
+
+    name = "direct"
+    code = 1
+    auto_order = 0
+    in_place = True
+
+    def eligible(self, codec: Codec, sum_like: bool) -> str | None:
+        if codec.summable and sum_like:
+            return None
+        return "needs a summable codec (fp16, bf16) and SUM/AVG"
+
+    def cost(self, nbytes: int, world: int, link: Link, speed: CodecSpeed) -> float:
+        """``S/enc + 2 (N-1)/N * S/r / B + 2 (N-1) alpha + S/dec`` (a ring all-reduce)."""
+        wire = 2 * (world - 1) / world * nbytes / speed.ratio
+        return (
+            nbytes / speed.encode_Bps
+            + link.seconds(wire, 2 * (world - 1))
+            + nbytes / speed.decode_Bps
+        )
+
+    all_reduce = staticmethod(all_reduce)
+    reduce = staticmethod(reduce)
+    prepare = staticmethod(prepare)
+    stages = staticmethod(stages)

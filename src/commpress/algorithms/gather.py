@@ -18,7 +18,7 @@ codecs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -34,8 +34,13 @@ from .common import (
     reduce_into,
     unpack_decode,
 )
+from .registry import Algorithm, CodecSpeed, Link, register_algorithm
 
-__all__ = ["Prepared", "prepare", "all_reduce", "reduce"]
+if TYPE_CHECKING:
+    from ..codec import Codec
+    from ..policy import Policy
+
+__all__ = ["Gather", "Prepared", "prepare", "all_reduce", "reduce"]
 
 
 @dataclass
@@ -58,7 +63,7 @@ def _sizes(
     if comm.verify:
         d = exchange(
             comm,
-            algorithm="gather",
+            algorithm=Gather.code,
             dtype=flat.dtype,
             numel=flat.numel(),
             sizes=[buf.numel()] * comm.size,
@@ -88,16 +93,22 @@ def _reduce(
 
 
 def all_reduce(
-    comm: Comm, flat: torch.Tensor, op: Any, prepared: Prepared | None = None
+    comm: Comm,
+    flat: torch.Tensor,
+    op: Any,
+    prepared: Prepared | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reduce the 1-D ``flat`` over the group; returns the result (accumulation dtype).
 
-    ``prepared``: `prepare`'s output when the encode already ran (pipelining).
+    ``prepared``: `prepare`'s output when the encode already ran (pipelining);
+    ``out``: where to write the result (a copy: the reduction needs a temporary).
     """
     p = prepared or prepare(comm, flat)
     x, buf = p.x, p.buf
     sizes = _sizes(comm, flat, x, buf, op, -1)
-    return _reduce(comm, flat, x, allgatherv(comm, buf, sizes), op)
+    acc = _reduce(comm, flat, x, allgatherv(comm, buf, sizes), op)
+    return acc if out is None else out.copy_(acc)
 
 
 def reduce(
@@ -116,3 +127,34 @@ def reduce(
     if comm.feedback is not None:
         comm.feedback.update(comm.key, x, unpack_decode(comm, buf))
     return None
+
+
+#: Largest world the default choice sends whole packets to (each rank decodes
+#: ``world - 1`` of them).
+AUTO_MAX_WORLD = 8
+
+
+@register_algorithm
+class Gather(Algorithm):
+    """Every rank's packet to every rank, reduced locally in rank order; module docstring."""
+
+    name = "gather"
+    code = 3
+    auto_order = 1
+
+    def fits(self, codec: Codec, nbytes: int, world: int, policy: Policy) -> bool:
+        """Small calls on small worlds: up to ``Policy.gather_bytes`` and 8 ranks."""
+        return nbytes <= policy.gather_bytes and world <= AUTO_MAX_WORLD
+
+    def cost(self, nbytes: int, world: int, link: Link, speed: CodecSpeed) -> float:
+        """``S/enc + (N-1) * S/r / B + N * S/dec``: one round, whole packets."""
+        wire = (world - 1) * nbytes / speed.ratio
+        return (
+            nbytes / speed.encode_Bps
+            + link.seconds(wire, world - 1)
+            + world * nbytes / speed.decode_Bps
+        )
+
+    all_reduce = staticmethod(all_reduce)
+    reduce = staticmethod(reduce)
+    prepare = staticmethod(prepare)

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any
 
 import torch
@@ -62,8 +61,10 @@ import torch.distributed as dist
 from .. import topology
 from . import direct, two_phase
 from .common import Comm, acc_dtype, exchange, reduce_into, wait_timed
+from .registry import Algorithm, CodecSpeed, Link, register_algorithm
 
 __all__ = [
+    "Hierarchical",
     "Prepared",
     "prepare",
     "all_reduce",
@@ -101,7 +102,6 @@ def _inter_all_reduce(
     comm: Comm, topo: topology.Topology, shard: torch.Tensor, op: Any, key: Any
 ) -> torch.Tensor:
     """Step 2 on the inter-host subgroup; returns the reduced shard (accumulation dtype)."""
-    fixed = comm.codec.encoded_nbytes(1, shard.dtype) is not None
     inner = dataclasses.replace(
         comm,
         group=topo.inter,
@@ -109,7 +109,7 @@ def _inter_all_reduce(
         size=topo.hosts,
         # The whole group's descriptor was checked already; only sizes of variable-size
         # payloads still need the inner exchange.
-        verify=not fixed,
+        verify=not comm.codec.fixed_size,
         key=key,
     )
     if comm.codec.summable and op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
@@ -128,9 +128,8 @@ class _InFlight:
 
 def _intra_start(comm: Comm, topo: topology.Topology, send: torch.Tensor) -> _InFlight:
     out = torch.empty_like(send)
-    t0 = time.perf_counter()
-    work = dist.all_to_all_single(out, send, group=topo.intra, async_op=True)
-    comm.rec.transfer_s += time.perf_counter() - t0
+    with comm.rec.phase("transfer"):
+        work = dist.all_to_all_single(out, send, group=topo.intra, async_op=True)
     comm.rec.bytes_wire += (
         (topo.local_size - 1) * (send.numel() // topo.local_size) * (send.element_size())
     )
@@ -158,7 +157,11 @@ def _reduce_scatter_finish(comm: Comm, f: _InFlight, local: int, op: Any) -> tor
 
 
 def all_reduce(
-    comm: Comm, flat: torch.Tensor, op: Any, prepared: Prepared | None = None
+    comm: Comm,
+    flat: torch.Tensor,
+    op: Any,
+    prepared: Prepared | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reduce the 1-D ``flat`` over ``comm.group`` in three steps (module docstring).
 
@@ -172,6 +175,7 @@ def all_reduce(
         flat: this rank's 1-D input.
         op: the reduce op (SUM/AVG compress; exact ops need a lossless codec).
         prepared: `prepare`'s output when it already ran.
+        out: where to write the result (default: a new tensor).
 
     Returns:
         The result, 1-D, in the accumulation dtype, bit-identical on every rank.
@@ -184,7 +188,7 @@ def all_reduce(
     if comm.verify:
         exchange(
             comm,
-            algorithm="hierarchical",
+            algorithm=Hierarchical.code,
             dtype=flat.dtype,
             numel=flat.numel(),
             sizes=[0] * comm.size,
@@ -195,7 +199,7 @@ def all_reduce(
     per = max(PIPELINE_BYTES // x.element_size(), 1) * local
     bounds = [(a, min(a + per, n)) for a in range(0, n, per)] or [(0, 0)]
     count = len(bounds)
-    result = torch.empty(n, dtype=x.dtype, device=x.device)
+    result = torch.empty(n, dtype=x.dtype, device=x.device) if out is None else out
     scattering: dict[int, _InFlight] = {}
     gathering: dict[int, _InFlight] = {}
 
@@ -291,3 +295,30 @@ def cost(
     t_codec = S / L / encode_Bps + (2 * H - 1) / H * S / L / decode_Bps
     inter = max(t_wire, t_codec) if pipelined else t_wire + t_codec
     return t_intra + inter
+
+
+@register_algorithm
+class Hierarchical(Algorithm):
+    """Exact inside a host, compressed across hosts; runs only when asked for."""
+
+    name = "hierarchical"
+    code = 6
+
+    def cost(self, nbytes: int, world: int, link: Link, speed: CodecSpeed) -> float:
+        """`cost` with ``local = link.local`` ranks per host (``world / local`` hosts)."""
+        return cost(
+            nbytes,
+            hosts=max(world // link.local, 1),
+            local=link.local,
+            ratio=speed.ratio,
+            intra_Bps=link.intra_bandwidth_Bps,
+            inter_Bps=link.bandwidth_Bps,
+            encode_Bps=speed.encode_Bps,
+            decode_Bps=speed.decode_Bps,
+            intra_latency_s=link.intra_latency_s,
+            inter_latency_s=link.latency_s,
+        )
+
+    all_reduce = staticmethod(all_reduce)
+    reduce = staticmethod(reduce)
+    prepare = staticmethod(prepare)

@@ -55,8 +55,10 @@ from .common import (
     packed_size,
     unpack_decode,
 )
+from .registry import Algorithm, CodecSpeed, Link, register_algorithm
 
 __all__ = [
+    "Transport",
     "broadcast",
     "all_gather",
     "gather",
@@ -71,6 +73,24 @@ __all__ = [
 #: Tags at and above this carry commpress payloads; keep your own tags below it.
 P2P_TAG_BASE = 1 << 30
 _SEQ_SPAN = 1 << 24
+
+
+@register_algorithm
+class Transport(Algorithm):
+    """The ops that move data: encode once, move packets, decode on arrival."""
+
+    name = "transport"
+    code = 4
+    families = frozenset({"all_gather", "broadcast", "gather", "scatter", "all_to_all", "p2p"})
+    auto_order = 0
+
+    def cost(self, nbytes: int, world: int, link: Link, speed: CodecSpeed) -> float:
+        """An all-gather's: ``S/enc + (N-1) S/r / B + (N-1) alpha + N S/dec``."""
+        return (
+            nbytes / speed.encode_Bps
+            + link.seconds((world - 1) * nbytes / speed.ratio, world - 1)
+            + world * nbytes / speed.decode_Bps
+        )
 
 
 def _decode_into(comm: Comm, buf: torch.Tensor, out: torch.Tensor, source: int) -> None:
@@ -94,7 +114,7 @@ def broadcast(comm: Comm, tensor: torch.Tensor, root: int) -> None:
     if comm.verify:
         d = exchange(
             comm,
-            algorithm="transport",
+            algorithm=Transport.code,
             dtype=tensor.dtype,
             numel=tensor.numel(),
             sizes=[buf.numel() if buf is not None else 0] * comm.size,
@@ -113,7 +133,7 @@ def all_gather(comm: Comm, tensor: torch.Tensor, outputs: Sequence[torch.Tensor]
     if comm.verify:
         d = exchange(
             comm,
-            algorithm="transport",
+            algorithm=Transport.code,
             dtype=tensor.dtype,
             numel=tensor.numel(),
             sizes=[buf.numel()] * comm.size,
@@ -135,7 +155,7 @@ def gather(
     if comm.verify:
         d = exchange(
             comm,
-            algorithm="transport",
+            algorithm=Transport.code,
             dtype=tensor.dtype,
             numel=tensor.numel(),
             sizes=[buf.numel()] * comm.size,
@@ -165,7 +185,7 @@ def scatter(
     if comm.verify:
         d = exchange(
             comm,
-            algorithm="transport",
+            algorithm=Transport.code,
             dtype=tensor.dtype,
             numel=tensor.numel(),
             sizes=[0 if b is None else b.numel() for b in bufs],
@@ -195,7 +215,7 @@ def all_to_all(
         dtype = inputs[0].dtype if inputs else None
         d = exchange(
             comm,
-            algorithm="transport",
+            algorithm=Transport.code,
             dtype=dtype,
             numel=numel,
             sizes=[b.numel() for b in bufs],

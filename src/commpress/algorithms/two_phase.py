@@ -18,7 +18,7 @@ Wire bytes per rank: about ``2 (world-1)/world * size / ratio``, like a
 ring all-reduce. Error: the other ranks' quantization errors on the way
 in, plus one re-quantization of the sum (``gather`` avoids the second).
 
-Chunked, for fixed-size codecs (`all_reduce_pipelined`): the phases of
+Chunked, for fixed-size codecs (`stages`, run by `chunked`): the phases of
 successive chunks overlap, transfers posted asynchronously while this thread
 does the codec work of the neighbouring chunks.
 
@@ -57,12 +57,14 @@ from .common import (
     unpack_decode,
     wait_timed,
 )
+from .registry import Algorithm, CodecSpeed, Link, Stage, register_algorithm
 
 __all__ = [
     "Prepared",
     "prepare",
     "all_reduce",
-    "all_reduce_pipelined",
+    "stages",
+    "TwoPhase",
     "reduce",
     "reduce_scatter",
     "chunk_bounds",
@@ -153,7 +155,7 @@ def reduce_scatter(
     if comm.verify:
         d = exchange(
             comm,
-            algorithm="two_phase",
+            algorithm=TwoPhase.code,
             dtype=flat.dtype,
             numel=flat.numel(),
             sizes=[b.numel() for b in p.bufs],
@@ -215,7 +217,7 @@ def _phase1_sizes(comm: Comm, numel: int, dtype: torch.dtype) -> list[int]:
 def _phase2_sizes(
     comm: Comm, bounds: Sequence[tuple[int, int]], dtype: torch.dtype, buf: torch.Tensor
 ) -> list[int]:
-    if comm.codec.encoded_nbytes(1, dtype) is not None:
+    if comm.codec.fixed_size:
         return [packed_size(comm, (b - a,), dtype) for a, b in bounds]
     return gather_sizes(comm, buf.numel())
 
@@ -282,22 +284,21 @@ def reduce(
     return out
 
 
-def all_reduce_pipelined(
+def stages(
     comms: Sequence[Comm],
     flat: torch.Tensor,
     op: Any,
     bounds: Sequence[tuple[int, int]],
     out: torch.Tensor,
-) -> None:
-    """All-reduce ``flat`` chunk by chunk with the transfers in flight behind the codec work.
+) -> list[Stage]:
+    """The chunked all-reduce's three stages, transfers in flight behind the codec work.
 
-    For codecs of fixed size only (every packed size is computable locally). Chunk
-    ``k``'s ``all_to_all`` and chunk ``k-1``'s ``all_gather`` travel (posted
-    asynchronously, in the same order on every rank) while this thread encodes
-    chunk ``k+1``, and sums / re-encodes / decodes the chunks whose transfers
-    finished: a three-stage software pipeline. One descriptor exchange covers the
-    whole call (``comms[0]`` carries it; ``comms[k]`` is chunk ``k``'s context, with
-    its own error-feedback key and stats record).
+    For codecs of fixed size only (every packed size is computable locally). Stage 1
+    encodes chunk ``k`` and posts its ``all_to_all``; stage 2 sums what arrived for
+    chunk ``k-1``, re-encodes the sum and posts its ``all_gather``; stage 3 decodes
+    chunk ``k-2``. One descriptor exchange covers the whole call (``comms[0]`` carries
+    it, here; ``comms[k]`` is chunk ``k``'s context, with its own error-feedback key
+    and stats record).
 
     Args:
         comms: one `Comm` per chunk.
@@ -312,42 +313,68 @@ def all_reduce_pipelined(
     if first.verify:
         exchange(
             first,
-            algorithm="two_phase",
+            algorithm=TwoPhase.code,
             dtype=dtype,
             numel=flat.numel(),
             sizes=[flat.numel()] * first.size,
             redop=op,
         )
-    n = len(bounds)
-    world = first.size
-    phase1: dict[int, tuple[Prepared, Any, list[torch.Tensor]]] = {}
-    phase2: dict[int, tuple[list[tuple[int, int]], Any, list[torch.Tensor]]] = {}
-    for step in range(n + 2):
-        k = step
-        if k < n:
-            a, b = bounds[k]
-            p = prepare(comms[k], flat[a:b])
-            mine = p.bounds[first.rank]
-            recv_sizes = _phase1_sizes(comms[k], mine[1] - mine[0], p.dtype)
-            phase1[k] = (p, *alltoallv_start(comms[k], p.bufs, recv_sizes))
-        k = step - 1
-        if 0 <= k < n:
-            p, work, received = phase1.pop(k)
-            wait_timed(comms[k], work)
-            lo, hi = p.bounds[first.rank]
-            base = bounds[k][0]
-            s = _sum_received(comms[k], dtype, p, received, op, out[base + lo : base + hi])
-            del received
-            if op == dist.ReduceOp.AVG:
-                s.div_(world)
-            buf = encode_pack(comms[k], s, roundtrip=True)  # s: the owner's decoded sum
-            sizes = [packed_size(comms[k], (hi - lo,), s.dtype) for lo, hi in p.bounds]
-            phase2[k] = (p.bounds, *allgatherv_start(comms[k], buf, sizes))
-        k = step - 2
-        if 0 <= k < n:
-            chunk_parts, work, parts = phase2.pop(k)
-            wait_timed(comms[k], work)
-            base = bounds[k][0]
-            for r, ((lo, hi), part) in enumerate(zip(chunk_parts, parts, strict=True)):
-                if r != first.rank:
-                    unpack_decode(comms[k], part, hi - lo, r, out=out[base + lo : base + hi])
+    rank, world = first.rank, first.size
+
+    def scatter(k: int, _: Any) -> tuple[Prepared, Any, list[torch.Tensor]]:
+        a, b = bounds[k]
+        p = prepare(comms[k], flat[a:b])
+        lo, hi = p.bounds[rank]
+        recv_sizes = _phase1_sizes(comms[k], hi - lo, p.dtype)
+        return (p, *alltoallv_start(comms[k], p.bufs, recv_sizes))
+
+    def sum_and_gather(k: int, posted: tuple[Prepared, Any, list[torch.Tensor]]) -> Any:
+        p, work, received = posted
+        wait_timed(comms[k], work)
+        lo, hi = p.bounds[rank]
+        base = bounds[k][0]
+        s = _sum_received(comms[k], dtype, p, received, op, out[base + lo : base + hi])
+        del received, posted
+        if op == dist.ReduceOp.AVG:
+            s.div_(world)
+        buf = encode_pack(comms[k], s, roundtrip=True)  # s: the owner's decoded sum
+        sizes = [packed_size(comms[k], (hi - lo,), s.dtype) for lo, hi in p.bounds]
+        return (p.bounds, *allgatherv_start(comms[k], buf, sizes))
+
+    def decode(k: int, posted: tuple[list[tuple[int, int]], Any, list[torch.Tensor]]) -> None:
+        chunk_parts, work, parts = posted
+        wait_timed(comms[k], work)
+        base = bounds[k][0]
+        for r, ((lo, hi), part) in enumerate(zip(chunk_parts, parts, strict=True)):
+            if r != rank:
+                unpack_decode(comms[k], part, hi - lo, r, out=out[base + lo : base + hi])
+
+    return [(0, scatter), (1, sum_and_gather), (2, decode)]
+
+
+@register_algorithm
+class TwoPhase(Algorithm):
+    """Reduce-scatter by all-to-all, local sum, re-encode, all-gather; module docstring."""
+
+    name = "two_phase"
+    code = 2
+    families = frozenset({"all_reduce", "reduce", "reduce_scatter"})
+    auto_order = 2
+    in_place = True
+
+    def cost(self, nbytes: int, world: int, link: Link, speed: CodecSpeed) -> float:
+        """Two rounds of ``(N-1)/N * S/r`` bytes, plus the codec work.
+
+        ``S/enc`` (phase-1 pieces) + ``(N-1)/N * S/dec`` (decode-and-add) +
+        ``S/N/enc`` (the sum) + ``S/dec`` (phase 2) + one small descriptor round.
+        """
+        part = (world - 1) / world * nbytes / speed.ratio
+        codec = (nbytes + nbytes / world) / speed.encode_Bps + (
+            (world - 1) / world * nbytes + nbytes
+        ) / speed.decode_Bps
+        return codec + link.seconds(2 * part, 2 * (world - 1)) + link.seconds(0, world - 1)
+
+    all_reduce = staticmethod(all_reduce)
+    reduce = staticmethod(reduce)
+    prepare = staticmethod(prepare)
+    stages = staticmethod(stages)

@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from ..codec import CODE_DTYPES, DTYPE_CODES
 from ..errors import CodecMismatchError, CollectiveError
+from ..ops import OPS
 from .packet import MAX_NUMEL, MAX_SPEC
 
 __all__ = [
@@ -57,28 +58,8 @@ __all__ = [
 DESCRIPTOR_MAGIC = (0x434D5052 << 32) | 1  # "CMPR", descriptor version 1
 FIXED_WORDS = 10
 
-OP_CODES: dict[str, int] = {
-    name: i + 1
-    for i, name in enumerate(
-        (
-            "all_reduce",
-            "reduce",
-            "all_gather",
-            "all_gather_into_tensor",
-            "reduce_scatter",
-            "reduce_scatter_tensor",
-            "broadcast",
-            "all_to_all",
-            "all_to_all_single",
-            "gather",
-            "scatter",
-            "send",
-            "recv",
-            "isend",
-            "irecv",
-        )
-    )
-}
+#: Public op name -> its descriptor code (`commpress.ops`, where the ops are listed).
+OP_CODES: dict[str, int] = {name: o.code for name, o in OPS.items()}
 REDOP_NAMES = ("SUM", "AVG", "PRODUCT", "MIN", "MAX", "BAND", "BOR", "BXOR")
 _OP_NAMES = {v: k for k, v in OP_CODES.items()}
 

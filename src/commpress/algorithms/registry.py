@@ -1,0 +1,234 @@
+"""The `Algorithm` protocol and the one table of algorithms.
+
+An algorithm is a small class that declares what it is and what it can do,
+like a codec does:
+
+- ``name`` (what ``Policy(algorithm=...)`` and `commpress.policy.Decision`
+  say) and ``code`` (its word in the collective descriptor, so ranks that run
+  different algorithms find out before any payload moves);
+- ``families``: the op families it runs (`commpress.ops`);
+- ``auto_order``: its place in the default choice among the algorithms that
+  `eligible` admits (lower first), or None for one that runs only when asked
+  for (``Policy(algorithm=...)``, or -- ``by_codec`` -- a codec that names it,
+  like PowerSGD);
+- `eligible`: whether it can run a call (codec capabilities, reduce op,
+  size), and `fits`: whether the default choice should take it;
+- `cost`: modelled seconds of one call from link figures and codec speeds
+  (`Link`, `CodecSpeed`); the formulas are in ``docs/algorithms.md``;
+- the work itself: ``all_reduce(comm, flat, op, out=None)`` and
+  ``reduce(comm, flat, op, root)`` for reductions; ``stages`` when the
+  chunked driver (`commpress.algorithms.chunked`) may pipeline its chunks.
+
+Registering is one decorator; the ``algorithms`` package imports each
+algorithm's module once (one line per algorithm), and everything else finds
+them here::
+
+    @register_algorithm
+    class Direct(Algorithm):
+        name = "direct"
+        code = 1
+        ...
+
+`get_algorithm` raises `ConfigError` for a name that is not registered,
+listing those that are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import torch
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..codec import Codec
+    from ..policy import Policy
+    from .common import Comm
+
+__all__ = [
+    "Algorithm",
+    "Link",
+    "CodecSpeed",
+    "Stage",
+    "register_algorithm",
+    "get_algorithm",
+    "algorithms",
+    "algorithm_names",
+    "algorithm_name",
+]
+
+#: One stage of a chunk's pipeline: ``(lag, fn)``; see `commpress.algorithms.chunked`.
+Stage = tuple[int, Callable[[int, Any], Any]]
+
+
+@dataclass(frozen=True)
+class Link:
+    """Figures of the link a call crosses, per rank.
+
+    Attributes:
+        latency_s: seconds of one small message (alpha).
+        bandwidth_Bps: payload bytes per second one rank can send (1/beta).
+        local: ranks per host that share a faster link (1: every rank on its own host).
+        intra_latency_s: alpha of the link inside a host.
+        intra_bandwidth_Bps: bytes per second inside a host.
+    """
+
+    latency_s: float
+    bandwidth_Bps: float
+    local: int = 1
+    intra_latency_s: float = 5e-6
+    intra_bandwidth_Bps: float = math.inf
+
+    def seconds(self, nbytes: float, messages: int = 1) -> float:
+        """``messages`` latencies plus ``nbytes`` at the link's bandwidth."""
+        return messages * self.latency_s + nbytes / self.bandwidth_Bps
+
+
+@dataclass(frozen=True)
+class CodecSpeed:
+    """How fast a codec runs on this device, and how much it saves.
+
+    Attributes:
+        encode_Bps: input bytes encoded per second.
+        decode_Bps: output bytes decoded per second.
+        ratio: input bytes per wire byte.
+    """
+
+    encode_Bps: float
+    decode_Bps: float
+    ratio: float
+
+    @classmethod
+    def plain(cls) -> CodecSpeed:
+        """No codec: nothing to encode or decode, every byte on the wire."""
+        return cls(math.inf, math.inf, 1.0)
+
+
+class Algorithm:
+    """Base class of the compressed reduction algorithms; see the module docstring."""
+
+    name: ClassVar[str]
+    code: ClassVar[int]
+    families: ClassVar[frozenset[str]] = frozenset({"all_reduce", "reduce"})
+    auto_order: ClassVar[int | None] = None
+    #: Chosen only by a codec that names it (``Codec.algorithm``, e.g. PowerSGD), never
+    #: by ``Policy(algorithm=...)``; calls with such a codec keep error feedback on.
+    by_codec: ClassVar[bool] = False
+    #: ``all_reduce(out=flat)`` is safe: every chunk of ``flat`` is encoded before its
+    #: part of the result is written, so no full-size temporary is needed.
+    in_place: ClassVar[bool] = False
+    #: Works on the 1-D view of the tensor, so the chunked driver may cut it; False for
+    #: an algorithm that needs the tensor's shape (PowerSGD: its matrix view).
+    flat: ClassVar[bool] = True
+
+    def eligible(self, codec: Codec, sum_like: bool) -> str | None:
+        """None if this algorithm can reduce with ``codec``, else why not (for errors)."""
+        return None
+
+    def fits(self, codec: Codec, nbytes: int, world: int, policy: Policy) -> bool:
+        """Whether the default choice takes this algorithm for a call of this size."""
+        return True
+
+    def cost(self, nbytes: int, world: int, link: Link, speed: CodecSpeed) -> float:
+        """Modelled seconds of one all-reduce of ``nbytes`` per rank over ``world`` ranks."""
+        raise NotImplementedError(f"algorithm {self.name!r} has no cost model")
+
+    # The work: algorithms bind their module's functions here (``staticmethod``).
+    def all_reduce(
+        self,
+        comm: Comm,
+        flat: torch.Tensor,
+        op: Any,
+        prepared: Any = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Reduce the 1-D ``flat``; the result in the accumulation dtype, on every rank.
+
+        ``prepared``: `prepare`'s output when the encode already ran (chunks prepared
+        ahead); ``out``: where to write the result (may be ``flat`` if `in_place`).
+        """
+        raise NotImplementedError(f"algorithm {self.name!r} does not all-reduce")
+
+    def reduce(
+        self, comm: Comm, flat: torch.Tensor, op: Any, root: int, prepared: Any = None
+    ) -> torch.Tensor | None:
+        """Reduce the 1-D ``flat`` into group rank ``root`` (None on the others)."""
+        raise NotImplementedError(f"algorithm {self.name!r} does not reduce")
+
+    def prepare(self, comm: Comm, flat: torch.Tensor) -> Any:
+        """The local work of `all_reduce` (the encode), run ahead by the chunked driver."""
+        return None
+
+    def stages(
+        self,
+        comms: Sequence[Comm],
+        flat: torch.Tensor,
+        op: Any,
+        bounds: Sequence[tuple[int, int]],
+        out: torch.Tensor,
+    ) -> list[Stage] | None:
+        """The chunk pipeline of a chunked all-reduce, or None to prepare ahead instead.
+
+        Only for calls whose every packed size is known locally (fixed-size codecs):
+        the stages post transfers asynchronously and must do so in the same order on
+        every rank. ``comms[0]`` runs the call's one descriptor exchange, before the
+        first stage.
+        """
+        return None
+
+    def __repr__(self) -> str:
+        return f"<algorithm {self.name}>"
+
+
+_A = TypeVar("_A", bound=type[Algorithm])
+_TABLE: dict[str, Algorithm] = {}
+
+
+def register_algorithm(cls: _A) -> _A:
+    """Class decorator: add one instance of ``cls`` to the table under ``cls.name``.
+
+    Raises:
+        ConfigError: the name or the wire code is taken by another algorithm.
+    """
+    for other in _TABLE.values():
+        if other.name == cls.name or other.code == cls.code:
+            raise ConfigError(
+                f"algorithm {cls.__name__} (name {cls.name!r}, code {cls.code}) clashes with "
+                f"{type(other).__name__} (name {other.name!r}, code {other.code})"
+            )
+    _TABLE[cls.name] = cls()
+    return cls
+
+
+def get_algorithm(name: str) -> Algorithm:
+    """The registered algorithm called ``name``.
+
+    Raises:
+        ConfigError: no algorithm has that name (the message lists those that do).
+    """
+    try:
+        return _TABLE[name]
+    except KeyError:
+        raise ConfigError(f"unknown algorithm {name!r}; expected one of {sorted(_TABLE)}") from None
+
+
+def algorithm_name(code: int) -> str:
+    """The name of the algorithm with wire ``code`` (for messages; the code itself if none)."""
+    for a in _TABLE.values():
+        if a.code == code:
+            return a.name
+    return str(code)
+
+
+def algorithms(family: str | None = None) -> list[Algorithm]:
+    """The registered algorithms (that run ``family``), in registration order."""
+    return [a for a in _TABLE.values() if family is None or family in a.families]
+
+
+def algorithm_names() -> tuple[str, ...]:
+    """Every registered name, in registration order."""
+    return tuple(_TABLE)

@@ -1,0 +1,320 @@
+"""The one call driver of the compressed collectives, and the argument checks.
+
+Every collective of `commpress.distributed` is an argument check plus one
+`Request` handed to `execute`: the request says what torch would do
+(``plain``), what the compressed call does (``run``), which tensors it
+returns and touches, and which of its arguments could be wrong on one rank
+only (``check``, answered on every rank, so no rank hangs). `execute` asks
+the policy, runs the plain call or the compressed job on the engine (in
+issue order, async or not), shows the call in ``torch.profiler`` traces as
+``commpress:<op>[<codec>]`` and records its stats.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+from ..algorithms.common import Comm, reject
+from ..engine import Engine, Handle, get_engine
+from ..errors import CollectiveError, CommpressError, ConfigError
+from ..feedback import auto_key, error_feedback
+from ..policy import Decision, Policy, decide, get_policy
+from ..registry import CodecLike
+from ..stats import CallRecord, call_range, record
+
+__all__ = ["Call", "Request", "execute", "check_tensor", "check_list", "root_rank", "to_global"]
+
+
+# ------------------------------------------------------------ argument checks
+def check_tensor(t: Any, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_list(ts: Any, name: str) -> list[torch.Tensor]:
+    if not isinstance(ts, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in ts):
+        raise TypeError(f"{name} must be a list of torch.Tensor, got {type(ts).__name__}")
+    return list(ts)
+
+
+def not_member(group: Any) -> bool:
+    return c10d._rank_not_in_group(group)
+
+
+def group_key(group: Any) -> str:
+    pg = group if group is not None else dist.group.WORLD
+    try:
+        return str(pg.group_name)
+    except (AttributeError, RuntimeError):
+        return f"pg{id(pg)}"
+
+
+def root_rank(
+    op: str,
+    group: Any,
+    name: str,
+    global_rank: int | None,
+    group_rank: int | None,
+    default: int | None = None,
+) -> int:
+    """The group rank of a root given as ``name=`` (global) or ``group_name=`` (group)."""
+    size = dist.get_world_size(group)
+    if global_rank is not None and group_rank is not None:
+        raise ConfigError(
+            f"{op}: pass {name}= (a global rank) or group_{name}= (a group rank), not both"
+        )
+    if global_rank is None and group_rank is None:
+        if default is None:
+            raise ConfigError(
+                f"{op}: {name}= (a global rank) or group_{name}= (a group rank) is required"
+            )
+        global_rank = default
+    if group_rank is not None:
+        if (
+            isinstance(group_rank, bool)
+            or not isinstance(group_rank, int)
+            or not 0 <= group_rank < size
+        ):
+            raise ConfigError(
+                f"{op}: group_{name}={group_rank!r} is out of range for a group of {size} ranks "
+                f"(expected 0 <= group_{name} < {size})"
+            )
+        return group_rank
+    if isinstance(global_rank, bool) or not isinstance(global_rank, int):
+        raise ConfigError(f"{op}: {name}={global_rank!r} is not a rank; expected an int")
+    if group is None or group is dist.GroupMember.WORLD:
+        if not 0 <= global_rank < size:
+            raise ConfigError(
+                f"{op}: {name}={global_rank} is out of range for a world of {size} ranks "
+                f"(expected 0 <= {name} < {size})"
+            )
+        return global_rank
+    try:
+        return dist.get_group_rank(group, global_rank)
+    except (ValueError, RuntimeError):
+        ranks = dist.get_process_group_ranks(group)
+        raise ConfigError(
+            f"{op}: {name}={global_rank} is not a member of this group (its global ranks are "
+            f"{ranks}); pass a global rank from that list, or group_{name}= a group rank"
+        ) from None
+
+
+def to_global(group: Any, group_rank: int) -> int:
+    if group is None or group is dist.GroupMember.WORLD:
+        return group_rank
+    return dist.get_global_rank(group, group_rank)
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1)
+
+
+def write(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy a result into the caller's tensor (nothing to do when it was computed there)."""
+    if src.data_ptr() == dst.data_ptr() and src.dtype == dst.dtype and dst.is_contiguous():
+        return
+    with torch.no_grad():
+        dst.copy_(src.view(dst.shape))
+
+
+# ------------------------------------------------------------------ the call
+class Call:
+    """One call: its group, decision, policy, engine and stats record."""
+
+    def __init__(
+        self, op: str, group: Any, decision: Decision, bytes_in: int, policy: Policy, engine: Engine
+    ) -> None:
+        self.op = op
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.decision = decision
+        self.policy = policy
+        self.engine = engine
+        self.key = group_key(group)
+        self.rec = CallRecord(op, compressed=decision.compressed, bytes_in=bytes_in)
+
+    @classmethod
+    def begin(
+        cls,
+        op: str,
+        group: Any,
+        tensor: torch.Tensor,
+        reduce_op: Any,
+        codec: CodecLike | None,
+        size: int | None = None,
+        bytes_in: int | None = None,
+    ) -> Call:
+        """Decide the call (``size``: bytes to weigh against ``min_bytes``)."""
+        policy = get_policy()
+        world = dist.get_world_size(group)
+        decision = decide(
+            op, tensor, reduce_op, codec, world_size=world, nbytes=size, policy=policy
+        )
+        return cls(
+            op,
+            group,
+            decision,
+            nbytes(tensor) if bytes_in is None else bytes_in,
+            policy,
+            get_engine(),
+        )
+
+    def ef_key(self, key: Hashable | None, t: torch.Tensor) -> Hashable | None:
+        """The error-feedback key: ``key=``, else derived from the call site (feedback on)."""
+        if not self.decision.error_feedback:
+            return None
+        return key if key is not None else auto_key(self.op, self.key, t)
+
+    def comm(
+        self, device: torch.device, dtype: torch.dtype | None, key: Hashable | None = None
+    ) -> Comm:
+        codec = self.decision.codec
+        assert codec is not None
+        feedback = error_feedback(codec) if self.decision.error_feedback else None
+        return Comm(
+            op=self.op,
+            group=self.group,
+            rank=self.rank,
+            size=self.size,
+            device=device,
+            codec=codec,
+            verify=self.policy.verify or not codec.fixed_size,
+            checksum=self.policy.checksum,
+            rec=self.rec,
+            feedback=feedback,
+            key=key if feedback is not None else None,
+        )
+
+    def run(
+        self,
+        job: Callable[[], Any],
+        async_op: bool,
+        device: torch.device,
+        tensors: Sequence[torch.Tensor] = (),
+    ) -> Any:
+        """Run a compressed job in issue order; translate backend failures."""
+        op, rec = self.op, self.rec
+        spec = self.decision.codec.spec if self.decision.codec is not None else "none"
+
+        def wrapped() -> Any:
+            try:
+                with call_range(op, spec):
+                    value = job()
+            except CommpressError:
+                raise
+            except RuntimeError as exc:
+                raise CollectiveError(
+                    f"{op} failed in the backend ({exc}); a peer may have died or timed out, "
+                    "or the ranks called collectives in different orders"
+                ) from exc
+            record(rec)
+            return value
+
+        result = self.engine.run(
+            self.key, wrapped, async_op=async_op, device=device, tensors=tensors
+        )
+        # Like torch.distributed: a Handle when async, else None (never the output list).
+        return result if async_op else None
+
+    def plain(self, fn: Callable[[bool], Any], async_op: bool, outputs: list[torch.Tensor]) -> Any:
+        """Hand the call to plain torch.distributed, keeping issue order with queued calls.
+
+        ``fn(async_op)`` makes the torch call. Returns None or a `Handle`.
+        """
+        rec = self.rec
+        if self.engine.idle(self.key):
+            t0 = time.perf_counter()
+            work = fn(async_op)
+            rec.transfer_s += time.perf_counter() - t0
+            record(rec)
+            if not async_op:
+                return None
+            if work is None:
+                return Handle.done(outputs)
+            return Handle(completer=lambda: (work.wait(), outputs)[1], poll=work.is_completed)
+
+        def job() -> list[torch.Tensor]:
+            fn(False)
+            record(rec)
+            return outputs
+
+        result = self.engine.run(self.key, job, async_op=async_op)
+        return result if async_op else None
+
+    def reject(self, comm: Comm, error: BaseException) -> Any:
+        """Tell the peers this rank's arguments are bad (if they will wait for it), then raise."""
+        if comm.verify:
+
+            def job() -> None:
+                reject(comm, error)
+                raise error
+
+            self.engine.run(self.key, job, async_op=False, device=comm.device)
+        raise error
+
+
+@dataclass
+class Request:
+    """What one collective call asks for; `execute` carries it out.
+
+    Attributes:
+        op: the public op name.
+        group: the process group (None: the world).
+        probe: the tensor whose dtype, size and device decide the call.
+        plain: ``plain(async_op)`` makes the plain ``torch.distributed`` call.
+        run: ``run(call, comm)`` does the compressed work (on the engine).
+        outputs: what the handle's ``result()`` returns.
+        tensors: every tensor the call touches (CUDA: kept alive on the codec stream).
+        reduce_op: the ``ReduceOp`` of a reduction, else None.
+        codec: the per-call ``codec=``.
+        key: the error-feedback key (``key=`` of a reduction).
+        size: bytes to weigh against ``min_bytes`` (default: the probe's).
+        bytes_in: bytes the plain call would send (default: the probe's).
+        check: ``check(call)`` returns what is wrong with this rank's arguments for
+            the compressed call, or None; every rank learns of it and raises.
+    """
+
+    op: str
+    group: Any
+    probe: torch.Tensor
+    plain: Callable[[bool], Any]
+    run: Callable[[Call, Comm], Any]
+    outputs: list[torch.Tensor]
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    reduce_op: Any = None
+    codec: CodecLike | None = None
+    key: Hashable | None = None
+    size: int | None = None
+    bytes_in: int | None = None
+    check: Callable[[Call], str | None] | None = None
+
+
+def execute(req: Request, async_op: bool) -> Handle | None:
+    """Decide, then run ``req`` plain or compressed; a `Handle` if ``async_op`` else None."""
+    call = Call.begin(
+        req.op, req.group, req.probe, req.reduce_op, req.codec, req.size, req.bytes_in
+    )
+    if not call.decision.compressed:
+        return call.plain(req.plain, async_op, req.outputs)
+    comm = call.comm(req.probe.device, req.probe.dtype, call.ef_key(req.key, req.probe))
+    problem = req.check(call) if req.check is not None else None
+    if problem is not None:
+        return call.reject(comm, CollectiveError(problem))
+
+    def job() -> list[torch.Tensor]:
+        req.run(call, comm)
+        return req.outputs
+
+    return call.run(job, async_op, req.probe.device, req.tensors or [req.probe, *req.outputs])
