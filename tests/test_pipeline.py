@@ -7,8 +7,9 @@ import torch
 
 import commpress
 from commpress import pipeline as pp
-from commpress.errors import ConfigError
+from commpress.errors import ConfigError, WireError
 from commpress.testing import DistPool
+from commpress.wire.pipeline import PIPELINE_WORDS, PipelineHeader
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,8 @@ def _exchange(rank, world):
         recv = pp.irecv_activation(peer, out=out, codec="fp8")
         send = pp.isend_activation(_activation((8, 128)) + rank, peer, codec="fp8")
         send.wait()
-        got.append(recv.wait())
+        recv.wait()
+        got.append(recv.result()[0])
     return got
 
 
@@ -94,4 +96,38 @@ def test_receiver_with_wrong_out_gets_a_clear_error(pool):
 
 def test_too_many_dimensions_raise_before_sending():
     with pytest.raises(ConfigError, match="dimensions"):
-        pp._header(torch.zeros([1] * (pp.MAX_NDIM + 1)), torch.device("cpu"))
+        PipelineHeader.for_tensor(torch.zeros([1] * (pp.MAX_NDIM + 1)))
+
+
+@pytest.mark.parametrize(
+    "shape, dtype", [((4, 8, 128), torch.float32), ((0, 64), torch.bfloat16), ((), torch.int64)]
+)
+def test_pipeline_header_round_trip(shape, dtype):
+    header = PipelineHeader.for_tensor(torch.zeros(shape, dtype=dtype))
+    words = header.to_tensor(torch.device("cpu"))
+    assert words.dtype == torch.int64 and words.shape == (PIPELINE_WORDS,)
+    assert PipelineHeader.empty(torch.device("cpu")).shape == words.shape
+    assert PipelineHeader.from_tensor(words) == header
+    assert header.shape == torch.Size(shape) and header.dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "word, value, message",
+    [
+        (0, 7, "not a commpress pipeline header"),
+        (1, 200, "dtype code"),
+        (2, pp.MAX_NDIM + 1, "ndim"),
+        (2, -1, "ndim"),
+        (3, -4, "dims"),
+        (7, 1, "dims"),  # a dim past ndim
+        (4, 1 << 40, "dims"),  # 4 * 2**40 * 128 elements: never allocated
+    ],
+)
+def test_malformed_pipeline_headers_raise_wire_error(word, value, message):
+    words = PipelineHeader.for_tensor(torch.zeros(4, 8, 128)).to_tensor(torch.device("cpu"))
+    words[word] = value
+    with pytest.raises(WireError, match=message):
+        PipelineHeader.from_tensor(words)
+    for bad in (words[:-1], words.int()):
+        with pytest.raises(WireError, match="int64 words"):
+            PipelineHeader.from_tensor(bad)

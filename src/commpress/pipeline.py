@@ -7,13 +7,18 @@ codec, and take care of what plain ``recv`` leaves to the caller: the shape
 and dtype.
 
 Every transfer is two messages with the same tag: a fixed-size header
-(``int64[2 + MAX_NDIM]``: dtype code, ndim, dims; sent uncompressed, 80
-bytes) and the payload, encoded with ``codec``. So a receiver that does not
-know the shape (``recv_activation``) and one that does (``irecv_activation``
-into ``out``) both pair with either send; the header also lets a receiver
-with a preallocated ``out`` refuse a tensor of another shape with a clear
-error instead of garbage. Both sides must use the same codec; a mismatch
+(`commpress.wire.pipeline.PipelineHeader`: magic, dtype, ndim, dims; sent
+uncompressed, 88 bytes; only `commpress.wire` reads it) and the payload,
+encoded with ``codec``. So a receiver that does not know the shape
+(``recv_activation``) and one that does (``irecv_activation`` into ``out``)
+both pair with either send; the header also lets a receiver with a
+preallocated ``out`` refuse a tensor of another shape with a clear error
+instead of garbage. Both sides must use the same codec; a mismatch
 raises `commpress.CodecMismatchError` on the receiver.
+
+``isend_activation`` and ``irecv_activation`` return a `commpress.Handle`
+(a ``torch.distributed.Work``); the receive's ``result()`` is ``[out]`` and
+its ``source_rank()`` is ``src``.
 
 Defaults: ``codec="fp8"`` (e4m3, a scale per 128 elements) for both
 directions. Gradients have a wider dynamic range than activations; per-block
@@ -35,29 +40,23 @@ Example (two stages, one micro-batch)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .codec import CODE_DTYPES, DTYPE_CODES
 from .errors import ConfigError
+from .handle import Handle
 from .registry import CodecLike, get_codec
+from .wire.pipeline import MAX_NDIM, PipelineHeader
 
 __all__ = [
     "send_activation",
     "recv_activation",
     "isend_activation",
     "irecv_activation",
-    "SendHandle",
-    "RecvHandle",
     "MAX_NDIM",
 ]
-
-#: Most dimensions an activation may have (the header is fixed-size).
-MAX_NDIM = 8
-_HEADER_LEN = 2 + MAX_NDIM
 
 
 def control_device(group: Any = None) -> torch.device:
@@ -67,69 +66,12 @@ def control_device(group: Any = None) -> torch.device:
     return torch.device("cpu")
 
 
-def _header(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if t.dim() > MAX_NDIM:
+def _check_out(out: torch.Tensor, header: PipelineHeader) -> None:
+    if out.shape != header.shape or out.dtype != header.dtype:
         raise ConfigError(
-            f"send_activation: tensors of up to {MAX_NDIM} dimensions are supported, got "
-            f"{t.dim()}; reshape it first"
+            f"recv_activation: the peer sent a tensor of shape {tuple(header.shape)} and dtype "
+            f"{header.dtype}, but out has shape {tuple(out.shape)} and dtype {out.dtype}"
         )
-    if t.dtype not in DTYPE_CODES:
-        raise ConfigError(f"send_activation: dtype {t.dtype} has no wire code")
-    values = [DTYPE_CODES[t.dtype], t.dim(), *t.shape] + [0] * (MAX_NDIM - t.dim())
-    return torch.tensor(values, dtype=torch.int64, device=device)
-
-
-def _parse_header(header: torch.Tensor) -> tuple[torch.Size, torch.dtype]:
-    values = header.tolist()
-    code, ndim = values[0], values[1]
-    if code not in CODE_DTYPES or not 0 <= ndim <= MAX_NDIM or any(d < 0 for d in values[2:]):
-        raise ConfigError(
-            f"recv_activation: malformed header {values}; was the peer using send_activation "
-            "with the same tag?"
-        )
-    return torch.Size(values[2 : 2 + ndim]), CODE_DTYPES[code]
-
-
-def _check_out(out: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> None:
-    if out.shape != shape or out.dtype != dtype:
-        raise ConfigError(
-            f"recv_activation: the peer sent a tensor of shape {tuple(shape)} and dtype {dtype}, "
-            f"but out has shape {tuple(out.shape)} and dtype {out.dtype}"
-        )
-
-
-@dataclass
-class SendHandle:
-    """Pending ``isend_activation``: ``wait()`` returns once both messages are sent."""
-
-    _works: tuple[Any, ...]
-
-    def wait(self) -> None:
-        for w in self._works:
-            w.wait()
-
-    def is_completed(self) -> bool:
-        return all(w.is_completed() for w in self._works)
-
-
-@dataclass
-class RecvHandle:
-    """Pending ``irecv_activation``: ``wait()`` returns the received tensor (``out``)."""
-
-    _header: torch.Tensor
-    _header_work: Any
-    _work: Any
-    out: torch.Tensor
-
-    def wait(self) -> torch.Tensor:
-        self._header_work.wait()
-        shape, dtype = _parse_header(self._header)
-        _check_out(self.out, shape, dtype)
-        self._work.wait()
-        return self.out
-
-    def is_completed(self) -> bool:
-        return bool(self._header_work.is_completed() and self._work.is_completed())
 
 
 def send_activation(
@@ -150,7 +92,7 @@ def send_activation(
     from . import distributed as cdist
 
     get_codec(codec)
-    header = _header(tensor, control_device(group))
+    header = PipelineHeader.for_tensor(tensor).to_tensor(control_device(group))
     cdist.send(header, dst=dst, group=group, tag=tag, codec="none")
     cdist.send(tensor.detach().contiguous(), dst=dst, group=group, tag=tag, codec=codec)
 
@@ -162,15 +104,27 @@ def isend_activation(
     codec: CodecLike = "fp8",
     group: Any = None,
     tag: int = 0,
-) -> SendHandle:
-    """Non-blocking `send_activation`; do not modify ``tensor`` before ``wait()``."""
+) -> Handle:
+    """Non-blocking `send_activation`; do not modify ``tensor`` before ``wait()``.
+
+    Returns:
+        A `commpress.Handle` done once both messages are sent; ``result()`` is ``[tensor]``.
+    """
     from . import distributed as cdist
 
     get_codec(codec)
-    header = _header(tensor, control_device(group))
-    w1 = cdist.isend(header, dst=dst, group=group, tag=tag, codec="none")
-    w2 = cdist.isend(tensor.detach().contiguous(), dst=dst, group=group, tag=tag, codec=codec)
-    return SendHandle((w1, w2))
+    header = PipelineHeader.for_tensor(tensor).to_tensor(control_device(group))
+    works = (
+        cdist.isend(header, dst=dst, group=group, tag=tag, codec="none"),
+        cdist.isend(tensor.detach().contiguous(), dst=dst, group=group, tag=tag, codec=codec),
+    )
+
+    def complete() -> list[torch.Tensor]:
+        for w in works:
+            w.wait()
+        return [tensor]
+
+    return Handle(completer=complete, poll=lambda: all(w.is_completed() for w in works))
 
 
 def recv_activation(
@@ -195,19 +149,20 @@ def recv_activation(
         The tensor, of the sender's shape and dtype (``out`` if given).
 
     Raises:
-        ConfigError: ``out`` does not match what was sent, or the header is malformed.
+        ConfigError: ``out`` does not match what was sent.
+        WireError: the header is malformed (the peer did not use `send_activation`).
         CodecMismatchError: the sender used another codec.
     """
     from . import distributed as cdist
 
     get_codec(codec)
-    header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=control_device(group))
-    cdist.recv(header, src=src, group=group, tag=tag, codec="none")
-    shape, dtype = _parse_header(header)
+    buf = PipelineHeader.empty(control_device(group))
+    cdist.recv(buf, src=src, group=group, tag=tag, codec="none")
+    header = PipelineHeader.from_tensor(buf)
     if out is None:
-        out = torch.empty(shape, dtype=dtype, device=device or control_device(group))
+        out = torch.empty(header.shape, dtype=header.dtype, device=device or control_device(group))
     else:
-        _check_out(out, shape, dtype)
+        _check_out(out, header)
     cdist.recv(out, src=src, group=group, tag=tag, codec=codec)
     return out
 
@@ -219,16 +174,29 @@ def irecv_activation(
     codec: CodecLike = "fp8",
     group: Any = None,
     tag: int = 0,
-) -> RecvHandle:
+) -> Handle:
     """Non-blocking receive into ``out`` (its shape must be known: the usual pipeline case).
 
-    Returns at once; ``handle.wait()`` returns ``out`` and raises `ConfigError` if the
-    sender's tensor had another shape or dtype.
+    Returns:
+        A `commpress.Handle`, at once; its ``result()`` is ``[out]``, its ``source_rank()``
+        is ``src``. ``wait()`` raises `ConfigError` if the sender's tensor had another
+        shape or dtype, `WireError` if the header is malformed.
     """
     from . import distributed as cdist
 
     get_codec(codec)
-    header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=control_device(group))
-    hw = cdist.irecv(header, src=src, group=group, tag=tag, codec="none")
-    w = cdist.irecv(out, src=src, group=group, tag=tag, codec=codec)
-    return RecvHandle(header, hw, w, out)
+    buf = PipelineHeader.empty(control_device(group))
+    header_work = cdist.irecv(buf, src=src, group=group, tag=tag, codec="none")
+    work = cdist.irecv(out, src=src, group=group, tag=tag, codec=codec)
+
+    def complete() -> list[torch.Tensor]:
+        header_work.wait()
+        _check_out(out, PipelineHeader.from_tensor(buf))  # before the payload's own errors
+        work.wait()
+        return [out]
+
+    return Handle(
+        completer=complete,
+        poll=lambda: header_work.is_completed() and work.is_completed(),
+        source_rank=src,
+    )
