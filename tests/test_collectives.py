@@ -7,53 +7,27 @@ inputs, checks the compressed one against it *on the rank*, and returns a
 that must be bit-identical on every rank. Expected errors are caught and
 reported by the bodies, so a failing case never forces a pool restart.
 
-Error bounds used for lossy codecs (``b(v)`` is ``codec.error_bound(v)``,
-elementwise; ``x_i`` is rank ``i``'s input, ``S = sum_i x_i``, ``W`` the
-number of ranks; ``eps = 2**-20 * sum_i |x_i|`` absorbs float32 summation
-order and the division of AVG):
-
-- lossless codecs: ``|out - S| <= eps``;
-- ``gather``: each input is encoded once, the decoded inputs are summed:
-  ``|out - S| <= sum_i b(x_i) + eps`` (AVG: divided by W);
-- ``two_phase``: on chunk ``c`` (`chunk_bounds`), ``e1 = sum_i b(x_i[c])``
-  from encoding the pieces, then the owner re-encodes the decoded sum
-  ``S~`` with ``|S~| <= |S| + e1``: ``|out - S| <= e1 + b(|S[c]| + e1) +
-  eps``. The block-absmax, cast and sign bounds grow with ``|v|``, so
-  ``b(|S| + e1)`` bounds ``b(S~)``. A sparsifier's bound is not monotone
-  (which elements are kept depends on the data), so for ``topk`` the
-  re-encode term is ``|S[c]| + e1`` itself (a sparsifier's error is at most
-  ``|v|``). For AVG: ``e1 / W`` and ``b(|S| / W + e1 / W)``;
-- ``direct`` (fp16/bf16): each rank sends ``x_i / W`` cast (error
-  ``b(x_i / W)``), the backend adds the ``W`` payloads in the wire dtype
-  (``W - 1`` roundings, each at most ``b`` of a partial sum, and
-  ``|partial| <= 1.01 * sum_i |x_i| / W``), and SUM multiplies by ``W``:
-  ``|out - S| <= W * (sum_i b(x_i / W) + (W - 1) * b(1.01 sum_i |x_i| / W)) +
-  eps`` (AVG: without the factor ``W``);
-- transport ops encode each piece once: ``|out - x| <= b(x)`` on the piece
-  as sent (flattened).
+Error bounds: `commpress.testing.collective` (its docstring derives them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
-import importlib.util
 import os
 import time
 
-import pytest
 import torch
 import torch.distributed as dist
 
 import commpress
 import commpress.distributed as cdist
 from commpress import CodecMismatchError, ConfigError, get_codec
-from commpress.algorithms.common import chunk_bounds
 from commpress.engine import Engine, set_engine
 from commpress.errors import UnsupportedDtypeError
 from commpress.policy import Policy, decide, using
 from commpress.testing import RankDied, gaussian
+from commpress.testing.collective import Report, assert_reports, piece_bound, reduce_bound
 
 R = dist.ReduceOp
 SPECS = ["none", "bf16", "fp16", "int8", "int4", "fp8", "sign", "topk", "zstd", "int8+zstd"]
@@ -63,125 +37,11 @@ ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_te
 N = 1001  # odd: chunks of 3 ranks differ in length and straddle codec blocks
 
 
-def available(spec: str) -> bool:
-    """Whether every stage of ``spec`` names a registered codec (others are being written)."""
-    names = commpress.list_codecs()
-    return all(stage.split(":")[0] in names for stage in spec.split("+"))
-
-
-LIVE = [s for s in SPECS if available(s)]
-LOSSY = [s for s in LIVE if not get_codec(s).lossless]
-HAS_POWERSGD = importlib.util.find_spec("commpress.algorithms.powersgd") is not None
-
-
-# ----------------------------------------------------------------- reporting
-class Report:
-    """Problems found on one rank, and digests of outputs that must match across ranks."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-        self.digests: dict[str, str] = {}
-
-    @contextlib.contextmanager
-    def case(self, name: str):
-        try:
-            yield
-        except Exception as exc:  # noqa: BLE001 - reported, not raised: keeps the pool alive
-            self.problems.append(f"{name}: raised {type(exc).__name__}: {exc}")
-
-    def check(self, name: str, ok: bool, detail: str = "") -> None:
-        if not ok:
-            self.problems.append(f"{name}: {detail or 'check failed'}")
-
-    def within(self, name: str, out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> None:
-        if out.shape != ref.shape or out.dtype != ref.dtype:
-            self.problems.append(
-                f"{name}: got {tuple(out.shape)} {out.dtype}, "
-                f"expected {tuple(ref.shape)} {ref.dtype}"
-            )
-            return
-        o, r = out.double().reshape(-1), ref.double().reshape(-1)
-        b = bound.double().reshape(-1)
-        err = (o - r).abs()
-        bad = ~(err <= b * (1 + 1e-5) + 1e-12) & torch.isfinite(r)
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            self.problems.append(
-                f"{name}: {int(bad.sum())} of {r.numel()} elements beyond the bound; e.g. [{i}]: "
-                f"|{o[i].item():.6g} - {r[i].item():.6g}| = {err[i].item():.3g} > {b[i].item():.3g}"
-            )
-
-    def exact(self, name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
-        if out.shape != ref.shape or out.dtype != ref.dtype or not torch.equal(out, ref):
-            self.problems.append(f"{name}: not bit-identical to the expected tensor")
-
-    def digest(self, name: str, t: torch.Tensor) -> None:
-        data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        self.digests[name] = hashlib.sha1(data).hexdigest()
-
-    def result(self) -> tuple[list[str], dict[str, str]]:
-        return self.problems, self.digests
-
-
-def assert_reports(results: list) -> None:
-    """No rank found a problem, and every digest is the same on every rank."""
-    problems = [f"rank {r}: {p}" for r, (probs, _) in enumerate(results) for p in probs]
-    for key, value in results[0][1].items():
-        others = [res[1].get(key) for res in results[1:]]
-        if any(o != value for o in others):
-            problems.append(f"{key}: output differs between ranks")
-    assert not problems, f"{len(problems)} problem(s):\n" + "\n".join(problems[:40])
+LOSSY = [s for s in SPECS if not get_codec(s).lossless]
 
 
 class _Skip(Exception):
     """Leaves a case that does not apply."""
-
-
-# -------------------------------------------------------------------- bounds
-def _b(codec, v: torch.Tensor) -> torch.Tensor:
-    # In the tensor's own dtype: a codec's bound includes rounding its decode to that dtype.
-    return codec.error_bound(v.reshape(-1)).double()
-
-
-def _b_reencode(codec, magnitude: torch.Tensor) -> torch.Tensor:
-    first = getattr(codec, "stages", (codec,))[0]
-    if first.codec_id in ("topk", "randomk"):
-        return magnitude.double()
-    return _b(codec, magnitude)
-
-
-def reduce_bound(codec, algorithm: str, xs: list[torch.Tensor], op, world: int) -> torch.Tensor:
-    """Elementwise bound on |compressed reduction - exact reduction| (module docstring)."""
-    flat = [x.reshape(-1).double() for x in xs]
-    total_abs = sum(f.abs() for f in flat)
-    eps = total_abs * 2.0**-20 + 1e-30
-    if codec is None or codec.lossless:
-        return eps
-    avg = op == R.AVG
-    if algorithm == "gather":
-        e = sum(_b(codec, x) for x in xs)
-        return (e / world if avg else e) + eps
-    if algorithm == "direct":
-        e = sum(_b(codec, x.reshape(-1).float() / world) for x in xs)
-        e = e + (world - 1) * _b(codec, (1.01 * total_abs / world).float())
-        return (e if avg else e * world) + eps
-    assert algorithm == "two_phase", algorithm
-    s = sum(flat)
-    out = torch.empty_like(s)
-    for a, b in chunk_bounds(s.numel(), world):
-        e1 = sum(_b(codec, x.reshape(-1)[a:b]) for x in xs)
-        mag = s[a:b].abs() + e1
-        if avg:
-            e1, mag = e1 / world, mag / world
-        out[a:b] = e1 + _b_reencode(codec, mag.float())
-    return out + eps
-
-
-def piece_bound(spec: str, ref: torch.Tensor) -> torch.Tensor:
-    codec = get_codec(spec)
-    if codec.lossless:
-        return torch.zeros(ref.shape, dtype=torch.float64)
-    return _b(codec, ref).view(ref.shape)
 
 
 def _inputs(world: int, numel: int = N, seed: int = 100) -> list[torch.Tensor]:
@@ -210,7 +70,7 @@ def _all_reduce_body(rank, world, specs):
 
 
 def test_all_reduce_matches_plain_within_bound(gloo):
-    assert_reports(gloo.run(_all_reduce_body, LIVE))
+    assert_reports(gloo.run(_all_reduce_body, SPECS))
 
 
 #: Relative rounding of casting the float32 result back to the input dtype.
@@ -239,8 +99,7 @@ def _dtypes_body(rank, world, specs):
 
 
 def test_all_reduce_16bit_and_float64_inputs(gloo):
-    specs = [s for s in ("bf16", "fp16", "int8", "fp8", "zstd") if available(s)]
-    assert_reports(gloo.run(_dtypes_body, specs))
+    assert_reports(gloo.run(_dtypes_body, ["bf16", "fp16", "int8", "fp8", "zstd"]))
 
 
 def _reduce_body(rank, world, specs):
@@ -284,7 +143,7 @@ def _reduce_body(rank, world, specs):
 
 
 def test_reduce_and_reduce_scatter_match_plain(gloo):
-    assert_reports(gloo.run(_reduce_body, LIVE))
+    assert_reports(gloo.run(_reduce_body, SPECS))
 
 
 def _exact_body(rank, world, lossy, lossless):
@@ -353,8 +212,7 @@ def _exact_body(rank, world, lossy, lossless):
 
 
 def test_integer_and_exact_ops_are_never_lossy(gloo):
-    lossless = [s for s in ("zstd", "lz4") if available(s)]
-    assert_reports(gloo.run(_exact_body, LOSSY, lossless))
+    assert_reports(gloo.run(_exact_body, LOSSY, ["zstd", "lz4"]))
 
 
 # ============================================================ transport
@@ -467,7 +325,7 @@ def _transport_body(rank, world, specs):
 
 
 def test_transport_ops_match_plain_within_bound(gloo):
-    assert_reports(gloo.run(_transport_body, LIVE))
+    assert_reports(gloo.run(_transport_body, SPECS))
 
 
 # ============================================================ groups and async
@@ -766,8 +624,7 @@ def test_mismatch_and_bad_arguments_raise_on_every_rank(gloo):
         assert kind == "ConfigError" and f"dst={gloo.world_size + 2}" in msg, (r, kind, msg)
         assert res["not a tensor"][0] == "TypeError"
         kind, msg = res["powersgd broadcast"]
-        if available("powersgd"):
-            assert kind == "ConfigError" and "powersgd" in msg, (r, kind, msg)
+        assert kind == "ConfigError" and "powersgd" in msg, (r, kind, msg)
         assert res["still usable"] == ("ok", ""), res["still usable"]
 
 
@@ -819,7 +676,6 @@ def _feedback_body(rank, world):
     return rep.result()
 
 
-@pytest.mark.skipif(not available("sign"), reason="codec 'sign' not registered yet")
 def test_error_feedback_keys_and_effect(gloo):
     assert_reports(gloo.run(_feedback_body))
 
@@ -911,8 +767,7 @@ def _chunked_body(rank, world, specs):
 
 
 def test_chunked_pipeline_all_reduce(gloo):
-    specs = [s for s in ("int8", "bf16", "zstd", "int8+zstd") if available(s)]
-    assert_reports(gloo.run(_chunked_body, specs))
+    assert_reports(gloo.run(_chunked_body, ["int8", "bf16", "zstd", "int8+zstd"]))
 
 
 # ============================================================ powersgd
@@ -939,7 +794,6 @@ def _powersgd_body(rank, world):
     return rep.result()
 
 
-@pytest.mark.skipif(not (HAS_POWERSGD and available("powersgd")), reason="powersgd not available")
 def test_powersgd_dispatch(gloo):
     assert_reports(gloo.run(_powersgd_body))
 

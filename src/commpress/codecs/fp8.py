@@ -40,17 +40,17 @@ from typing import ClassVar
 import torch
 
 from .. import kernels
-from ..codec import Codec, check_range, saturating_cast
+from ..codec import check_range, saturating_cast
 from ..registry import register_codec
 from .quant import (
     ABSMAX_FLOOR,
     ARITH_SLACK,
     FLOAT32_MAX,
+    BlockCodec,
     as_compute,
     block_absmax,
     block_parts,
     check_bool,
-    decode_with_kernel,
     expect_sections,
     finish_bound,
     finite_absmax,
@@ -75,14 +75,13 @@ def _fp8_table(fp8_dtype: torch.dtype) -> torch.Tensor:
 
 
 @dataclass(frozen=True, repr=False)
-class _FP8(Codec):
+class _FP8(BlockCodec):
     fp8_dtype: ClassVar[torch.dtype]
     fp8_max: ClassVar[float]
     rel_error: ClassVar[float]
     subnormal_error: ClassVar[float]
     #: Whether the format has +-Inf (e5m2); if not (e4m3fn), +-Inf is stored as NaN.
     has_inf: ClassVar[bool]
-    fixed_size: ClassVar[bool] = True
 
     block: int = 128
     pow2: bool = False
@@ -158,25 +157,16 @@ class _FP8(Codec):
             codes[start : start + x2d.numel()].view_as(x2d).copy_(q)
         return codes.view(torch.uint8), scales
 
-    def _decode_into(
+    def _kernel_decode(
         self,
         payload: tuple[torch.Tensor, ...],
-        numel: int,
+        out: torch.Tensor,
         dtype: torch.dtype,
-        out: torch.Tensor | None,
         accumulate: bool,
-    ) -> torch.Tensor | None:
-        return decode_with_kernel(
-            self,
-            payload,
-            numel,
-            dtype,
-            out,
-            kernels.usable(*payload, out),
-            lambda codes, scales, o: kernels.fp8_decode(
-                codes, scales, _fp8_table(self.fp8_dtype), self.block, o, dtype, accumulate
-            ),
-        )
+    ) -> None:
+        codes, scales = payload
+        table = _fp8_table(self.fp8_dtype)
+        kernels.fp8_decode(codes, scales, table, self.block, out, dtype, accumulate)
 
     def _decode(
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype

@@ -169,24 +169,43 @@ def finish_bound(x: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> tor
     return bound.masked_fill_(~torch.isfinite(x), float("inf"))
 
 
-def decode_with_kernel(
-    codec: Codec,
-    payload: tuple[torch.Tensor, ...],
-    numel: int,
-    dtype: torch.dtype,
-    out: torch.Tensor | None,
-    fast: bool,
-    kernel: Callable[..., None],
-) -> torch.Tensor | None:
-    """The block codecs' ``_decode_into``: when ``fast``, validate the payload, make the
-    output (after validation: a hostile header must not allocate) and run
-    ``kernel(*payload, out)``; None lets `Codec.decode` take the reference path."""
-    if not fast:
-        return None
-    expect_sections(codec.spec, payload, codec.sections(numel, dtype))
-    out = fresh_output(payload, numel, dtype, out)
-    kernel(*payload, out)
-    return out
+@dataclass(frozen=True, repr=False)
+class BlockCodec(Codec):
+    """Base of the block codecs (int*, sign, fp8*): a fixed payload layout and a fused
+    decode kernel behind one `_decode_into`."""
+
+    fixed_size: ClassVar[bool] = True
+
+    def _kernel_ready(self, payload: tuple[torch.Tensor, ...], out: torch.Tensor | None) -> bool:
+        """Whether the fused decode kernel can run on these tensors."""
+        return kernels.usable(*payload, out)
+
+    def _kernel_decode(
+        self,
+        payload: tuple[torch.Tensor, ...],
+        out: torch.Tensor,
+        dtype: torch.dtype,
+        accumulate: bool,
+    ) -> None:
+        """Decode the validated ``payload`` (of a ``dtype`` tensor) into flat ``out``, or add
+        it to ``out`` (rounded to ``dtype`` first), with the kernel."""
+        raise NotImplementedError
+
+    def _decode_into(
+        self,
+        payload: tuple[torch.Tensor, ...],
+        numel: int,
+        dtype: torch.dtype,
+        out: torch.Tensor | None,
+        accumulate: bool,
+    ) -> torch.Tensor | None:
+        # Validate before making the output: a hostile header must not allocate.
+        if not self._kernel_ready(payload, out):
+            return None
+        expect_sections(self.spec, payload, self.sections(numel, dtype))
+        out = fresh_output(payload, numel, dtype, out)
+        self._kernel_decode(payload, out, dtype, accumulate)
+        return out
 
 
 def expect_sections(
@@ -260,9 +279,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True, repr=False)
-class _IntQuant(Codec):
+class _IntQuant(BlockCodec):
     bits: ClassVar[int] = 8
-    fixed_size: ClassVar[bool] = True
     block: int = 256
     stochastic: bool = False
 
@@ -355,25 +373,18 @@ class _IntQuant(Codec):
             (torch.float32, nblocks(numel, self.block)),
         ]
 
-    def _decode_into(
+    def _kernel_ready(self, payload: tuple[torch.Tensor, ...], out: torch.Tensor | None) -> bool:
+        return self._fast(*payload, out)
+
+    def _kernel_decode(
         self,
         payload: tuple[torch.Tensor, ...],
-        numel: int,
+        out: torch.Tensor,
         dtype: torch.dtype,
-        out: torch.Tensor | None,
         accumulate: bool,
-    ) -> torch.Tensor | None:
-        return decode_with_kernel(
-            self,
-            payload,
-            numel,
-            dtype,
-            out,
-            self._fast(*payload, out),
-            lambda codes, scales, o: kernels.quant_decode(
-                codes, scales, self.bits, self.block, o, dtype, accumulate
-            ),
-        )
+    ) -> None:
+        codes, scales = payload
+        kernels.quant_decode(codes, scales, self.bits, self.block, out, dtype, accumulate)
 
     def _decode(
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
@@ -480,7 +491,7 @@ class Int2(_IntQuant):
 
 @register_codec
 @dataclass(frozen=True, repr=False)
-class Sign(Codec):
+class Sign(BlockCodec):
     """1 bit per element (the sign) and one float32 scale (mean ``|x|``) per block.
 
     ``x >= 0`` decodes to ``+scale``, ``x < 0`` to ``-scale``: ``|err| <= max(|x|, scale)``
@@ -500,7 +511,6 @@ class Sign(Codec):
     """
 
     codec_id: ClassVar[str] = "sign"
-    fixed_size: ClassVar[bool] = True
     wants_error_feedback: ClassVar[bool] = True
     block: int = 256
 
@@ -560,25 +570,15 @@ class Sign(Codec):
             scales[row : row + x2d.shape[0]] = self._mean_abs(x2d)
         return pack_bits(x.lt(0).view(torch.uint8), 1), scales
 
-    def _decode_into(
+    def _kernel_decode(
         self,
         payload: tuple[torch.Tensor, ...],
-        numel: int,
+        out: torch.Tensor,
         dtype: torch.dtype,
-        out: torch.Tensor | None,
         accumulate: bool,
-    ) -> torch.Tensor | None:
-        return decode_with_kernel(
-            self,
-            payload,
-            numel,
-            dtype,
-            out,
-            kernels.usable(*payload, out),
-            lambda bits, scales, o: kernels.sign_decode(
-                bits, scales, self.block, o, dtype, accumulate
-            ),
-        )
+    ) -> None:
+        bits, scales = payload
+        kernels.sign_decode(bits, scales, self.block, out, dtype, accumulate)
 
     def _decode(
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype

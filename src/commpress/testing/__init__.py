@@ -1,7 +1,8 @@
-"""Test helpers that ship with commpress: codec checks and a multi-process gloo runner.
+"""Test helpers that ship with commpress: codec checks, collective checks, a gloo runner.
 
 ``commpress.testing`` is public so that third-party codecs can be held to the
-same contract as the built-in ones.
+same contract as the built-in ones (``commpress.testing.suite`` holds the shared
+test classes a codec's test file subclasses).
 """
 
 from .checks import (
@@ -20,6 +21,7 @@ from .checks import (
     structured,
     zeros,
 )
+from .collective import Report, assert_reports, piece_bound, reduce_bound
 from .dist import DistPool, RankDied, RemoteError, free_port
 
 __all__ = [
@@ -38,6 +40,11 @@ __all__ = [
     "random_bits",
     "structured",
     "zeros",
+    # collectives against plain torch.distributed
+    "Report",
+    "assert_reports",
+    "piece_bound",
+    "reduce_bound",
     # multi-process runner
     "DistPool",
     "RankDied",
