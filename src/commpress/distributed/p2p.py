@@ -39,8 +39,17 @@ def _backend_error(op: str, exc: BaseException) -> BaseException:
     return exc
 
 
-def _waiting(op: str, works: list[Any], value: list[torch.Tensor], keep: list[Any]) -> Handle:
-    """A handle that completes when the backend ``works`` do (``keep``: buffers to free then)."""
+def _waiting(
+    op: str,
+    works: list[Any],
+    value: list[torch.Tensor],
+    keep: list[Any],
+    source_rank: int | None = None,
+) -> Handle:
+    """A handle that completes when the backend ``works`` do (``keep``: buffers to free then).
+
+    ``source_rank``: a receive's sender (global), when known at posting.
+    """
 
     def complete() -> list[torch.Tensor]:
         try:
@@ -51,7 +60,11 @@ def _waiting(op: str, works: list[Any], value: list[torch.Tensor], keep: list[An
         keep.clear()  # the send buffers may go now
         return value
 
-    return Handle(completer=complete, poll=lambda: all(w.is_completed() for w in works))
+    return Handle(
+        completer=complete,
+        poll=lambda: all(w.is_completed() for w in works),
+        source_rank=source_rank,
+    )
 
 
 def _post_send(
@@ -156,9 +169,10 @@ def irecv(
         return None
     call, peer = _recv_call("irecv", tensor, src, group, group_src, codec)
     if not call.decision.compressed:
-        work = dist.irecv(tensor, None if peer is None else to_global(group, peer), group, tag)
+        known = None if peer is None else to_global(group, peer)  # any source: unknown here
+        work = dist.irecv(tensor, known, group, tag)
         record(call.rec)
-        return _waiting("irecv", [work], [tensor], [])
+        return _waiting("irecv", [work], [tensor], [], source_rank=known)
     pending = transport.post_recv(call.comm(tensor.device, tensor.dtype), tensor, peer, tag)
     handle = Handle()
 
