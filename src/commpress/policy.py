@@ -48,6 +48,7 @@ from .codec import Codec, is_float
 from .errors import ConfigError, UnsupportedDtypeError
 from .ops import FAMILIES, OPS, REDUCTIONS
 from .registry import CodecLike, get_codec
+from .units import parse_bool, parse_size
 
 __all__ = [
     "Policy",
@@ -221,13 +222,13 @@ class Policy:
         kwargs: dict[str, Any] = {}
         parsers = {
             "codec": ("COMMPRESS_CODEC", str),
-            "min_bytes": ("COMMPRESS_MIN_BYTES", _parse_bytes),
+            "min_bytes": ("COMMPRESS_MIN_BYTES", parse_size),
             "ops": ("COMMPRESS_OPS", _parse_ops),
             "error_feedback": ("COMMPRESS_ERROR_FEEDBACK", _parse_tristate),
             "algorithm": ("COMMPRESS_ALGORITHM", str),
-            "verify": ("COMMPRESS_VERIFY", _parse_bool),
-            "gather_bytes": ("COMMPRESS_GATHER_BYTES", _parse_bytes),
-            "checksum": ("COMMPRESS_CHECKSUM", _parse_bool),
+            "verify": ("COMMPRESS_VERIFY", parse_bool),
+            "gather_bytes": ("COMMPRESS_GATHER_BYTES", parse_size),
+            "checksum": ("COMMPRESS_CHECKSUM", parse_bool),
         }
         for field_name, (var, parse) in parsers.items():
             raw = env.get(var)
@@ -257,30 +258,8 @@ class Policy:
         return dataclasses.replace(self, **changes)
 
 
-def _parse_bytes(raw: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    text = raw.lower().removesuffix("ib").removesuffix("b")
-    scale = 1
-    if text and text[-1] in units:
-        scale = units[text[-1]]
-        text = text[:-1]
-    value = float(text)
-    if value < 0 or value != value:
-        raise ValueError("expected a byte count >= 0, e.g. 65536 or 64k")
-    return int(value * scale)
-
-
-def _parse_bool(raw: str) -> bool:
-    low = raw.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected 1/0, true/false, yes/no or on/off")
-
-
 def _parse_tristate(raw: str) -> bool | None:
-    return None if raw.lower() in ("auto", "default", "none") else _parse_bool(raw)
+    return None if raw.lower() in ("auto", "default", "none") else parse_bool(raw)
 
 
 def _parse_ops(raw: str) -> frozenset[str] | None:

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .units import format_size
+
 __all__ = ["OpStats", "Stats", "stats", "reset_stats", "CallRecord", "PHASES", "call_range"]
 
 
@@ -120,8 +122,8 @@ class Stats:
                     s.op,
                     str(s.calls),
                     str(s.compressed),
-                    _human(s.bytes_in),
-                    _human(s.bytes_wire),
+                    format_size(s.bytes_in),
+                    format_size(s.bytes_wire),
                     f"{s.ratio:.2f}",
                     f"{s.encode_s:.4f}",
                     f"{s.transfer_s:.4f}",
@@ -139,14 +141,6 @@ class Stats:
         if len(rows) == 1:
             lines.append("(no calls recorded)")
         return "\n".join(lines)
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)  # unreachable, keeps type checkers calm
 
 
 #: The stages of a compressed call, each timed into ``CallRecord.<stage>_s``.

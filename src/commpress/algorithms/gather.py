@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
 from .common import (
     Comm,
     acc_dtype,
     allgatherv,
     alltoallv,
+    average,
     encode_pack,
     exchange,
     packed_size,
@@ -87,9 +87,7 @@ def _reduce(
         else:
             reduce_into(acc, y, op)
     assert acc is not None  # world size >= 2 here
-    if op == dist.ReduceOp.AVG:
-        acc = acc / comm.size
-    return acc
+    return average(acc, op, comm.size)
 
 
 def all_reduce(

@@ -60,7 +60,7 @@ import torch.distributed as dist
 
 from .. import topology
 from . import direct, two_phase
-from .common import Comm, acc_dtype, exchange, reduce_into, wait_timed
+from .common import Comm, acc_dtype, average, exchange, reduce_into, wait_timed
 from .registry import Algorithm, CodecSpeed, Link, register_algorithm
 
 __all__ = [
@@ -223,8 +223,9 @@ def all_reduce(
                 shard = x[a:b]
             if topo.hosts > 1:
                 shard = _inter_all_reduce(comm, topo, shard, op, key(k))
-            if op == dist.ReduceOp.AVG:
-                shard = shard / comm.size
+            # The shard is this step's own buffer (a reduce-scatter or inter-host result:
+            # with one host and one rank there is nothing to compress).
+            average(shard, op, comm.size)
             if local > 1:
                 gathering[k] = _intra_start(comm, topo, shard.repeat(local))
             else:

@@ -47,6 +47,7 @@ from .common import (
     allgatherv_start,
     alltoallv,
     alltoallv_start,
+    average,
     chunk_bounds,
     encode_pack,
     encode_pack_many,
@@ -233,9 +234,7 @@ def _own_sum(
     bounds = p.bounds
     a, b = bounds[comm.rank]
     s = reduce_scatter(comm, flat, bounds, op, p, None if out is None else out[a:b])
-    if op == dist.ReduceOp.AVG:
-        s.div_(comm.size)
-    return bounds, s
+    return bounds, average(s, op, comm.size)
 
 
 def all_reduce(
@@ -335,8 +334,7 @@ def stages(
         base = bounds[k][0]
         s = _sum_received(comms[k], dtype, p, received, op, out[base + lo : base + hi])
         del received, posted
-        if op == dist.ReduceOp.AVG:
-            s.div_(world)
+        average(s, op, world)
         buf = encode_pack(comms[k], s, roundtrip=True)  # s: the owner's decoded sum
         sizes = [packed_size(comms[k], (hi - lo,), s.dtype) for lo, hi in p.bounds]
         return (p.bounds, *allgatherv_start(comms[k], buf, sizes))
