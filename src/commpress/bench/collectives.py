@@ -73,6 +73,7 @@ BUS_FACTORS: dict[str, Callable[[int], float]] = {
     "all_to_all": lambda n: (n - 1) / n,
 }
 
+
 def bus_factor(op: str, world_size: int) -> float:
     """nccl-tests' bus-bandwidth factor of ``op`` on ``world_size`` ranks."""
     if op not in BUS_FACTORS:
@@ -257,6 +258,21 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
+def timed_calls(call: Callable[[torch.Tensor], Any], src: torch.Tensor, iters: int) -> list[float]:
+    """Seconds of ``iters`` calls of ``call`` on fresh clones of ``src``, each started after a
+    barrier (so every rank times the same collective, not its wait for the slowest)."""
+    import torch.distributed as dist
+
+    times = []
+    for _ in range(iters):
+        x = src.clone()
+        dist.barrier()
+        t0 = time.perf_counter()
+        call(x)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def run_case(rank: int, world_size: int, case: Case, warmup: int, iters: int) -> dict[str, Any]:
     """Measure one case on this rank; every rank must call it (it runs collectives).
 
@@ -312,13 +328,7 @@ def run_case(rank: int, world_size: int, case: Case, warmup: int, iters: int) ->
         call(src.clone())
     is_baseline = case.codec in BASELINES
     before = {} if is_baseline else _stats_snapshot()
-    times = []
-    for _ in range(iters):
-        x = src.clone()
-        dist.barrier()
-        t0 = time.perf_counter()
-        call(x)
-        times.append(time.perf_counter() - t0)
+    times = timed_calls(call, src, iters)
     after = {} if is_baseline else _stats_snapshot()
 
     stat = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}

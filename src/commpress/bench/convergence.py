@@ -32,7 +32,6 @@ happens over a long run.
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import json
 import math
@@ -49,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ddp import run_isolated
+from .ddp import init_gloo_rank, run_isolated
 
 METHODS: tuple[str, ...] = (
     "fp32",
@@ -281,14 +280,7 @@ def _rank_main(
 ) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo_rank(rank, world_size, port, timeout_s=60)
     for method in methods:
         row = train(rank, world_size, method, cfg)
         if rank == 0:

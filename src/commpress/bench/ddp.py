@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["TORCH_HOOKS", "probe_hook", "probe_torch_hooks", "run_isolated"]
+__all__ = ["TORCH_HOOKS", "init_gloo_rank", "probe_hook", "probe_torch_hooks", "run_isolated"]
 
 #: Hook names in ``torch.distributed.algorithms.ddp_comm_hooks``, in probe order.
 TORCH_HOOKS: tuple[str, ...] = (
@@ -62,10 +62,11 @@ def _hook_and_state(name: str) -> tuple[Any, Any]:
     raise ValueError(f"unknown torch DDP hook {name!r}; choose from {', '.join(TORCH_HOOKS)}")
 
 
-def _rank_main(rank: int, world_size: int, port: int, name: str, steps: int) -> None:
+def init_gloo_rank(rank: int, world_size: int, port: int, timeout_s: float) -> None:
+    """Join a gloo group on ``127.0.0.1:port`` as a spawned benchmark rank (one thread:
+    ranks share the machine's cores)."""
     import torch
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -73,8 +74,16 @@ def _rank_main(rank: int, world_size: int, port: int, name: str, steps: int) -> 
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=30),  # a hung hook fails fast
+        timeout=datetime.timedelta(seconds=timeout_s),
     )
+
+
+def _rank_main(rank: int, world_size: int, port: int, name: str, steps: int) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    init_gloo_rank(rank, world_size, port, timeout_s=30)  # a hung hook fails fast
     torch.manual_seed(0)
     # Matrices of several shapes plus vectors, like a transformer block's parameters.
     model = torch.nn.Sequential(

@@ -300,6 +300,8 @@ def measure_all_reduce(
     from commpress.engine import Engine, set_engine
     from commpress.policy import Policy, using
 
+    from .collectives import timed_calls
+
     rank = dist.get_rank()
     numel = int(mib * (1 << 20)) // 4
     x = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
@@ -327,13 +329,7 @@ def measure_all_reduce(
         dist.barrier()
         c1 = nic_bytes()
         commpress.reset_stats()
-        times = []
-        for _ in range(iters):
-            t = src.clone()
-            dist.barrier()
-            t0 = time.perf_counter()
-            call(t)
-            times.append(time.perf_counter() - t0)
+        times = timed_calls(call, src, iters)
         dist.barrier()
         c2 = nic_bytes()
         if chunk_bytes is not None:
