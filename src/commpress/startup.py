@@ -70,6 +70,6 @@ def _arm_child(_: object) -> None:
 
 
 def _print_if_used() -> None:
-    from .cli_run import print_stats
+    from .stats_report import print_stats
 
     print_stats(only_if_used=True)

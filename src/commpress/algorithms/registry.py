@@ -47,7 +47,7 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from ..codec import Codec
     from ..policy import Policy
-    from .common import Comm
+    from .comm import Comm
 
 __all__ = [
     "Algorithm",
