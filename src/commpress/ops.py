@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Op", "OPS", "FAMILIES", "REDUCTIONS", "family", "op_code"]
+__all__ = ["Op", "OPS", "TORCH_ALIASES", "FAMILIES", "REDUCTIONS", "family", "op_code"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ OPS: dict[str, Op] = _table(
     ("isend", "p2p"),
     ("irecv", "p2p"),
 )
+#: Other names torch 2.13 gives some of these ops -> the op (the old names are deprecated).
+TORCH_ALIASES: dict[str, str] = {
+    "all_gather_single": "all_gather_into_tensor",
+    "reduce_scatter_single": "reduce_scatter_tensor",
+}
 #: The families, in first-seen order.
 FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(o.family for o in OPS.values()))
 #: Families whose op sums tensors (the others only move them).

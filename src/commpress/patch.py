@@ -70,29 +70,12 @@ import torch.distributed.distributed_c10d as c10d
 
 from . import agreement, torchcheck
 from .errors import ConfigError
+from .ops import OPS, TORCH_ALIASES
 
 __all__ = ["patch", "unpatch", "is_patched", "patched_names", "Patch"]
 
 #: torch.distributed name -> name of the commpress.distributed function that replaces it.
-COLLECTIVES: dict[str, str] = {
-    "all_reduce": "all_reduce",
-    "reduce": "reduce",
-    "all_gather": "all_gather",
-    "all_gather_into_tensor": "all_gather_into_tensor",
-    "all_gather_single": "all_gather_into_tensor",
-    "reduce_scatter": "reduce_scatter",
-    "reduce_scatter_tensor": "reduce_scatter_tensor",
-    "reduce_scatter_single": "reduce_scatter_tensor",
-    "broadcast": "broadcast",
-    "all_to_all": "all_to_all",
-    "all_to_all_single": "all_to_all_single",
-    "send": "send",
-    "recv": "recv",
-    "isend": "isend",
-    "irecv": "irecv",
-    "gather": "gather",
-    "scatter": "scatter",
-}
+COLLECTIVES: dict[str, str] = {**{name: name for name in OPS}, **TORCH_ALIASES}
 
 _MODULES: tuple[types.ModuleType, ...] = (dist, c10d)
 
