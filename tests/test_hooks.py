@@ -200,6 +200,90 @@ def test_powersgd_trains_with_full_rank_gradients(pool):
                 assert (got - exact).norm() <= 2 * exact.norm() + 1e-6
 
 
+def _chained_and_synchronous(rank, world, ddp_kwargs, steps):
+    """PowerSGD through `compress_hook` (chained) and through the blocking rounds.
+
+    In the chained run, rank 1 enters each bucket's hook only once rank 0 has returned
+    from it (the store says so), so rank 0's first all-reduce of the bucket cannot have
+    completed when its hook returns: a hook that waited for the network there would
+    hang until the store wait times out. The synchronous run is the hook as it was
+    (`all_reduce_many` inside the hook, a completed future), on the same buckets.
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from commpress import hook_group
+    from commpress.algorithms.powersgd import all_reduce_many
+    from commpress.hooks import compress_hook
+
+    store = dist.distributed_c10d._get_default_store()
+    twin = hook_group.twin(None)  # made now on both ranks: rank 1 holds back in the hooks
+    step = [0]
+    returned_done = []
+
+    def chained(state, bucket):
+        tag = f"test_hooks/chained/{step[0]}/{bucket.index()}"
+        if rank == 1:
+            store.wait([tag], timedelta(seconds=30))
+            store.delete_key(tag)
+        fut = compress_hook(state, bucket)
+        if rank == 0:
+            returned_done.append((step[0], fut.done()))
+            store.set(tag, "returned")
+        return fut
+
+    def synchronous(state, bucket):
+        grads = bucket.gradients()
+        keys = state._param_keys(bucket)
+        all_reduce_many(
+            grads, state.codec, average=True, group=twin, memory=state.memory, keys=keys
+        )
+        buffer = bucket.buffer()
+        buffer.copy_(torch.cat([g.reshape(-1) for g in grads]))
+        fut = torch.futures.Future()
+        fut.set_result(buffer)
+        return fut
+
+    out = {}
+    for name, hook in (("chained", chained), ("synchronous", synchronous)):
+        torch.manual_seed(0)
+        hidden = [m for _ in range(3) for m in (torch.nn.Linear(32, 32), torch.nn.ReLU())]
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), *hidden, torch.nn.Linear(32, 4))
+        # tiny buckets: after DDP rebuilds them (first step), about one per parameter
+        net = DDP(model, bucket_cap_mb=0.0005, **ddp_kwargs)
+        net.register_comm_hook(CompressionState(codec="powersgd:rank=1"), hook)
+        grads = []
+        for s in range(steps):
+            step[0] = s
+            x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1000 * rank + s))
+            for p in model.parameters():
+                p.grad = None
+            net(x).pow(2).mean().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        out[name] = grads
+    return out, returned_done
+
+
+@pytest.mark.parametrize("ddp_kwargs", [{}, {"find_unused_parameters": True}])
+def test_powersgd_hook_returns_before_its_rounds_complete(pool, ddp_kwargs):
+    """The PowerSGD hook is a chain of futures: bucket k is still in flight when backward
+    goes on to bucket k+1, and the gradients are bit-identical to the blocking rounds'."""
+    res = pool.run(_chained_and_synchronous, ddp_kwargs, STEPS)
+    returned_done = res[0][1]
+    assert all(s == 0 for s, _ in returned_done[:1])  # one bucket in the first step
+    assert sum(s == STEPS - 1 for s, _ in returned_done) >= 4, returned_done  # then several
+    assert not any(done for _, done in returned_done), returned_done
+    for r in range(2):
+        out = res[r][0]
+        for s in range(STEPS):
+            for a, b in zip(out["chained"][s], out["synchronous"][s], strict=True):
+                assert torch.equal(a, b), (r, s)
+            for a, b in zip(out["chained"][s], res[0][0]["chained"][s], strict=True):
+                assert torch.equal(a, b), (r, s)  # every rank ends with the same gradients
+
+
 def _checkpoint(rank, world):
     out, state = _train(rank, world, "commpress", "sign", state_kwargs={"error_feedback": True})
     fresh = CompressionState(codec="sign", error_feedback=True)

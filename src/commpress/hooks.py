@@ -11,9 +11,12 @@ DDP calls the hook once per gradient bucket per step, with the bucket's flat
 gradient buffer; the hook returns a future of the *averaged* buffer.
 
 - Codecs with ``algorithm="powersgd"`` go through
-  `commpress.algorithms.powersgd.all_reduce_many` on the bucket's
+  `commpress.algorithms.powersgd.all_reduce_many_async` on the bucket's
   per-parameter gradients (matrices as rank-r factors, vectors batched raw),
-  with warm start and error feedback kept per parameter in the state.
+  with warm start and error feedback kept per parameter in the state: a chain
+  of futures over the backend's async all-reduces, as torch's
+  ``powerSGD_hook`` is, so bucket k's rounds (all-reduce ``P``,
+  orthogonalize, all-reduce ``Q``) run while backward computes bucket k+1.
 - Every other codec goes through `commpress.distributed.all_reduce` on the
   flat buffer (pre-divided by the group size, as torch's ``fp16_compress_hook``
   does, so fp16 cannot overflow), asynchronously.
@@ -21,48 +24,9 @@ gradient buffer; the hook returns a future of the *averaged* buffer.
 Ordering: the hook's traffic travels on its own process group
 ------------------------------------------------------------------
 Collectives on one process group must be issued in the same order on every
-rank. The flat-buffer path hands each bucket to the engine's worker thread
-(so backward is never blocked), and a compressed all-reduce is several
-backend collectives in a row (a descriptor/size exchange, then the payload
-all-gather or all-to-all + all-gather). Meanwhile DDP issues its own
-collectives on *its* group from the autograd thread: with
-``find_unused_parameters=True``, the all-reduce of the used-parameter bitmap
-right after the last bucket's hook returns, every step (``static_graph=True``
-does one in its first step, before the hooks). When both shared DDP's group, whether
-the worker's next collective or DDP's bitmap all-reduce reached the group
-first depended on thread timing, differently on each rank: in a 2-rank gloo
-run, at the same sequence number one rank issued the hook's size all-gather
-and the other DDP's bitmap all-reduce, and both hung until the process-group
-timeout (main thread inside backward -- ``Reducer::finalize_backward`` in the
-user's native stack dump -- and the worker in ``gather._sizes``).
-
-So the hook never uses DDP's group. ``_hook_group`` gives it a twin of that group
-(same ranks, backend and timeout; ``new_group``, made once per process and
-set of ranks, collectively: eagerly in `register`, else at the first bucket of the
-first step, which every rank reaches at the same point of its program). The
-ordering rule is then simple and holds on every rank: on the hook's group
-every collective comes from one ordered queue fed in bucket order (DDP calls
-the hook bucket 0, 1, 2, ... on every rank; async calls run one after the
-other on the group's worker thread, blocking or uncompressed calls made
-from the autograd thread keep their place behind them, and a PowerSGD state's
-blocking rounds run on the autograd thread with nothing queued); DDP's own collectives
-stay alone on DDP's group. No ordering between the two groups is needed: DDP
-waits for every bucket's future in ``finalize_backward``, which the worker
-completes without any help from the autograd thread.
-
-Why not issue the collectives from the calling thread, as torch's own hooks
-do: one backend op per bucket can return its future, but a compressed
-all-reduce needs the sizes (or the first phase) before it can post the next
-op, so the calling thread would have to block inside backward, or chain the
-next op in a ``Future.then`` callback -- which runs on the backend's thread
-and races with DDP's collectives and the next bucket's again (torch's
-``powerSGD_hook`` chains its rounds that way; that this is why it aborts or
-hangs gloo with several buckets in flight is likely, not verified). A
-dedicated group keeps backward unblocked and makes the order independent of
-thread timing. Its cost: one more communicator per DDP group (on NCCL, its
-own memory and, as with any two communicators, ops that may run concurrently
-with DDP's; the NCCL path is not run here). ``pg_options`` of DDP's group
-(e.g. NCCL ``max_ctas``) are not copied.
+rank, and DDP issues its own from the autograd thread while the hook's are in
+flight. So the hook's collectives travel on a twin of DDP's group, and post
+bucket by bucket on it: `commpress.hook_group` says why and how.
 
 Error feedback for the flat-buffer path is done inside the compressed
 all-reduce (``cdist.all_reduce(..., key=...)``), keyed per bucket index and
@@ -84,7 +48,6 @@ the process inside gloo. This hook runs every codec on gloo.
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections.abc import Hashable
 from typing import Any
@@ -92,79 +55,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import hook_group
+from .algorithms import powersgd
 from .codec import Codec
 from .errors import CodecMismatchError, ConfigError
 from .feedback import ErrorFeedback
 from .registry import CodecLike, get_codec
+from .stats import CallRecord, record
 
 __all__ = ["CompressionState", "compress_hook", "register", "FSDPReduceScatter"]
 
 _STATE_VERSION = 1
 _state_ids = itertools.count()
-
-_hook_groups_lock = threading.Lock()
-# Twins made under the current default group, by DDP group name and by (backend, ranks).
-_hook_groups: dict[Hashable, dist.ProcessGroup] = {}
-_hook_groups_world: list[Any] = [None]  # the default group they were made under
-
-
-def _hook_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    """The twin of ``group`` (None: the default group) that carries the hook's collectives.
-
-    Made on first use, collectively (every rank of the default group, or for a subgroup
-    every rank of it, gets here at the same point of its program: `register`, or the
-    first bucket of the first step), and reused after, also by other states over a
-    group with the same ranks. See the module docstring for why the hook needs a group
-    of its own.
-
-    Raises:
-        ConfigError: torch could not make the twin group (the message says why).
-    """
-    world = dist.group.WORLD
-    parent = group if group is not None else world
-    with _hook_groups_lock:
-        if _hook_groups_world[0] is not world:  # a new default group: old twins are gone
-            _hook_groups.clear()
-            _hook_groups_world[0] = world
-        twin = _hook_groups.get(parent.group_name)
-        if twin is None:
-            key = (dist.get_backend(parent), tuple(dist.get_process_group_ranks(parent)))
-            twin = _hook_groups.get(key)
-            if twin is None:
-                twin = _hook_groups[key] = _new_twin(parent, key[0], world)
-            _hook_groups[parent.group_name] = twin
-        return twin
-
-
-def _new_twin(parent: dist.ProcessGroup, backend: str, world: Any) -> dist.ProcessGroup:
-    kwargs: dict[str, Any] = {
-        "backend": backend,
-        "timeout": _timeout_of(parent),
-        "group_desc": "commpress_ddp_hook",
-    }
-    try:
-        if parent.group_name == world.group_name:
-            return dist.new_group(**kwargs)
-        # Only the subgroup's ranks build DDP over it: a group-local rendezvous (the twin
-        # is named after its ranks, hence one twin per set of ranks).
-        ranks = dist.get_process_group_ranks(parent)
-        return dist.new_group(ranks=ranks, use_local_synchronization=True, **kwargs)
-    except (ValueError, RuntimeError) as exc:
-        raise ConfigError(
-            f"commpress.hooks: could not create the process group that carries the DDP hook's "
-            f"traffic (a twin of group {parent.group_name!r}: {exc}); the hook needs a group of "
-            "its own so that its collectives never interleave with DDP's"
-        ) from exc
-
-
-def _timeout_of(group: dist.ProcessGroup) -> Any:
-    """``group``'s collective timeout (None: torch's default), so the twin fails as soon."""
-    for device in ("cpu", "cuda"):
-        try:
-            return group._get_backend(torch.device(device)).options._timeout
-        except (RuntimeError, AttributeError):
-            continue
-    return None
 
 
 class CompressionState:
@@ -189,7 +91,7 @@ class CompressionState:
         see "Ordering" in the module docstring.
     error_feedback
         Add back what compression dropped in the previous step, per bucket.
-        None (default) follows `commpress.policy.wants_error_feedback`: on for
+        None (default) follows the codec's ``wants_error_feedback``: on for
         the biased codecs (``sign``, ``topk``, ``randomk``), off for the others.
         Turn it on for ``int4``/``int2`` and for ``int8``/``fp8`` on long runs;
         it is pointless for ``fp16``/``bf16`` and lossless codecs. PowerSGD
@@ -235,16 +137,12 @@ class CompressionState:
         self.iteration = 0
         self.is_powersgd = self.codec.algorithm == "powersgd"
         if error_feedback is None:
-            from .policy import wants_error_feedback
-
-            error_feedback = wants_error_feedback(self.codec)
+            error_feedback = self.codec.wants_error_feedback
         self.error_feedback = error_feedback and not self.is_powersgd
         self._uid = next(_state_ids)
-        self.memory: Any = None
+        self.memory: powersgd.PowerSGDMemory | None = None
         if self.is_powersgd:
-            from .algorithms.powersgd import PowerSGDMemory
-
-            self.memory = PowerSGDMemory()
+            self.memory = powersgd.PowerSGDMemory()
         self._layouts: dict[int, tuple[Hashable, ...]] = {}
         self._param_names: dict[int, str] = {}
 
@@ -344,7 +242,7 @@ def compress_hook(
     """
     buffer = bucket.buffer()
     try:
-        group = _hook_group(state.group)
+        group = hook_group.twin(state.group)
         codec = state._codec_for(buffer.numel() * buffer.element_size())
         if codec.algorithm == "powersgd":
             return _powersgd(state, bucket, codec, buffer, group)
@@ -373,21 +271,26 @@ def _flat(
 
     buffer.div_(group.size())
     state._check_layout(bucket)
-    # The state has decided already: no size threshold, its own error-feedback choice.
-    with using(min_bytes=0, error_feedback=state.error_feedback):
-        handle = cdist.all_reduce(
-            buffer,
-            group=group,
-            async_op=True,
-            codec=codec,
-            key=state._ef_key(bucket.index()),
-        )
+    key = state._ef_key(bucket.index())
 
     def done(fut: torch.futures.Future[Any]) -> torch.Tensor:
         fut.value()  # re-raises a failure of the all-reduce
         return buffer
 
-    return handle.get_future().then(done)
+    def post() -> torch.futures.Future[torch.Tensor]:
+        # The state has decided already: no size threshold, its own error-feedback choice.
+        with using(min_bytes=0, error_feedback=state.error_feedback):
+            handle = cdist.all_reduce(buffer, group=group, async_op=True, codec=codec, key=key)
+        return handle.get_future().then(done)
+
+    order = hook_group.order(group)
+    waits = hook_group.pending(order.posted)
+    if waits:  # a PowerSGD bucket is still posting: take the queue after it
+        fut, order.posted = hook_group.post_after(waits[0], post)
+    else:
+        fut = post()
+    order.flat_done = fut
+    return fut
 
 
 def _powersgd(
@@ -397,33 +300,41 @@ def _powersgd(
     buffer: torch.Tensor,
     group: dist.ProcessGroup,
 ) -> torch.futures.Future[torch.Tensor]:
-    from .algorithms.powersgd import all_reduce_many, plan
-    from .stats import CallRecord, record
-
     grads = bucket.gradients()
+    layout = powersgd.plan(grads, codec)
+    order = hook_group.order(group)
+    waits = hook_group.pending(order.posted, order.flat_done)
+    after = None
+    if waits:
+        after = waits[0] if len(waits) == 1 else torch.futures.collect_all(waits)
+    assert state.memory is not None  # a PowerSGD state always has one
     t0 = time.perf_counter()
-    all_reduce_many(
+    pending = powersgd.all_reduce_many_async(
         grads,
         codec,
         average=True,
         group=group,
         memory=state.memory,
         keys=state._param_keys(bucket),
+        after=after,
     )
-    _copy_back(grads, buffer)
-    layout = plan(grads, codec)
-    record(
-        CallRecord(
-            "all_reduce",
-            compressed=True,
-            bytes_in=layout.input_nbytes,
-            bytes_wire=layout.wire_nbytes(),
-            transfer_s=time.perf_counter() - t0,
+    order.posted = pending.posted
+
+    def finish(fut: torch.futures.Future[None]) -> torch.Tensor:
+        fut.value()  # re-raises a failure of the rounds
+        _copy_back(grads, buffer)
+        record(
+            CallRecord(
+                "all_reduce",
+                compressed=True,
+                bytes_in=layout.input_nbytes,
+                bytes_wire=layout.wire_nbytes(),
+                transfer_s=time.perf_counter() - t0,
+            )
         )
-    )
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(buffer)
-    return fut
+        return buffer
+
+    return pending.done.then(finish)
 
 
 def _copy_back(grads: list[torch.Tensor], buffer: torch.Tensor) -> None:
@@ -472,7 +383,7 @@ def register(model: Any, state: CompressionState | None = None) -> CompressionSt
         if ddp_group.group_name != dist.group.WORLD.group_name:
             state.group = ddp_group
     state._param_names = {id(p): name for name, p in model.module.named_parameters()}
-    _hook_group(state.group)
+    hook_group.twin(state.group)
     model.register_comm_hook(state, compress_hook)
     return state
 

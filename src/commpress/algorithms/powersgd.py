@@ -66,11 +66,33 @@ tensors behave like plain ``all_reduce`` (NaN stays where it is).
 
 Every rank must call with the same keys, shapes and dtypes in the same order
 (as with any collective); a mismatch makes the backend all-reduce fail.
+
+Blocking and chained
+--------------------
+One call is cut at its two network waits into steps that both drivers run
+with the same math and post in the same order: post the uncompressed
+all-reduces; *prepare* (local: compensate, ``P = M Q``); post ``P``'s
+all-reduce; *after P* (orthogonalize, ``Q``, residuals; post ``Q``'s
+all-reduce); *finish* (write the outputs, update the memory). The steps touch
+disjoint buffers, so running *prepare* first (as a chained call waiting for
+``after`` does) changes no bit. `all_reduce_many` runs them on the calling
+thread, waiting for each all-reduce; `all_reduce_many_async` returns
+at once with `Pending` futures and runs the later steps in the completion
+callbacks of the backend's works (``work.get_future()``), never waiting
+inside one -- as torch's ``powerSGD_hook`` chains ``Future.then``, without
+its blocking ``wait()`` in the callback. Both give bit-identical results.
+
+Collectives on one group must be posted in the same order on every rank, and
+the chained form posts ``Q``'s all-reduce from a callback, whenever ``P``'s
+completes. So a chained call posts nothing until ``after`` (the previous
+chained call's ``Pending.posted``) has completed: calls in flight on one group
+then post bucket by bucket, ``P_k, Q_k, P_k+1, ...``, on every rank alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,105 +101,25 @@ import torch.distributed as dist
 
 from ..codec import FLOAT_DTYPES
 from ..codecs.powersgd import PowerSGD, orthogonalize_, seeded_normal
-from ..errors import CodecMismatchError, ConfigError, UnsupportedDtypeError
+from ..errors import CollectiveError, ConfigError, UnsupportedDtypeError
 from ..registry import CodecLike, get_codec
+from .common import Comm, exchange
+from .powersgd_memory import PowerSGDMemory, memory, reset_memory
 
-__all__ = ["PowerSGDMemory", "all_reduce_many", "plan", "Plan"]
+#: The algorithm's code in the collective descriptor (`lowrank.PowerSGDAlgorithm`).
+WIRE_CODE = 5
 
-_STATE_VERSION = 1
-
-
-class PowerSGDMemory:
-    """Per-key state of the PowerSGD all-reduce: warm-start ``Q`` and error-feedback residual.
-
-    A memory is used with one codec config (the first one it sees); the residual
-    and ``Q`` of one config mean nothing to another, so using it with another one
-    raises until ``reset()``.
-
-    Keys name a tensor that is "the same thing" from call to call (a parameter
-    name, a DDP bucket index); their ``repr`` seeds the first ``Q``, so use keys
-    whose ``repr`` is the same on every rank (strings, ints, tuples of them).
-
-    Gradient accumulation: call ``all_reduce_many`` once per optimizer step, not
-    per micro-batch; the residual is meant to be added once per communication.
-
-    Checkpoints: ``state_dict()`` holds CPU copies. The residuals are per rank
-    (each rank's own loss), so save and restore every rank's memory, not only
-    rank 0's; ``Q`` is the same on every rank.
-
-    Example::
-
-        memory = PowerSGDMemory()
-        for step in range(steps):
-            grads = [p.grad for p in model.parameters()]
-            all_reduce_many(grads, "powersgd:rank=4", average=True, memory=memory,
-                            keys=[n for n, _ in model.named_parameters()])
-    """
-
-    def __init__(self) -> None:
-        self.spec: str | None = None
-        self._q: dict[Hashable, torch.Tensor] = {}
-        self._residuals: dict[Hashable, torch.Tensor] = {}
-        self._calls: dict[Hashable, int] = {}
-
-    def __repr__(self) -> str:
-        return f"PowerSGDMemory(spec={self.spec!r}, keys={len(self._calls)})"
-
-    def __len__(self) -> int:
-        return len(self._calls)
-
-    def residual(self, key: Hashable) -> torch.Tensor | None:
-        """The float32 ``(m, n)`` residual of ``key``, or None (read-only use)."""
-        return self._residuals.get(key)
-
-    def reset(self, key: Hashable | None = None) -> None:
-        """Forget ``key`` (residual, ``Q``, call count), or everything (and the codec) when None."""
-        if key is None:
-            self.spec = None
-            self._q.clear()
-            self._residuals.clear()
-            self._calls.clear()
-        else:
-            for d in (self._q, self._residuals, self._calls):
-                d.pop(key, None)
-
-    def state_dict(self) -> dict[str, Any]:
-        """CPU copies of every key's ``Q`` and residual, the call counts and the codec spec."""
-        return {
-            "version": _STATE_VERSION,
-            "codec": self.spec,
-            "q": {k: v.detach().cpu().clone() for k, v in self._q.items()},
-            "residuals": {k: v.detach().cpu().clone() for k, v in self._residuals.items()},
-            "calls": dict(self._calls),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()`` output (tensors move to the right device on next use).
-
-        Raises:
-            ConfigError: ``state`` is not a PowerSGD memory state of this version.
-        """
-        keys = ("version", "codec", "q", "residuals", "calls")
-        if not isinstance(state, dict) or any(k not in state for k in keys):
-            raise ConfigError(f"PowerSGD memory state must be a dict with keys {list(keys)}")
-        if state["version"] != _STATE_VERSION:
-            raise ConfigError(
-                f"PowerSGD memory state has version {state['version']!r}; this commpress "
-                f"reads version {_STATE_VERSION}"
-            )
-        self.spec = state["codec"]
-        self._q = {k: v.detach().float().clone() for k, v in state["q"].items()}
-        self._residuals = {k: v.detach().float().clone() for k, v in state["residuals"].items()}
-        self._calls = {k: int(v) for k, v in state["calls"].items()}
-
-    def _bind(self, codec: PowerSGD) -> None:
-        if self.spec is None:
-            self.spec = codec.spec
-        elif self.spec != codec.spec:
-            raise CodecMismatchError(
-                f"this PowerSGD memory holds state for {self.spec!r} but is used with "
-                f"{codec.spec!r}; use one memory per codec config, or call memory.reset()"
-            )
+__all__ = [
+    "PowerSGDMemory",
+    "memory",
+    "reset_memory",
+    "Plan",
+    "plan",
+    "Pending",
+    "all_reduce",
+    "all_reduce_many",
+    "all_reduce_many_async",
+]
 
 
 @dataclass(frozen=True)
@@ -225,6 +167,72 @@ def plan(tensors: Sequence[torch.Tensor], codec: CodecLike) -> Plan:
     return Plan(tuple(matrices), tuple(raw), raw_nbytes, factor_nbytes, input_nbytes)
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A chained PowerSGD all-reduce in flight (`all_reduce_many_async`).
+
+    Attributes:
+        posted: completes once the call has posted its last backend all-reduce
+            (pass it as the next chained call's ``after``); carries the call's
+            failure, if it failed before that.
+        done: completes (value None) once every output is written and the memory
+            updated; carries the call's failure, if any.
+    """
+
+    posted: torch.futures.Future[None]
+    done: torch.futures.Future[None]
+
+
+def all_reduce(comm: Comm, tensor: torch.Tensor, op: Any, key: Hashable) -> None:
+    """All-reduce one ``tensor`` in place with PowerSGD: the call glue of the face.
+
+    Exchanges descriptors first (PowerSGD's backend all-reduces abort gloo when the
+    ranks' shapes differ), then runs `all_reduce_many` with the process-wide
+    `memory` of ``comm.codec``, adds the wire bytes and the time to ``comm.rec``,
+    and writes the result back when ``tensor`` is not contiguous.
+
+    Args:
+        comm: the call (its group, size, codec and stats record).
+        tensor: a floating tensor, any shape; written in place.
+        op: ``ReduceOp.SUM`` or ``ReduceOp.AVG``.
+        key: the memory key of ``tensor`` (the same on every rank).
+
+    Raises:
+        CollectiveError: the ranks' tensors have different shapes (on every rank).
+        CodecMismatchError: the ranks use different codec configs.
+    """
+    work = tensor if tensor.is_contiguous() else tensor.contiguous()
+    wire_nbytes = plan([tensor], comm.codec).wire_nbytes()
+    d = exchange(
+        comm,
+        algorithm=WIRE_CODE,
+        dtype=tensor.dtype,
+        numel=tensor.numel(),
+        sizes=[wire_nbytes] * comm.size,
+        redop=op,
+    )
+    sizes = [d.sizes_from(r)[0] for r in range(comm.size)]
+    if len(set(sizes)) > 1:
+        raise CollectiveError(
+            f"{comm.op}: the ranks' tensors have different shapes (PowerSGD factor sizes "
+            f"{sizes} bytes); shapes must match"
+        )
+    t0 = time.perf_counter()
+    all_reduce_many(
+        [work],
+        comm.codec,
+        average=op == dist.ReduceOp.AVG,
+        group=comm.group,
+        memory=memory(comm.codec),
+        keys=[key],
+    )
+    comm.rec.transfer_s += time.perf_counter() - t0
+    comm.rec.bytes_wire += wire_nbytes
+    if work is not tensor:
+        with torch.no_grad():
+            tensor.copy_(work)
+
+
 def all_reduce_many(
     tensors: Sequence[torch.Tensor],
     codec: CodecLike,
@@ -254,130 +262,265 @@ def all_reduce_many(
         UnsupportedDtypeError: a tensor is not floating.
         CodecMismatchError: ``memory`` was used with another codec config.
     """
-    psgd = _as_powersgd(codec)
-    tensors = list(tensors)
-    keys = list(keys)
-    _check_args(tensors, keys)
-    memory._bind(psgd)
-    if not tensors:
+    call = _Rounds(tensors, codec, average, group, memory, keys)
+    if call.empty:
         return
-    world = dist.get_world_size(group)
-    layout = plan(tensors, psgd)
-    for i, view in layout.matrices:  # before any communication: fail on every rank alike
-        residual = memory._residuals.get(keys[i])
-        if residual is not None and residual.shape != view:
-            raise ConfigError(
-                f"PowerSGD key {keys[i]!r} holds a residual of shape {tuple(residual.shape)} "
-                f"but its tensor is viewed as {view}; use a distinct key per tensor"
-            )
-
-    # 1. Uncompressed tensors: one flat buffer per dtype, left running during step 2.
-    raw_jobs = []
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i in layout.raw:
-        by_dtype.setdefault(tensors[i].dtype, []).append(i)
-    for idx in by_dtype.values():
-        flat = torch.cat([_compensated_raw(tensors[i], keys[i], memory) for i in idx])
-        raw_jobs.append((idx, flat, dist.all_reduce(flat, group=group, async_op=True)))
-
-    if layout.matrices:
-        _reduce_matrices(tensors, keys, layout.matrices, psgd, average, world, group, memory)
-
-    for idx, flat, work in raw_jobs:
+    call.post_raw()
+    call.prepare()
+    call.post_p()
+    if call.p_work is not None:
+        call.p_work.wait()
+        call.after_p()
+        call.q_work.wait()
+    for _idx, _flat, work in call.raw:
         work.wait()
-        if average:
-            flat.div_(world)
-        offset = 0
-        for i in idx:
-            t = tensors[i]
-            t.copy_(flat[offset : offset + t.numel()].view(t.shape))
-            offset += t.numel()
-
-    for k in keys:
-        memory._calls[k] = memory._calls.get(k, 0) + 1
+    call.finish()
 
 
-def _reduce_matrices(
-    tensors: list[torch.Tensor],
-    keys: list[Hashable],
-    matrices: tuple[tuple[int, tuple[int, int]], ...],
-    psgd: PowerSGD,
+def all_reduce_many_async(
+    tensors: Sequence[torch.Tensor],
+    codec: CodecLike,
+    *,
     average: bool,
-    world: int,
-    group: dist.ProcessGroup | None,
+    group: dist.ProcessGroup | None = None,
     memory: PowerSGDMemory,
-) -> None:
-    r = psgd.rank
-    device = tensors[matrices[0][0]].device
-    p_buf = torch.empty(sum(m * r for _, (m, _n) in matrices), device=device)
-    # Q is kept transposed, (r, n): P^T M reads M row by row, about twice as fast on
-    # CPU as M^T P; the buffer layout is private (the all-reduce only sums it).
-    qt_buf = torch.empty(sum(n * r for _, (_m, n) in matrices), device=device)
-    mats, ps, qts, q_starts = [], [], [], []
-    p_off = q_off = 0
-    for i, (m, n) in matrices:
-        key = keys[i]
-        view = tensors[i].detach().reshape(m, n)
-        residual = memory._residuals.get(key)
-        if residual is None:
-            mat = view.to(torch.float32, copy=True)
+    keys: Sequence[Hashable],
+    after: torch.futures.Future[Any] | None = None,
+) -> Pending:
+    """`all_reduce_many` as a chain of futures: returns before any all-reduce completes.
+
+    The arguments are checked and the local work before the first all-reduce
+    (compensation, ``P = M Q``) is done on the calling thread; the all-reduces are
+    posted once ``after`` has completed (at once when None), and the rest runs in
+    the backend's completion callbacks (see "Blocking and chained" in the module
+    docstring). Do not touch ``tensors`` or ``memory``'s keys until ``done``.
+
+    Args:
+        after: post nothing before this future completes (with a value or a
+            failure: a call that failed on every rank alike posts no more, and the
+            next one may go); pass the previous chained call's ``Pending.posted``
+            on the same group, so that every rank posts in the same order.
+        tensors, codec, average, group, memory, keys: as `all_reduce_many`.
+
+    Returns:
+        `Pending`: ``posted`` and ``done`` futures of the call.
+
+    Raises:
+        As `all_reduce_many`, at once, for bad arguments; failures of the
+        all-reduces come through ``Pending.done``.
+    """
+    call = _Rounds(tensors, codec, average, group, memory, keys)
+    posted: torch.futures.Future[None] = torch.futures.Future()
+    done: torch.futures.Future[None] = torch.futures.Future()
+
+    def fail(exc: BaseException) -> None:
+        for fut in (posted, done):
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def finish() -> None:
+        call.finish()
+        done.set_result(None)
+
+    def after_p() -> None:
+        call.after_p()
+        posted.set_result(None)
+        _when_all([call.q_work, *(w for _i, _f, w in call.raw)], finish, fail)
+
+    def chain() -> None:
+        if call.p_work is None:
+            posted.set_result(None)
+            _when_all([w for _i, _f, w in call.raw], finish, fail)
         else:
-            # The residual's buffer becomes this call's work matrix and then the new
-            # residual: no m x n allocation per call. Popped, so a call that fails
-            # half-way leaves no half-updated residual behind (only a lost one).
-            mat = memory._residuals.pop(key).to(device).add_(view)
-        q_start = _initial_q(psgd, memory, key, n, device)
-        p = p_buf[p_off : p_off + m * r].view(m, r)
-        torch.mm(mat, q_start, out=p)
-        mats.append(mat)
-        ps.append(p)
-        qts.append(qt_buf[q_off : q_off + n * r].view(r, n))
-        q_starts.append(q_start)
-        p_off += m * r
-        q_off += n * r
+            _when_all([call.p_work], after_p, fail)
 
-    dist.all_reduce(p_buf, group=group)
+    def post() -> None:
+        call.post_raw()
+        call.post_p()
+        chain()
 
-    # P is the same on every rank now, so is this decision (one host sync per call).
-    if bool(torch.isfinite(p_buf).all()):
-        finite = [True] * len(ps)
+    if call.empty:
+        posted.set_result(None)
+        done.set_result(None)
+    elif after is None:  # the order of the blocking form: raw traffic overlaps P = M Q
+        call.post_raw()
+        call.prepare()
+        call.post_p()
+        chain()
     else:
-        finite = torch.stack([torch.isfinite(p).all() for p in ps]).tolist()
-    for p, ok in zip(ps, finite, strict=True):
-        if ok:
-            orthogonalize_(p, psgd.orthogonalize)
+        call.prepare()
+        after.add_done_callback(lambda _: _guarded(post, fail))
+    return Pending(posted, done)
+
+
+def _guarded(step: Callable[[], Any], fail: Callable[[BaseException], None]) -> None:
+    """Run ``step`` (in a completion callback: no autograd), handing any failure to ``fail``."""
+    try:
+        with torch.no_grad():
+            step()
+    except BaseException as exc:  # noqa: BLE001 - a callback must not raise: pass it on
+        fail(exc)
+
+
+def _when_all(works: Sequence[Any], step: Callable[[], None], fail: Callable) -> None:
+    """Run ``step`` once every one of ``works`` has completed (``fail`` on the first error)."""
+    futures = [w.get_future() for w in works]
+
+    def check() -> None:
+        for fut in futures:
+            fut.value()  # re-raises the backend's failure
+        step()
+
+    torch.futures.collect_all(futures).add_done_callback(lambda _: _guarded(check, fail))
+
+
+class _Rounds:
+    """One PowerSGD all-reduce, cut at its network waits (module docstring)."""
+
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        codec: CodecLike,
+        average: bool,
+        group: dist.ProcessGroup | None,
+        memory: PowerSGDMemory,
+        keys: Sequence[Hashable],
+    ) -> None:
+        psgd = _as_powersgd(codec)
+        self.tensors = list(tensors)
+        self.keys = list(keys)
+        _check_args(self.tensors, self.keys)
+        memory._bind(psgd)
+        self.empty = not self.tensors
+        self.psgd, self.average, self.group, self.memory = psgd, average, group, memory
+        self.raw: list[tuple[list[int], torch.Tensor, Any]] = []
+        self.p_work: Any = None
+        self.q_work: Any = None
+        if self.empty:
+            return
+        self.world = dist.get_world_size(group)
+        self.layout = plan(self.tensors, psgd)
+        for i, view in self.layout.matrices:  # before any communication: fail on every rank
+            residual = memory._residuals.get(self.keys[i])
+            if residual is not None and residual.shape != view:
+                raise ConfigError(
+                    f"PowerSGD key {self.keys[i]!r} holds a residual of shape "
+                    f"{tuple(residual.shape)} but its tensor is viewed as {view}; use a "
+                    "distinct key per tensor"
+                )
+        # Uncompressed tensors: one flat buffer per dtype.
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i in self.layout.raw:
+            by_dtype.setdefault(self.tensors[i].dtype, []).append(i)
+        self._raw_flats = [
+            (idx, torch.cat([_compensated_raw(self.tensors[i], self.keys[i], memory) for i in idx]))
+            for idx in by_dtype.values()
+        ]
+
+    def post_raw(self) -> None:
+        """Post the uncompressed all-reduces (left running while the factors compute)."""
+        for idx, flat in self._raw_flats:
+            self.raw.append((idx, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
+
+    def prepare(self) -> None:
+        """Compensate each matrix with its residual and compute ``P = M Q`` (local work)."""
+        tensors, keys, memory, psgd = self.tensors, self.keys, self.memory, self.psgd
+        matrices = self.layout.matrices
+        if not matrices:
+            return
+        r = psgd.rank
+        device = tensors[matrices[0][0]].device
+        self.p_buf = torch.empty(sum(m * r for _, (m, _n) in matrices), device=device)
+        # Q is kept transposed, (r, n): P^T M reads M row by row, about twice as fast on
+        # CPU as M^T P; the buffer layout is private (the all-reduce only sums it).
+        self.qt_buf = torch.empty(sum(n * r for _, (_m, n) in matrices), device=device)
+        self.mats, self.ps, self.qts, self.q_starts = [], [], [], []
+        p_off = q_off = 0
+        for i, (m, n) in matrices:
+            key = keys[i]
+            view = tensors[i].detach().reshape(m, n)
+            residual = memory._residuals.get(key)
+            if residual is None:
+                mat = view.to(torch.float32, copy=True)
+            else:
+                # The residual's buffer becomes this call's work matrix and then the new
+                # residual: no m x n allocation per call. Popped, so a call that fails
+                # half-way leaves no half-updated residual behind (only a lost one).
+                mat = memory._residuals.pop(key).to(device).add_(view)
+            q_start = _initial_q(psgd, memory, key, n, device)
+            p = self.p_buf[p_off : p_off + m * r].view(m, r)
+            torch.mm(mat, q_start, out=p)
+            self.mats.append(mat)
+            self.ps.append(p)
+            self.qts.append(self.qt_buf[q_off : q_off + n * r].view(r, n))
+            self.q_starts.append(q_start)
+            p_off += m * r
+            q_off += n * r
+
+    def post_p(self) -> None:
+        """Post ``P``'s all-reduce (if any matrix is compressed)."""
+        if self.layout.matrices:
+            self.p_work = dist.all_reduce(self.p_buf, group=self.group, async_op=True)
+
+    def after_p(self) -> None:
+        """With ``P`` summed: orthogonalize, ``Q`` and the residuals; post ``Q``'s all-reduce."""
+        # P is the same on every rank now, so is this decision (one host sync per call).
+        if bool(torch.isfinite(self.p_buf).all()):
+            self.finite = [True] * len(self.ps)
         else:
-            p.zero_()  # a clean placeholder; the output is set to NaN below
+            self.finite = torch.stack([torch.isfinite(p).all() for p in self.ps]).tolist()
+        for p, ok in zip(self.ps, self.finite, strict=True):
+            if ok:
+                orthogonalize_(p, self.psgd.orthogonalize)
+            else:
+                p.zero_()  # a clean placeholder; the output is set to NaN below
+        for mat, p, qt in zip(self.mats, self.ps, self.qts, strict=True):
+            torch.mm(p.T, mat, out=qt)
+            # What this rank's own contribution loses: its residual (before averaging).
+            mat.addmm_(p, qt, alpha=-1.0)
+        self.q_work = dist.all_reduce(self.qt_buf, group=self.group, async_op=True)
 
-    for mat, p, qt in zip(mats, ps, qts, strict=True):
-        torch.mm(p.T, mat, out=qt)
-        # What this rank's own contribution loses: its residual (before averaging).
-        mat.addmm_(p, qt, alpha=-1.0)
+    def finish(self) -> None:
+        """With every all-reduce complete: write the outputs and update the memory."""
+        if self.layout.matrices:
+            self._finish_factors()
+        for idx, flat, _work in self.raw:
+            if self.average:
+                flat.div_(self.world)
+            offset = 0
+            for i in idx:
+                t = self.tensors[i]
+                t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+                offset += t.numel()
+        calls = self.memory._calls
+        for k in self.keys:
+            calls[k] = calls.get(k, 0) + 1
 
-    dist.all_reduce(qt_buf, group=group)
-
-    for (i, _view), mat, p, qt, q_start, ok in zip(
-        matrices, mats, ps, qts, q_starts, finite, strict=True
-    ):
-        key = keys[i]
-        t = tensors[i]
-        if not ok:
-            memory._q.pop(key, None)
-            t.fill_(float("nan"))
-            continue
-        # A finite P means a finite input, so the residual is finite too.
-        memory._residuals[key] = mat
-        if psgd.warm_start:
-            # Keep the new Q unless it came back zero (or overflowed): the old one
-            # still spans a useful subspace. The test runs on device, no sync.
-            usable = torch.isfinite(qt).all() & (qt.abs().amax() > 0)
-            memory._q[key] = torch.where(usable, qt.T, q_start)
-        if average:
-            qt.div_(world)  # r x n, not the m x n product
-        if t.dtype == torch.float32 and t.is_contiguous():
-            torch.mm(p, qt, out=t.view(p.shape[0], qt.shape[1]))
-        else:
-            t.copy_((p @ qt).view(t.shape))
+    def _finish_factors(self) -> None:
+        memory, psgd = self.memory, self.psgd
+        for (i, _view), mat, p, qt, q_start, ok in zip(
+            self.layout.matrices, self.mats, self.ps, self.qts, self.q_starts, self.finite,
+            strict=True,
+        ):  # fmt: skip
+            key = self.keys[i]
+            t = self.tensors[i]
+            if not ok:
+                memory._q.pop(key, None)
+                t.fill_(float("nan"))
+                continue
+            # A finite P means a finite input, so the residual is finite too.
+            memory._residuals[key] = mat
+            if psgd.warm_start:
+                # Keep the new Q unless it came back zero (or overflowed): the old one
+                # still spans a useful subspace. The test runs on device, no sync.
+                usable = torch.isfinite(qt).all() & (qt.abs().amax() > 0)
+                memory._q[key] = torch.where(usable, qt.T, q_start)
+            if self.average:
+                qt.div_(self.world)  # r x n, not the m x n product
+            if t.dtype == torch.float32 and t.is_contiguous():
+                torch.mm(p, qt, out=t.view(p.shape[0], qt.shape[1]))
+            else:
+                t.copy_((p @ qt).view(t.shape))
 
 
 def _initial_q(
