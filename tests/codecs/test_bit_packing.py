@@ -1,11 +1,11 @@
-"""The sub-byte code packing the block quantizers share (``codecs.quant``)."""
+"""The sub-byte code packing the block quantizers share (``codecs.block``)."""
 
 import math
 
 import pytest
 import torch
 
-from commpress.codecs.quant import pack_bits, unpack_bits
+from commpress.codecs.block import pack_bits, unpack_bits
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])

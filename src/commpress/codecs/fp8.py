@@ -42,7 +42,7 @@ import torch
 from .. import kernels
 from ..codec import check_range, saturating_cast
 from ..registry import register_codec
-from .quant import (
+from .block import (
     ABSMAX_FLOOR,
     ARITH_SLACK,
     FLOAT32_MAX,

@@ -61,7 +61,7 @@ import torch
 from ..codec import Codec, check_range
 from ..errors import ConfigError, WireError
 from ..registry import register_codec
-from .quant import OUT_ROUNDING, check_bool, expect_sections
+from .block import OUT_ROUNDING, check_bool, expect_sections
 
 __all__ = ["TopK", "RandomK", "reset_draws"]
 
