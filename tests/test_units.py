@@ -40,8 +40,24 @@ def test_parse_size(text, nbytes):
 
 @pytest.mark.parametrize(
     "text",
-    ["", "abc", "-1", "0.1", "MiB", "1iB", "1 K M", "1e6", "-1K", "12Q", "K", "0.3K", "1.5",
-     "lots", "inf", "nan"],
+    [
+        "",
+        "abc",
+        "-1",
+        "0.1",
+        "MiB",
+        "1iB",
+        "1 K M",
+        "1e6",
+        "-1K",
+        "12Q",
+        "K",
+        "0.3K",
+        "1.5",
+        "lots",
+        "inf",
+        "nan",
+    ],
 )
 def test_parse_size_rejects_and_names_the_text_and_the_grammar(text):
     with pytest.raises(ValueError, match="size") as info:
