@@ -70,7 +70,7 @@ def _sizes(
             redop=op,
             root=root,
         )
-        return [d.sizes_from(r)[0] for r in range(comm.size)]
+        return d.first_sizes()
     return [packed_size(comm, x.shape, x.dtype)] * comm.size
 
 

@@ -104,6 +104,18 @@ def _encode(comm: Comm, t: torch.Tensor) -> torch.Tensor:
     return encode_pack(comm, t.reshape(-1))
 
 
+def _describe(comm: Comm, tensor: torch.Tensor, sizes: Sequence[int], **fields: Any) -> Any:
+    """`exchange` of this op's descriptor (``fields``: ``root``, ``same_numel``)."""
+    return exchange(
+        comm,
+        algorithm=Transport.code,
+        dtype=tensor.dtype,
+        numel=tensor.numel(),
+        sizes=sizes,
+        **fields,
+    )
+
+
 def _size(comm: Comm, t: torch.Tensor) -> int:
     return packed_size(comm, (t.numel(),), t.dtype)
 
@@ -112,14 +124,7 @@ def broadcast(comm: Comm, tensor: torch.Tensor, root: int) -> None:
     """Broadcast ``tensor`` from group rank ``root`` in place (the root's copy is decoded too)."""
     buf = _encode(comm, tensor) if comm.rank == root else None
     if comm.verify:
-        d = exchange(
-            comm,
-            algorithm=Transport.code,
-            dtype=tensor.dtype,
-            numel=tensor.numel(),
-            sizes=[buf.numel() if buf is not None else 0] * comm.size,
-            root=root,
-        )
+        d = _describe(comm, tensor, [buf.numel() if buf is not None else 0] * comm.size, root=root)
         size = d.sizes_from(root)[0]
     else:
         size = _size(comm, tensor)
@@ -131,15 +136,8 @@ def all_gather(comm: Comm, tensor: torch.Tensor, outputs: Sequence[torch.Tensor]
     """Every rank's ``tensor`` into ``outputs[rank]`` on every rank (shapes may differ by rank)."""
     buf = _encode(comm, tensor)
     if comm.verify:
-        d = exchange(
-            comm,
-            algorithm=Transport.code,
-            dtype=tensor.dtype,
-            numel=tensor.numel(),
-            sizes=[buf.numel()] * comm.size,
-            same_numel=False,
-        )
-        sizes = [d.sizes_from(r)[0] for r in range(comm.size)]
+        d = _describe(comm, tensor, [buf.numel()] * comm.size, same_numel=False)
+        sizes = d.first_sizes()
     else:
         sizes = [_size(comm, o) for o in outputs]
     parts = allgatherv(comm, buf, sizes)
@@ -153,15 +151,8 @@ def gather(
     """Every rank's ``tensor`` into ``outputs`` on group rank ``root``."""
     buf = _encode(comm, tensor)
     if comm.verify:
-        d = exchange(
-            comm,
-            algorithm=Transport.code,
-            dtype=tensor.dtype,
-            numel=tensor.numel(),
-            sizes=[buf.numel()] * comm.size,
-            root=root,
-        )
-        sizes = [d.sizes_from(r)[0] for r in range(comm.size)]
+        d = _describe(comm, tensor, [buf.numel()] * comm.size, root=root)
+        sizes = d.first_sizes()
     else:
         sizes = [_size(comm, tensor)] * comm.size
     send: list[torch.Tensor | None] = [None] * comm.size
@@ -183,14 +174,7 @@ def scatter(
     else:
         bufs = [None] * comm.size
     if comm.verify:
-        d = exchange(
-            comm,
-            algorithm=Transport.code,
-            dtype=tensor.dtype,
-            numel=tensor.numel(),
-            sizes=[0 if b is None else b.numel() for b in bufs],
-            root=root,
-        )
+        d = _describe(comm, tensor, [0 if b is None else b.numel() for b in bufs], root=root)
         size = d.sizes_from(root)[comm.rank]
     else:
         size = _size(comm, tensor)

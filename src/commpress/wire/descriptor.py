@@ -217,6 +217,10 @@ class DescriptorTable:
         """Packed sizes ``rank`` sends to each destination."""
         return list(self.rows[rank].sizes)
 
+    def first_sizes(self) -> list[int]:
+        """Each rank's first size (what it sends to every rank, or to a root)."""
+        return [row.sizes[0] for row in self.rows]
+
     def sizes_to(self, dest: int) -> list[int]:
         """Packed sizes each rank sends to ``dest``."""
         return [row.sizes[dest] for row in self.rows]
