@@ -8,7 +8,14 @@ import pytest
 import torch
 
 import commpress
-from commpress.algorithms.powersgd import PowerSGDMemory, all_reduce_many, plan
+from commpress.algorithms.powersgd import (
+    PowerSGDMemory,
+    all_reduce_many,
+    all_reduce_many_async,
+    memory,
+    plan,
+    reset_memory,
+)
 from commpress.codecs.powersgd import PowerSGD, orthogonalize_
 from commpress.errors import CodecMismatchError, ConfigError, UnsupportedDtypeError, WireError
 from commpress.testing import (
@@ -334,6 +341,43 @@ def _nonfinite_body(rank, world, spec):
     )
 
 
+def _chained_body(rank, world, spec, steps):
+    """Two chained calls in flight per step (the second posts after the first) against
+    the blocking calls on the same inputs; the first call of all waits for a failed
+    future, which holds it back but does not fail it."""
+    g = torch.Generator().manual_seed(50 + rank)
+
+    def inputs():
+        first = [torch.randn(40, 30, generator=g), torch.randn(30, generator=g)]
+        second = [torch.randn(24, 8, generator=g).double(), torch.randn(16, 12, generator=g)]
+        return first, second
+
+    data = [inputs() for _ in range(steps)]
+    keys = (["w", "b"], ["v", "u"])
+    blocking, chained = PowerSGDMemory(), PowerSGDMemory()
+    out_blocking, out_chained = [], []
+    for first, second in data:
+        ts = [[t.clone() for t in first], [t.clone() for t in second]]
+        for part, k in zip(ts, keys, strict=True):
+            all_reduce_many(part, spec, average=True, memory=blocking, keys=k)
+        out_blocking.append(ts)
+    failed = torch.futures.Future()
+    failed.set_exception(RuntimeError("an earlier call failed"))
+    for step, (first, second) in enumerate(data):
+        ts = [[t.clone() for t in first], [t.clone() for t in second]]
+        after = failed if step == 0 else None
+        one = all_reduce_many_async(
+            ts[0], spec, average=True, memory=chained, keys=keys[0], after=after
+        )
+        two = all_reduce_many_async(
+            ts[1], spec, average=True, memory=chained, keys=keys[1], after=one.posted
+        )
+        two.done.wait()
+        one.done.wait()
+        out_chained.append(ts)
+    return out_blocking, out_chained
+
+
 # ---------------------------------------------------------- multi-process tests
 
 
@@ -437,3 +481,27 @@ def test_memory_rejects_malformed_state():
     state["version"] = 99
     with pytest.raises(ConfigError, match="version"):
         mem.load_state_dict(state)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_chained_calls_match_blocking_calls(world, pool2, pool3):
+    pool = pool2 if world == 2 else pool3
+    results = pool.run(_chained_body, "powersgd:rank=2", 3)
+    for blocking, chained in results:
+        for b_step, c_step in zip(blocking, chained, strict=True):
+            for b_part, c_part in zip(b_step, c_step, strict=True):
+                for a, b in zip(b_part, c_part, strict=True):
+                    assert a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+    _identical([[t for step in chained for part in step for t in part] for _, chained in results])
+
+
+def test_memory_store_one_per_codec_config():
+    import commpress.distributed as cdist
+
+    reset_memory()
+    mem = memory("powersgd:rank=2")
+    assert mem is memory(commpress.get_codec("powersgd:rank=2"))
+    assert mem is not memory("powersgd:rank=3")
+    assert cdist.powersgd_memory("powersgd:rank=2") is mem  # the face's name for it
+    reset_memory()
+    assert memory("powersgd:rank=2") is not mem
