@@ -4,7 +4,8 @@ scatter, all_to_all(_single). Each encodes once, moves packets and decodes on ar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -215,6 +216,53 @@ def _root_of_list(
     return root
 
 
+@dataclass(frozen=True)
+class _RootedOp:
+    """gather or scatter: the op, its root's role, its list argument and its transport."""
+
+    op: str
+    role: str
+    name: str
+    move: Callable[..., None]
+
+
+_GATHER = _RootedOp("gather", "dst", "gather_list", transport.gather)
+_SCATTER = _RootedOp("scatter", "src", "scatter_list", transport.scatter)
+
+
+def _rooted(
+    what: _RootedOp,
+    group: Any,
+    tensor: torch.Tensor,
+    tensors: list[torch.Tensor],
+    global_rank: int | None,
+    group_rank: int | None,
+    codec: CodecLike | None,
+    async_op: bool,
+    outputs: list[torch.Tensor],
+) -> Handle | None:
+    """gather and scatter: ``tensors`` (the root's list) against ``tensor`` on each rank."""
+    op, role, name = what.op, what.role, what.name
+    root = _root_of_list(op, group, role, name, tensors, global_rank, group_rank)
+    g = to_global(group, root)
+    return execute(
+        Request(
+            op,
+            group,
+            tensor,
+            plain=lambda a: getattr(dist, op)(tensor, tensors or None, g, group, a),
+            run=lambda call, comm: what.move(
+                comm, tensor, tensors if call.rank == root else None, root
+            ),
+            outputs=outputs,
+            tensors=[tensor, *tensors],
+            codec=codec,
+            check=_root_list_check(root, op, role, name, tensors, tensor),
+        ),
+        async_op,
+    )
+
+
 def gather(
     tensor: torch.Tensor,
     gather_list: list[torch.Tensor] | None = None,
@@ -234,24 +282,7 @@ def gather(
     outputs = check_list(gather_list, "gather_list") if gather_list else []
     if not_member(group):
         return None
-    root = _root_of_list("gather", group, "dst", "gather_list", outputs, dst, group_dst)
-    g = to_global(group, root)
-    return execute(
-        Request(
-            "gather",
-            group,
-            tensor,
-            plain=lambda a: dist.gather(tensor, outputs or None, g, group, a),
-            run=lambda call, comm: transport.gather(
-                comm, tensor, outputs if call.rank == root else None, root
-            ),
-            outputs=outputs,
-            tensors=[tensor, *outputs],
-            codec=codec,
-            check=_root_list_check(root, "gather", "dst", "gather_list", outputs, tensor),
-        ),
-        async_op,
-    )
+    return _rooted(_GATHER, group, tensor, outputs, dst, group_dst, codec, async_op, outputs)
 
 
 def scatter(
@@ -273,24 +304,7 @@ def scatter(
     inputs = check_list(scatter_list, "scatter_list") if scatter_list else []
     if not_member(group):
         return None
-    root = _root_of_list("scatter", group, "src", "scatter_list", inputs, src, group_src)
-    g = to_global(group, root)
-    return execute(
-        Request(
-            "scatter",
-            group,
-            tensor,
-            plain=lambda a: dist.scatter(tensor, inputs or None, g, group, a),
-            run=lambda call, comm: transport.scatter(
-                comm, tensor, inputs if call.rank == root else None, root
-            ),
-            outputs=[tensor],
-            tensors=[tensor, *inputs],
-            codec=codec,
-            check=_root_list_check(root, "scatter", "src", "scatter_list", inputs, tensor),
-        ),
-        async_op,
-    )
+    return _rooted(_SCATTER, group, tensor, inputs, src, group_src, codec, async_op, [tensor])
 
 
 def _exchange_or_plain(
