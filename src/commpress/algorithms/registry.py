@@ -46,7 +46,6 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..codec import Codec
-    from ..policy import Policy
     from .comm import Comm
 
 __all__ = [
@@ -129,8 +128,12 @@ class Algorithm:
         """None if this algorithm can reduce with ``codec``, else why not (for errors)."""
         return None
 
-    def fits(self, codec: Codec, nbytes: int, world: int, policy: Policy) -> bool:
-        """Whether the default choice takes this algorithm for a call of this size."""
+    def fits(self, codec: Codec, nbytes: int, world: int, policy: Any) -> bool:
+        """Whether the default choice takes this algorithm for a call of this size.
+
+        ``policy`` is the call's `commpress.policy.Policy` (typed loosely: the policy
+        layer sits above this one and imports it).
+        """
         return True
 
     def cost(self, nbytes: int, world: int, link: Link, speed: CodecSpeed) -> float:
