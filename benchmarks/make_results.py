@@ -445,11 +445,27 @@ def _fast_section(data: dict[str, Any]) -> list[str]:
             "",
             _table(
                 codecs,
-                ["codec", "ratio", "encode_gbps", "encode_x_copy", "decode_gbps",
-                 "decode_x_copy", "copy_gbps", "copy_spread", "rel_l2_error", "target"],
-                formats={"ratio": "{:.2f}", "encode_gbps": "{:.2f}", "decode_gbps": "{:.2f}",
-                         "encode_x_copy": "{:.2f}", "decode_x_copy": "{:.2f}",
-                         "copy_gbps": "{:.2f}", "rel_l2_error": "{:.1e}"},
+                [
+                    "codec",
+                    "ratio",
+                    "encode_gbps",
+                    "encode_x_copy",
+                    "decode_gbps",
+                    "decode_x_copy",
+                    "copy_gbps",
+                    "copy_spread",
+                    "rel_l2_error",
+                    "target",
+                ],
+                formats={
+                    "ratio": "{:.2f}",
+                    "encode_gbps": "{:.2f}",
+                    "decode_gbps": "{:.2f}",
+                    "encode_x_copy": "{:.2f}",
+                    "decode_x_copy": "{:.2f}",
+                    "copy_gbps": "{:.2f}",
+                    "rel_l2_error": "{:.1e}",
+                },
             ),
         ]
     mem = data.get("memory")
@@ -463,9 +479,11 @@ def _fast_section(data: dict[str, Any]) -> list[str]:
             "first, which also allocates the error-feedback residual that sign and top-k "
             "keep between calls (state as large as the tensor).",
             "",
-            _table(mem, ["codec", "x_tensor", "first_x_tensor", "seconds", "target"],
-                   formats={"x_tensor": "{:.3f}", "first_x_tensor": "{:.3f}",
-                            "seconds": "{:.2f}"}),
+            _table(
+                mem,
+                ["codec", "x_tensor", "first_x_tensor", "seconds", "target"],
+                formats={"x_tensor": "{:.3f}", "first_x_tensor": "{:.3f}", "seconds": "{:.2f}"},
+            ),
         ]
     for key, label in (("ddp_loopback", "unshaped loopback"), ("ddp_1gbit", "1 Gbit/s")):
         rows = data.get(key)
@@ -479,9 +497,11 @@ def _fast_section(data: dict[str, Any]) -> list[str]:
             "slower rank. `plain`: no hook; torch's `fp16_compress_hook` is the torch "
             "baseline that runs on gloo; the others are `commpress.hooks` with that codec.",
             "",
-            _table(rows, ["method", "step_ms", "spread_ms", "x_plain", "x_torch_fp16_hook"],
-                   formats={"step_ms": "{:.0f}", "x_plain": "{:.2f}",
-                            "x_torch_fp16_hook": "{:.2f}"}),
+            _table(
+                rows,
+                ["method", "step_ms", "spread_ms", "x_plain", "x_torch_fp16_hook"],
+                formats={"step_ms": "{:.0f}", "x_plain": "{:.2f}", "x_torch_fp16_hook": "{:.2f}"},
+            ),
         ]
     return md
 

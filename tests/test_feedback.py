@@ -185,13 +185,7 @@ def _running_sum_gap(codec: Codec | str, feedback: bool, steps: int = 60) -> tup
     "codec",
     [
         pytest.param(ScaledSign(), id="scaled-sign"),
-        pytest.param(
-            "sign",
-            id="sign",
-            marks=pytest.mark.skipif(
-                "sign" not in commpress.list_codecs(), reason="codec 'sign' not registered yet"
-            ),
-        ),
+        pytest.param("sign", id="sign"),
     ],
 )
 def test_running_sum_of_decoded_tracks_running_sum_of_inputs(codec):

@@ -60,6 +60,7 @@ from .algorithms import powersgd
 from .codec import Codec
 from .errors import CodecMismatchError, ConfigError
 from .feedback import ErrorFeedback
+from .handle import Handle
 from .registry import CodecLike, get_codec
 from .stats import CallRecord, record
 
@@ -436,7 +437,12 @@ class FSDPReduceScatter(_FSDPReduceScatterBase):  # type: ignore[misc,valid-type
         group: dist.ProcessGroup,
         op: Any = dist.ReduceOp.SUM,
         async_op: bool = False,
-    ) -> None:
+    ) -> Handle | None:
+        """Reduce-scatter ``input_tensor`` into ``output_tensor``; a `Handle` if ``async_op``.
+
+        ``AVG`` runs as a ``SUM`` and a division once the sum is there (gloo has no
+        ``AVG`` for the uncompressed fallback of small calls).
+        """
         from . import distributed as cdist
 
         average = op == dist.ReduceOp.AVG
@@ -445,8 +451,23 @@ class FSDPReduceScatter(_FSDPReduceScatterBase):  # type: ignore[misc,valid-type
                 f"FSDPReduceScatter supports ReduceOp SUM and AVG, got {op!r}; "
                 "do not combine it with set_gradient_divide_factor"
             )
-        cdist.reduce_scatter_tensor(
-            output_tensor, input_tensor, op=dist.ReduceOp.SUM, group=group, codec=self.codec
+        work = cdist.reduce_scatter_tensor(
+            output_tensor,
+            input_tensor,
+            op=dist.ReduceOp.SUM,
+            group=group,
+            async_op=async_op,
+            codec=self.codec,
         )
-        if average:
-            output_tensor.div_(group.size())
+
+        def finish() -> list[torch.Tensor]:
+            if work is not None:
+                work.wait()
+            if average:
+                output_tensor.div_(group.size())
+            return [output_tensor]
+
+        if not async_op:
+            finish()
+            return None
+        return Handle(completer=finish, poll=work.is_completed if work is not None else None)
