@@ -35,36 +35,17 @@ __version__ = "0.1.0"
 from . import distributed, hooks, moe  # noqa: E402
 from .patch import is_patched, patch, unpatch  # noqa: E402
 
+# fmt: off
 __all__ = [
     # codecs
-    "Codec",
-    "Packet",
-    "PacketMeta",
-    "get_codec",
-    "list_codecs",
-    "register_codec",
-    "ErrorFeedback",
-    "wire",
+    "Codec", "Packet", "PacketMeta", "get_codec", "list_codecs", "register_codec",
+    "ErrorFeedback", "wire",
     # collectives
-    "distributed",
-    "Policy",
-    "Engine",
-    "Handle",
-    "stats",
-    "reset_stats",
+    "distributed", "Policy", "Engine", "Handle", "stats", "reset_stats",
     # drop-in
-    "patch",
-    "unpatch",
-    "is_patched",
-    "hooks",
-    "moe",
+    "patch", "unpatch", "is_patched", "hooks", "moe",
     # errors
-    "CommpressError",
-    "ConfigError",
-    "UnknownCodecError",
-    "UnsupportedDtypeError",
-    "UnsupportedDeviceError",
-    "WireError",
-    "CodecMismatchError",
-    "CollectiveError",
+    "CommpressError", "ConfigError", "UnknownCodecError", "UnsupportedDtypeError",
+    "UnsupportedDeviceError", "WireError", "CodecMismatchError", "CollectiveError",
 ]
+# fmt: on
