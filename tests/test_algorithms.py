@@ -22,7 +22,7 @@ from commpress.algorithms import registry as algo_registry
 from commpress.algorithms.chunked import chunk_ranges, prepare_ahead, run_stages
 from commpress.engine import Engine
 from commpress.errors import ConfigError
-from commpress.policy import ALGORITHMS, Policy, decide
+from commpress.policy import Policy, algorithm_choices, decide
 
 
 def test_every_algorithm_declares_a_unique_name_and_code():
@@ -41,8 +41,8 @@ def test_unknown_algorithm_lists_the_known_ones():
 
 def test_policy_algorithms_come_from_the_table():
     forced = [a.name for a in algorithms("all_reduce") if not a.by_codec]
-    assert ALGORITHMS == ("auto", *forced)
-    assert "powersgd" not in ALGORITHMS  # chosen by its codec only
+    assert algorithm_choices() == ("auto", *forced)
+    assert "powersgd" not in algorithm_choices()  # chosen by its codec only
 
 
 @pytest.fixture
@@ -63,6 +63,13 @@ def ring():
 
 def test_a_registered_algorithm_is_found_by_name(ring):
     assert "ring_test" in algorithm_names()
+    assert "ring_test" in algorithm_choices()  # registered after import: still a choice
+    x = torch.zeros(1 << 20)
+    forced = Policy(algorithm="ring_test")
+    assert (
+        decide("all_reduce", x, dist.ReduceOp.SUM, "int8", world_size=2, policy=forced).algorithm
+        == "ring_test"
+    )
     assert ring.cost(1000, 2, Link(1e-3, 1e6), CodecSpeed(1e9, 1e9, 4.0)) == pytest.approx(
         2e-3 + 250 / 1e6
     )

@@ -60,17 +60,19 @@ __all__ = [
     "OP_FAMILIES",
     "FAMILIES",
     "REDUCTIONS",
-    "ALGORITHMS",
+    "algorithm_choices",
 ]
 
 #: Public op name -> the family `Policy.ops` names (aliases share a family).
 OP_FAMILIES: dict[str, str] = {name: o.family for name, o in OPS.items()}
-#: Algorithms ``Policy(algorithm=...)`` may force (the others are chosen by the codec
-#: or the op), after ``"auto"``.
-ALGORITHMS: tuple[str, ...] = (
-    "auto",
-    *(a.name for a in algorithms("all_reduce") if not a.by_codec),
-)
+
+
+def algorithm_choices() -> tuple[str, ...]:
+    """What ``Policy(algorithm=...)`` accepts: ``"auto"`` and every registered reduction
+    algorithm that a codec does not pick itself (asked each time: registering one later
+    makes it a choice)."""
+    return ("auto", *(a.name for a in algorithms("all_reduce") if not a.by_codec))
+
 
 _SUM_LIKE = (dist.ReduceOp.SUM, dist.ReduceOp.AVG)
 _EXACT_OPS = (
@@ -192,10 +194,10 @@ class Policy:
                 f"Policy.error_feedback={self.error_feedback!r} is not allowed; "
                 "expected None, True or False"
             )
-        if self.algorithm not in ALGORITHMS:
+        choices = algorithm_choices()
+        if self.algorithm not in choices:
             raise ConfigError(
-                f"Policy.algorithm={self.algorithm!r} is not allowed; "
-                f"choose one of {list(ALGORITHMS)}"
+                f"Policy.algorithm={self.algorithm!r} is not allowed; choose one of {list(choices)}"
             )
 
     @classmethod
