@@ -58,6 +58,7 @@ CASES = [
     ("zstd", torch.float32, 20_001, "SUM", True),
     ("zstd", torch.float32, 20_000, "MAX", True),
     ("int8", torch.float32, (6 << 20) // 4 + 5, "SUM", False),  # > Engine.chunk_bytes: chunked
+    ("zstd", torch.float32, (6 << 20) // 4 + 7, "SUM", True),  # chunked, variable size
 ]
 BOUND = {"int8": 2e-2, "int4": 0.25, "bf16": 1e-2, "zstd": 0.0}
 

@@ -12,8 +12,9 @@ Two forms, chosen per call:
 
 - the algorithm's own stages (`Algorithm.stages`, e.g. `two_phase`:
   encode + post the all-to-all; sum + re-encode + post the all-gather;
-  decode), when every packed size is known locally: a codec of fixed size
-  on CPU. One descriptor exchange covers the call.
+  decode), on CPU, when the algorithm offers them for the call (`two_phase`
+  and `direct` need every packed size known locally: a codec of fixed
+  size; `hierarchical` takes any). One descriptor exchange covers the call.
 - *prepare ahead* for everything else (variable-size codecs, CUDA, the
   ``gather`` algorithm): `Algorithm.prepare` (the encode, local work) runs
   on the engine's encode threads up to ``num_threads`` chunks ahead while
@@ -109,9 +110,7 @@ def all_reduce(algo: Algorithm, comm: Comm, flat: torch.Tensor, op: Any, engine:
         if in_place
         else torch.empty(flat.numel(), dtype=acc_dtype(flat.dtype), device=flat.device)
     )
-    stages = None
-    if comm.codec.fixed_size and flat.device.type == "cpu":
-        stages = algo.stages(comms, flat, op, bounds, out)
+    stages = algo.stages(comms, flat, op, bounds, out) if flat.device.type == "cpu" else None
     try:
         if stages is not None:
             run_stages(len(bounds), stages)

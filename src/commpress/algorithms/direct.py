@@ -151,13 +151,15 @@ def stages(
     op: Any,
     bounds: Sequence[tuple[int, int]],
     out: torch.Tensor,
-) -> list[Stage]:
+) -> list[Stage] | None:
     """The chunked all-reduce's two stages: each chunk's backend all-reduce is in
     flight while the next chunk is encoded and the previous one decoded.
 
     One descriptor exchange covers the call (``comms[0]``, run here, before the
     first stage); ``out`` is the 1-D result in the accumulation dtype.
     """
+    if not comms[0].codec.fixed_size:
+        return None  # every rank must know the payload sizes without an exchange
     first = comms[0]
     if first.verify:
         exchange(

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -60,8 +61,9 @@ import torch.distributed as dist
 
 from .. import topology
 from . import direct, two_phase
+from .chunked import chunk_ranges, run_stages
 from .common import Comm, acc_dtype, average, exchange, reduce_into, wait_timed
-from .registry import Algorithm, CodecSpeed, Link, register_algorithm
+from .registry import Algorithm, CodecSpeed, Link, Stage, register_algorithm
 
 __all__ = [
     "Hierarchical",
@@ -98,11 +100,9 @@ def _inter_op(op: Any) -> Any:
     return dist.ReduceOp.SUM if op == dist.ReduceOp.AVG else op
 
 
-def _inter_all_reduce(
-    comm: Comm, topo: topology.Topology, shard: torch.Tensor, op: Any, key: Any
-) -> torch.Tensor:
-    """Step 2 on the inter-host subgroup; returns the reduced shard (accumulation dtype)."""
-    inner = dataclasses.replace(
+def _inter(comm: Comm, topo: topology.Topology) -> Comm:
+    """``comm`` on the inter-host subgroup (one rank per host with this local index)."""
+    return dataclasses.replace(
         comm,
         group=topo.inter,
         rank=topo.host_index,
@@ -110,11 +110,14 @@ def _inter_all_reduce(
         # The whole group's descriptor was checked already; only sizes of variable-size
         # payloads still need the inner exchange.
         verify=not comm.codec.fixed_size,
-        key=key,
     )
+
+
+def _inter_algorithm(comm: Comm, op: Any) -> Any:
+    """Step 2's algorithm: `direct` for summable codecs under SUM/AVG, else `two_phase`."""
     if comm.codec.summable and op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
-        return direct.all_reduce(inner, shard, _inter_op(op))
-    return two_phase.all_reduce(inner, shard, _inter_op(op))
+        return direct
+    return two_phase
 
 
 @dataclasses.dataclass
@@ -184,6 +187,41 @@ def all_reduce(
         ConfigError: the hosts hold different numbers of ranks (on every rank).
         CollectiveError / CodecMismatchError: as `common.exchange`.
     """
+    topo = _describe(comm, flat, op)
+    x = (prepared or prepare(comm, flat)).x
+    n = x.numel()
+    per = max(PIPELINE_BYTES // x.element_size(), 1) * topo.local_size
+    bounds = chunk_ranges(n, per) or [(0, 0)]
+    comms = [
+        comm
+        if comm.key is None or len(bounds) == 1
+        else dataclasses.replace(comm, key=(comm.key, k))
+        for k in range(len(bounds))
+    ]
+    result = torch.empty(n, dtype=x.dtype, device=x.device) if out is None else out
+    run_stages(len(bounds), _steps(topo, comms, x, op, bounds, result))
+    return result
+
+
+def stages(
+    comms: Sequence[Comm],
+    flat: torch.Tensor,
+    op: Any,
+    bounds: Sequence[tuple[int, int]],
+    out: torch.Tensor,
+) -> list[Stage]:
+    """The three steps as the chunked driver's stages, one descriptor for the call.
+
+    Chunk ``k+1``'s intra-host reduce-scatter and chunk ``k-1``'s all-gather are in
+    flight while chunk ``k`` crosses hosts; the inner exchange of a variable-size
+    codec runs per chunk on the inter-host subgroup.
+    """
+    topo = _describe(comms[0], flat, op)
+    return _steps(topo, comms, flat, op, bounds, out)
+
+
+def _describe(comm: Comm, flat: torch.Tensor, op: Any) -> topology.Topology:
+    """The call's topology, after the descriptor check over the whole group."""
     topo = topology.of(comm.group, comm.device)
     if comm.verify:
         exchange(
@@ -194,49 +232,78 @@ def all_reduce(
             sizes=[0] * comm.size,
             redop=op,
         )
-    x = (prepared or prepare(comm, flat)).x
-    n, local = x.numel(), topo.local_size
-    per = max(PIPELINE_BYTES // x.element_size(), 1) * local
-    bounds = [(a, min(a + per, n)) for a in range(0, n, per)] or [(0, 0)]
-    count = len(bounds)
-    result = torch.empty(n, dtype=x.dtype, device=x.device) if out is None else out
-    scattering: dict[int, _InFlight] = {}
-    gathering: dict[int, _InFlight] = {}
+    return topo
 
-    def key(k: int) -> Any:
-        return comm.key if comm.key is None or count == 1 else (comm.key, k)
 
-    def shard_len(k: int) -> int:
-        return math.ceil((bounds[k][1] - bounds[k][0]) / local)
+def _steps(
+    topo: topology.Topology,
+    comms: Sequence[Comm],
+    x: torch.Tensor,
+    op: Any,
+    bounds: Sequence[tuple[int, int]],
+    out: torch.Tensor,
+) -> list[Stage]:
+    """The three steps as stages; ``comms[k]`` is chunk ``k``'s context (key, stats).
 
-    for step in range(count + 2):
-        k = step
-        if k < count and local > 1:
+    Chunk ``k``'s shard goes into slot ``k`` of one shard buffer, which step 2 reduces
+    across hosts with the inner algorithm's own stages (`two_phase` / `direct`, fixed-
+    size codecs): so chunk ``k`` crosses hosts while chunk ``k+1`` is reduce-scattered
+    inside the host and chunk ``k-1`` is gathered, and the inter-host transfers of
+    neighbouring chunks overlap too. A variable-size codec crosses one chunk at a
+    time (its sizes need an exchange per chunk).
+    """
+    local, adt = topo.local_size, acc_dtype(x.dtype)
+    lens = [math.ceil((b - a) / local) for a, b in bounds]
+    starts = [sum(lens[:k]) for k in range(len(lens))]
+    slots = [(s, s + n) for s, n in zip(starts, lens, strict=True)]
+    shards = torch.empty(sum(lens), dtype=adt, device=x.device)
+    inner = [_inter(c, topo) for c in comms]
+    algo = _inter_algorithm(comms[0], op)
+
+    def scatter(k: int, _: Any) -> _InFlight | None:
+        if local == 1:
+            return None
+        a, b = bounds[k]
+        return _reduce_scatter_start(comms[k], topo, x[a:b].to(adt), lens[k])
+
+    def shard(k: int, posted: _InFlight | None) -> None:
+        (a, b), (lo, hi) = bounds[k], slots[k]
+        if posted is None:
+            shards[lo:hi] = x[a:b]
+        else:
+            shards[lo:hi] = _reduce_scatter_finish(comms[k], posted, local, op)
+
+    def cross(k: int, _: Any) -> None:
+        lo, hi = slots[k]
+        shards[lo:hi] = algo.all_reduce(inner[k], shards[lo:hi], _inter_op(op))
+
+    crossing: list[Stage] = []
+    if topo.hosts > 1:
+        crossing = algo.stages(inner, shards, _inter_op(op), slots, shards) or [(0, cross)]
+    last = 1 + max((lag for lag, _ in crossing), default=0)
+
+    def gather(k: int, _: Any) -> _InFlight | None:
+        (a, b), (lo, hi) = bounds[k], slots[k]
+        # AVG divides the owner's bits by N once, after both levels summed.
+        average(shards[lo:hi], op, comms[k].size)
+        if local == 1:
+            out[a:b] = shards[lo:hi]
+            return None
+        return _intra_start(comms[k], topo, shards[lo:hi].repeat(local))
+
+    def land(k: int, posted: _InFlight | None) -> None:
+        if posted is not None:
             a, b = bounds[k]
-            scattering[k] = _reduce_scatter_start(comm, topo, x[a:b], shard_len(k))
-        k = step - 1
-        if 0 <= k < count:
-            a, b = bounds[k]
-            if local > 1:
-                shard = _reduce_scatter_finish(comm, scattering.pop(k), local, op)
-            else:
-                shard = x[a:b]
-            if topo.hosts > 1:
-                shard = _inter_all_reduce(comm, topo, shard, op, key(k))
-            # The shard is this step's own buffer (a reduce-scatter or inter-host result:
-            # with one host and one rank there is nothing to compress).
-            average(shard, op, comm.size)
-            if local > 1:
-                gathering[k] = _intra_start(comm, topo, shard.repeat(local))
-            else:
-                result[a:b] = shard
-        k = step - 2
-        if 0 <= k < count and local > 1:
-            a, b = bounds[k]
-            f = gathering.pop(k)
-            wait_timed(comm, f.work)
-            result[a:b] = f.out[: b - a]
-    return result
+            wait_timed(comms[k], posted.work)
+            out[a:b] = posted.out[: b - a]
+
+    return [
+        (0, scatter),
+        (1, shard),
+        *((1 + lag, fn) for lag, fn in crossing),
+        (last, gather),
+        (last + 1, land),
+    ]
 
 
 def reduce(
@@ -323,3 +390,4 @@ class Hierarchical(Algorithm):
     all_reduce = staticmethod(all_reduce)
     reduce = staticmethod(reduce)
     prepare = staticmethod(prepare)
+    stages = staticmethod(stages)

@@ -174,12 +174,12 @@ class Algorithm:
         bounds: Sequence[tuple[int, int]],
         out: torch.Tensor,
     ) -> list[Stage] | None:
-        """The chunk pipeline of a chunked all-reduce, or None to prepare ahead instead.
+        """The chunk pipeline of a chunked all-reduce on CPU, or None to prepare ahead.
 
-        Only for calls whose every packed size is known locally (fixed-size codecs):
-        the stages post transfers asynchronously and must do so in the same order on
-        every rank. ``comms[0]`` runs the call's one descriptor exchange, before the
-        first stage.
+        The stages post transfers asynchronously and must do so in the same order on
+        every rank, so every size they move must be known without another exchange
+        (`two_phase` and `direct` offer stages for fixed-size codecs only).
+        ``comms[0]`` runs the call's one descriptor exchange, before the first stage.
         """
         return None
 

@@ -289,7 +289,7 @@ def stages(
     op: Any,
     bounds: Sequence[tuple[int, int]],
     out: torch.Tensor,
-) -> list[Stage]:
+) -> list[Stage] | None:
     """The chunked all-reduce's three stages, transfers in flight behind the codec work.
 
     For codecs of fixed size only (every packed size is computable locally). Stage 1
@@ -307,6 +307,8 @@ def stages(
         out: 1-D result in the accumulation dtype, written chunk by chunk; may be
             ``flat`` itself (chunk ``k`` is written only after it was encoded).
     """
+    if not comms[0].codec.fixed_size:
+        return None  # the sizes of phase 2 are only known after an exchange per chunk
     first = comms[0]
     dtype = flat.dtype
     if first.verify:
