@@ -5,6 +5,9 @@
   process; the start-up hook patches it.
 - Accelerate: ``COMMPRESS_CODEC=int8 torchrun --nproc-per-node 2 train.py``
   with no wrapper at all.
+- Hugging Face ``Trainer``: a tiny random-init GPT-2 (no downloads) under
+  ``COMMPRESS_CODEC=int8 torchrun``, with ``ddp_find_unused_parameters=True``
+  (the setting that deadlocked under the commpress hook).
 - Ray Train: optional (not in the test extra); skipped when ray is missing.
 
 Each job checks on every rank that its gradient all-reduces were compressed
@@ -101,6 +104,47 @@ report(accelerator.process_index, net, x, y, before)
 """
 )
 
+TRANSFORMERS = """
+import sys
+import torch
+import commpress
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=2, n_head=2))
+# A learnable pattern: each sequence counts up from a random start (mod the vocabulary).
+g = torch.Generator().manual_seed(1)
+ids = (torch.randint(0, 64, (256, 1), generator=g) + torch.arange(32)) % 64
+
+class Data(torch.utils.data.Dataset):
+    def __len__(self):
+        return len(ids)
+    def __getitem__(self, i):
+        return {"input_ids": ids[i], "labels": ids[i]}
+
+def loss_now():
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids[:64], labels=ids[:64]).loss.item()
+    model.train()
+    return out
+
+before = loss_now()
+args = TrainingArguments(output_dir="out", max_steps=8, per_device_train_batch_size=8,
+                         learning_rate=3e-3, use_cpu=True, report_to="none", save_strategy="no",
+                         logging_strategy="no", disable_tqdm=True, ddp_backend="gloo",
+                         ddp_find_unused_parameters=True)
+trainer = Trainer(model=model, args=args, train_dataset=Data())
+trainer.train()
+assert trainer.model_wrapped.find_unused_parameters  # DDP in the mode that used to hang
+after = loss_now()
+s = commpress.stats()
+ar = s["all_reduce"] if "all_reduce" in s else None
+sys.stdout.write(f"rank {trainer.args.process_index}: loss {before:.4f} -> {after:.4f} "
+                 f"compressed {ar.compressed if ar else 0} ratio {ar.ratio if ar else 1.0:.2f}\\n")
+sys.stdout.flush()
+"""
+
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMMPRESS_")}
@@ -148,6 +192,16 @@ def test_accelerate_under_torchrun_with_the_variable_only(tmp_path):
         tmp_path, ACCELERATE,
         "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         env=_env(COMMPRESS_CODEC="int8"),
+    )  # fmt: skip
+    _check_ranks(out)
+
+
+def test_transformers_trainer_find_unused_parameters_under_torchrun(tmp_path):
+    _needs("transformers")
+    out = _job(
+        tmp_path, TRANSFORMERS,
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        env=_env(COMMPRESS_CODEC="int8", COMMPRESS_MIN_BYTES="0"),
     )  # fmt: skip
     _check_ranks(out)
 
