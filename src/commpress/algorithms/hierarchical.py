@@ -254,9 +254,13 @@ def _steps(
     """
     local, adt = topo.local_size, acc_dtype(x.dtype)
     lens = [math.ceil((b - a) / local) for a, b in bounds]
-    starts = [sum(lens[:k]) for k in range(len(lens))]
-    slots = [(s, s + n) for s, n in zip(starts, lens, strict=True)]
-    shards = torch.empty(sum(lens), dtype=adt, device=x.device)
+    if local == 1 and x.dtype == adt:
+        # One rank per host: the shards are the input's chunks, reduced in place.
+        shards, slots = x, list(bounds)
+    else:
+        starts = [sum(lens[:k]) for k in range(len(lens))]
+        slots = [(s, s + n) for s, n in zip(starts, lens, strict=True)]
+        shards = torch.empty(sum(lens), dtype=adt, device=x.device)
     inner = [_inter(c, topo) for c in comms]
     algo = _inter_algorithm(comms[0], op)
 
@@ -268,10 +272,10 @@ def _steps(
 
     def shard(k: int, posted: _InFlight | None) -> None:
         (a, b), (lo, hi) = bounds[k], slots[k]
-        if posted is None:
-            shards[lo:hi] = x[a:b]
-        else:
+        if posted is not None:
             shards[lo:hi] = _reduce_scatter_finish(comms[k], posted, local, op)
+        elif shards is not x:
+            shards[lo:hi] = x[a:b]
 
     def cross(k: int, _: Any) -> None:
         lo, hi = slots[k]
@@ -287,7 +291,8 @@ def _steps(
         # AVG divides the owner's bits by N once, after both levels summed.
         average(shards[lo:hi], op, comms[k].size)
         if local == 1:
-            out[a:b] = shards[lo:hi]
+            if out[a:b].data_ptr() != shards[lo:hi].data_ptr():
+                out[a:b] = shards[lo:hi]
             return None
         return _intra_start(comms[k], topo, shards[lo:hi].repeat(local))
 
@@ -371,6 +376,9 @@ class Hierarchical(Algorithm):
 
     name = "hierarchical"
     code = 6
+    # Chunk k of the input is read (reduce-scatter, or the shard itself) before chunk
+    # k of the result is written.
+    in_place = True
 
     def cost(self, nbytes: int, world: int, link: Link, speed: CodecSpeed) -> float:
         """`cost` with ``local = link.local`` ranks per host (``world / local`` hosts)."""
