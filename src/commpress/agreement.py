@@ -82,10 +82,8 @@ def timeout_s(environ: Any = None) -> float:
 
 def fingerprint(policy: Any) -> str:
     """A canonical text of ``policy``: equal on two ranks iff their policies are equal."""
-    from .registry import get_codec
-
     fields = {
-        "codec": get_codec(policy.codec).spec,
+        "codec": str(policy.codec),  # the canonical spec (a Codec's str is its spec)
         "min_bytes": policy.min_bytes,
         "ops": None if policy.ops is None else sorted(policy.ops),
         "error_feedback": policy.error_feedback,

@@ -164,9 +164,11 @@ def _build_policy(codec: Any, policy_kwargs: dict[str, Any]) -> Any:
 
     overrides = dict(policy_kwargs)
     if codec is not None:
+        from .policy import auto_budget
         from .registry import get_codec
 
-        get_codec(codec)  # an unparsable spec fails here, at patch() time
+        if auto_budget(codec) is None:  # "auto" is a policy choice, not a codec
+            get_codec(codec)  # an unparsable spec fails here, at patch() time
         overrides["codec"] = codec
     fields = {f.name for f in dataclasses.fields(Policy)}
     unknown = sorted(set(overrides) - fields)
@@ -238,10 +240,12 @@ def _arm_ddp_hook(ddp: Any) -> None:
     Registration waits for the first forward because DDP accepts one comm hook only:
     a script that registers its own hook after construction keeps working.
     """
-    from .policy import get_policy
+    from .policy import auto_budget, get_policy
     from .registry import get_codec
 
     policy = get_policy()
+    if auto_budget(policy.codec) is not None:
+        return  # DDP under "auto" stays plain DDP: auto decides collectives, not buckets
     codec = get_codec(policy.codec)
     if codec.codec_id == "none" or (policy.ops is not None and "all_reduce" not in policy.ops):
         return

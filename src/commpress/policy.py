@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,8 @@ __all__ = [
     "FAMILIES",
     "REDUCTIONS",
     "algorithm_choices",
+    "AUTO_MAX_ERR",
+    "auto_budget",
 ]
 
 #: Public op name -> the family `Policy.ops` names (aliases share a family).
@@ -72,6 +75,41 @@ def algorithm_choices() -> tuple[str, ...]:
     algorithm that a codec does not pick itself (asked each time: registering one later
     makes it a choice)."""
     return ("auto", *(a.name for a in algorithms("all_reduce") if not a.by_codec))
+
+
+#: The relative error ``codec="auto"`` allows by default (bf16, fp16, int8: not fp8).
+AUTO_MAX_ERR = 1e-2
+
+
+def auto_budget(codec: Any) -> float | None:
+    """The error budget of an ``"auto"`` / ``"auto:max_err=1e-3"`` spec; None for any other.
+
+    Raises:
+        ConfigError: an ``auto`` spec with an unknown parameter or a bad ``max_err``.
+    """
+    if not isinstance(codec, str):
+        return None
+    name, _, params = codec.strip().partition(":")
+    if name.strip() != "auto":
+        return None
+    budget = AUTO_MAX_ERR
+    for item in filter(None, (p.strip() for p in params.split(","))):
+        key, _, value = item.partition("=")
+        try:
+            if key.strip() != "max_err":
+                raise ValueError(f"unknown parameter {key.strip()!r}")
+            budget = float(value)
+            if not budget >= 0:
+                raise ValueError(f"max_err={value!r} is not >= 0")
+        except ValueError as exc:
+            raise ConfigError(
+                f"codec spec {codec!r}: {exc}; expected 'auto' or 'auto:max_err=<float >= 0>'"
+            ) from None
+    return budget
+
+
+def _auto_spec(budget: float) -> str:
+    return "auto" if budget == AUTO_MAX_ERR else f"auto:max_err={budget!r}"
 
 
 _SUM_LIKE = (dist.ReduceOp.SUM, dist.ReduceOp.AVG)
@@ -98,7 +136,16 @@ class Policy:
             Start with ``"bf16"`` (summable, always safe for gradients), then
             ``"int8"`` (4x on fp32, ~0.4% error per block), and reach for
             ``"sign"``/``"topk"`` (with error feedback) only when the link is
-            the bottleneck and ``commpress bench`` says so.
+            the bottleneck and ``commpress bench`` says so. ``"auto"`` (or
+            ``"auto:max_err=1e-3"``) picks per call, from link and codec speeds
+            measured on this job, the fastest of plain and every codec x
+            algorithm whose declared error (``Codec.typical_rel_err``) is within
+            ``max_err`` (default 1e-2: fp16, bf16, int8); a call that does not pay
+            goes to plain ``torch.distributed``. The model is modelled seconds =
+            the algorithm's ``cost`` (``docs/algorithms.md``) + the codec's fixed
+            encode/decode time + one descriptor round; a codec must beat plain by
+            10%. ``docs/auto.md`` has the formulas; ``commpress.auto.decisions()``
+            shows what it chose and why.
         min_bytes: tensors smaller than this (bytes of the rank's contribution)
             go uncompressed. Small messages are latency-bound: compressing them
             costs encode time and saves nothing. 32 KiB is a sane floor on
@@ -159,7 +206,10 @@ class Policy:
         codec = self.codec
         if codec is None:
             codec = "none"
-        if not isinstance(codec, Codec):
+        budget = auto_budget(codec)
+        if budget is not None:
+            codec = _auto_spec(budget)
+        elif not isinstance(codec, Codec):
             codec = get_codec(codec).spec  # validates; keeps the canonical string
         object.__setattr__(self, "codec", codec)
         for name in ("min_bytes", "gather_bytes"):
@@ -368,6 +418,7 @@ def decide(
     world_size: int | None = None,
     nbytes: int | None = None,
     policy: Policy | None = None,
+    auto: Callable[..., Decision] | None = None,
 ) -> Decision:
     """Decide codec and algorithm for one call.
 
@@ -379,6 +430,10 @@ def decide(
         world_size: ranks in the group (default: the default group's size).
         nbytes: the size to compare with ``min_bytes`` (default ``tensor.nbytes``).
         policy: default `get_policy()`.
+        auto: what decides a call whose codec is ``"auto"`` once the checks every
+            codec shares have passed: ``auto(op, family, dtype, nbytes, world,
+            sum_like, max_err, policy) -> Decision`` (`commpress.auto.choose`, bound
+            to the call's group by the call driver). None: such calls go plain.
 
     Raises:
         ConfigError: unknown op; ``powersgd`` requested for an op it cannot do; a forced
@@ -390,7 +445,7 @@ def decide(
     if family is None:
         raise ConfigError(f"unknown op {op!r}; expected one of {sorted(OP_FAMILIES)}")
     explicit = codec is not None
-    c = get_codec(codec if explicit else policy.codec)
+    spec = codec if explicit else policy.codec
     reduction = family in REDUCTIONS
     dtype = tensor.dtype
     if reduction:
@@ -399,6 +454,15 @@ def decide(
             raise UnsupportedDtypeError(
                 f"{op}: ReduceOp.AVG needs a floating tensor, got {dtype}; use SUM and divide"
             )
+    budget = _cached_budget(spec) if isinstance(spec, str) else None
+    if budget is not None:
+        if not explicit and policy.ops is not None and family not in policy.ops:
+            return _plain(f"{family} not in policy.ops")
+        if world_size is None:
+            world_size = dist.get_world_size() if dist.is_initialized() else 1
+        size = tensor.numel() * tensor.element_size() if nbytes is None else nbytes
+        return _auto_checks(op, family, dtype, reduce_op, size, world_size, budget, policy, auto)
+    c = get_codec(spec)
     named = None if c.algorithm is None else get_algorithm(c.algorithm)
     if named is not None and family not in named.families:
         if explicit:
@@ -438,6 +502,41 @@ def decide(
         mover = _moving(family)
         return Decision(c, mover.name, False, "encode once, move, decode", threshold)
     return _reduction(op, family, c, reduce_op, size, world_size, policy, ef)
+
+
+_cached_budget = functools.lru_cache(maxsize=64)(auto_budget)
+
+
+def _auto_checks(
+    op: str,
+    family: str,
+    dtype: torch.dtype,
+    reduce_op: Any,
+    size: int,
+    world: int,
+    budget: float,
+    policy: Policy,
+    auto: Callable[..., Decision] | None,
+) -> Decision:
+    """Plain for the calls ``auto`` never compresses, else ``auto``'s choice.
+
+    ``all_to_all`` and ``p2p`` go plain: their sizes differ between ranks (or only two
+    ranks take part), so no decision could be shared by the whole group.
+    """
+    if world <= 1:
+        return _plain("single rank: nothing crosses a wire")
+    if not is_float(dtype):
+        return _plain(f"auto: never lossy on {dtype}")
+    sum_like = any(reduce_op == r for r in _SUM_LIKE)
+    if family in REDUCTIONS and not sum_like:
+        return _plain(f"ReduceOp.{_op_name(reduce_op)} is never reduced lossily")
+    if family in ("all_to_all", "p2p"):
+        return _plain(f"auto: {family} goes plain (no decision shared by the group)")
+    if size == 0 or size < policy.min_bytes:
+        return _plain(f"{size} bytes < min_bytes={policy.min_bytes}" if size else "empty tensor")
+    if auto is None:
+        return _plain("auto outside the collectives' call driver: plain")
+    return auto(op, family, dtype, size, world, sum_like, budget, policy)
 
 
 def _moving(family: str) -> Any:

@@ -57,9 +57,7 @@ def nothing_compressed_warning(table: Any, policy: Any, *, parent: bool = False)
                 "tables when they exit"
             )
         return None
-    from .registry import get_codec
-
-    if get_codec(policy.codec).codec_id == "none":
+    if str(policy.codec) == "none":
         why = "the codec is 'none': pass --codec (or set COMMPRESS_CODEC)"
     else:
         biggest = max(table, key=lambda s: s.bytes_in / max(s.calls, 1))

@@ -188,6 +188,7 @@ class FP16(_Cast):
     """
 
     codec_id: ClassVar[str] = "fp16"
+    typical_rel_err: ClassVar[float | None] = 3e-4
     wire_dtype: ClassVar[torch.dtype] = torch.float16
     #: The all-reduce divides by the world size before the cast (fp16 overflows at 65504).
     prescale: ClassVar[bool] = True
@@ -204,6 +205,7 @@ class BF16(_Cast):
     """Cast to bfloat16 (2 bytes per element, fp32's range); summable."""
 
     codec_id: ClassVar[str] = "bf16"
+    typical_rel_err: ClassVar[float | None] = 3e-3
     wire_dtype: ClassVar[torch.dtype] = torch.bfloat16
     #: bf16 has float32's range: no division before the cast, no multiplication after.
     prescale: ClassVar[bool] = False

@@ -210,6 +210,7 @@ class FP8(_FP8):
     """
 
     codec_id: ClassVar[str] = "fp8"
+    typical_rel_err: ClassVar[float | None] = 3e-2
     fp8_dtype: ClassVar[torch.dtype] = torch.float8_e4m3fn
     fp8_max: ClassVar[float] = 448.0
     rel_error: ClassVar[float] = 2.0**-4
@@ -238,6 +239,7 @@ class FP8E5M2(_FP8):
     """
 
     codec_id: ClassVar[str] = "fp8_e5m2"
+    typical_rel_err: ClassVar[float | None] = 6e-2
     fp8_dtype: ClassVar[torch.dtype] = torch.float8_e5m2
     fp8_max: ClassVar[float] = 57344.0
     rel_error: ClassVar[float] = 2.0**-3

@@ -248,6 +248,7 @@ class Int8(_IntQuant):
     """
 
     codec_id: ClassVar[str] = "int8"
+    typical_rel_err: ClassVar[float | None] = 8e-3
     bits: ClassVar[int] = 8
 
 
@@ -272,6 +273,7 @@ class Int4(_IntQuant):
     """
 
     codec_id: ClassVar[str] = "int4"
+    typical_rel_err: ClassVar[float | None] = 0.15
     bits: ClassVar[int] = 4
 
 
@@ -297,6 +299,7 @@ class Int2(_IntQuant):
     """
 
     codec_id: ClassVar[str] = "int2"
+    typical_rel_err: ClassVar[float | None] = 0.9
     bits: ClassVar[int] = 2
 
 

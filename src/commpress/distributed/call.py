@@ -12,6 +12,7 @@ issue order, async or not), shows the call in ``torch.profiler`` traces as
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from ..algorithms.common import Comm, reject
+from ..auto import choose
 from ..engine import Engine, Handle, get_engine
 from ..errors import CollectiveError, CommpressError, ConfigError
 from ..feedback import auto_key, error_feedback
@@ -160,7 +162,14 @@ class Call:
         policy = get_policy()
         world = dist.get_world_size(group)
         decision = decide(
-            op, tensor, reduce_op, codec, world_size=world, nbytes=size, policy=policy
+            op,
+            tensor,
+            reduce_op,
+            codec,
+            world_size=world,
+            nbytes=size,
+            policy=policy,
+            auto=functools.partial(choose, group, group_key(group), tensor.device),
         )
         return cls(
             op,

@@ -1,0 +1,315 @@
+"""``codec="auto"``: per call, the fastest of plain and every eligible codec x algorithm.
+
+`commpress.policy.decide` runs the checks every codec shares (non-floating data,
+``MIN``/``MAX``, one rank, ``min_bytes``, ``all_to_all`` and ``p2p``: plain) and
+hands the rest to `choose`, which the call driver binds to the call's group.
+`choose` looks the call up in a cache keyed by (group, op family, dtype, device,
+size bucket, world, reduce kind, budget, policy knobs); on a miss it models
+every option with the `Table` of the group (`commpress.calibration`: measured,
+then combined across ranks, so identical everywhere) and keeps the fastest:
+
+- plain: the backend's own collective in the original dtype (no descriptor, no
+  engine hop, no extra work);
+- every candidate codec (`commpress.calibration.candidates`) whose declared
+  ``typical_rel_err`` is within the budget, with every algorithm that runs the
+  family and is eligible (or the one ``Policy(algorithm=...)`` forces).
+
+Modelled seconds (``docs/auto.md``): plain is the algorithm protocol's plain
+model (``direct`` with ``CodecSpeed.plain()`` for reductions, ``(N-1)(alpha +
+S/B)`` for the moving ops); a codec option is ``algorithm.cost(S, N, link,
+speed)`` + the codec's fixed encode time + ``N`` fixed decode times + one
+descriptor exchange. A codec wins only when modelled at most `PAYS` of plain:
+the model is a few tens of percent off on a busy CPU, and a wrong "compress"
+costs more than a wrong "plain". ``S`` is the size bucket: the byte size
+rounded up to a power of two, so one decision serves a bucket.
+
+A decision is a pure function of the table and the call's key, so every rank
+makes the same one. `decisions` shows each: the winner, its modelled time and
+plain's.
+
+Example::
+
+    import commpress.distributed as cdist
+    cdist.all_reduce(grad, codec="auto")          # or Policy(codec="auto")
+    for d in commpress.auto.decisions():
+        print(d.op, d.bucket, d.codec, d.algorithm, d.modelled_s, d.plain_s)
+
+Decision cost once cached (2-rank gloo, one shared CPU core): see ``docs/auto.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import calibration
+from .algorithms import Algorithm, CodecSpeed, algorithms, get_algorithm
+from .calibration import Table
+from .codec import Codec
+from .engine import get_engine
+from .ops import REDUCTIONS
+from .policy import Decision, Policy
+from .registry import get_codec
+
+__all__ = ["PAYS", "Choice", "choose", "decisions", "model", "reset", "tables"]
+
+#: A codec must be modelled at most this fraction of plain's time to be chosen.
+PAYS = 0.9
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What ``auto`` chose for one key, and why.
+
+    Attributes:
+        group: the process group's name.
+        op: the first op that asked (ops of one family share the decision).
+        dtype: the tensor dtype.
+        bucket: the size bucket in bytes (a power of two).
+        world: ranks in the group.
+        codec: the chosen codec's spec, or None for plain.
+        algorithm: the chosen algorithm, or None for plain.
+        modelled_s: modelled seconds of the winner.
+        plain_s: modelled seconds of plain.
+        options: every option weighed, ``(codec or "plain", algorithm, seconds)``.
+    """
+
+    group: str
+    op: str
+    dtype: torch.dtype
+    bucket: int
+    world: int
+    codec: str | None
+    algorithm: str | None
+    modelled_s: float
+    plain_s: float
+    options: tuple[tuple[str, str | None, float], ...]
+
+
+_lock = threading.RLock()
+_links: dict[str, list[float]] = {}
+_tables: dict[tuple[str, str, torch.dtype], Table] = {}
+_decisions: dict[tuple[Any, ...], Decision] = {}
+_choices: dict[tuple[Any, ...], Choice] = {}
+
+
+def bucket(nbytes: int) -> int:
+    """``nbytes`` rounded up to a power of two."""
+    return 1 << max(nbytes - 1, 0).bit_length()
+
+
+def choose(
+    group: Any,
+    group_name: str,
+    device: torch.device,
+    op: str,
+    family: str,
+    dtype: torch.dtype,
+    nbytes: int,
+    world: int,
+    sum_like: bool,
+    max_err: float,
+    policy: Policy,
+) -> Decision:
+    """The decision for one call (the ``auto`` callback of `commpress.policy.decide`).
+
+    The first call of a group calibrates it (in-band, in issue order on the engine);
+    the first of a key models it; later calls of the key are one dict lookup.
+    """
+    size = bucket(nbytes)
+    key = (
+        group_name,
+        family,
+        dtype,
+        device.type,
+        size,
+        world,
+        sum_like,
+        max_err,
+        policy.verify,
+        policy.algorithm,
+        policy.error_feedback,
+    )
+    decision = _decisions.get(key)
+    if decision is not None:
+        return decision
+    with _lock:
+        table = _table(group, group_name, device, dtype, world)
+        choice, decision = model(table, family, dtype, size, world, sum_like, max_err, policy)
+        _choices[key] = Choice(group_name, op, dtype, size, world, *choice)
+        _decisions[key] = decision
+    return decision
+
+
+def _table(group: Any, name: str, device: torch.device, dtype: torch.dtype, world: int) -> Table:
+    """The group's table for ``dtype`` on ``device``: calibrated on first need.
+
+    One combining all-reduce per (group, device kind, dtype), with the link times
+    in the first; every rank reaches it at the same call.
+    """
+    tkey = (name, device.type, dtype)
+    table = _tables.get(tkey)
+    if table is not None:
+        return table
+    codecs = calibration.candidates(dtype, device)
+    lkey = f"{name}|{device.type}"
+
+    probes = _probes(codecs, dtype)
+
+    def calibrate() -> Table:
+        link = calibration.link_times(group, device) if lkey not in _links else []
+        speeds = calibration.codec_times(codecs, dtype, device)
+        timed = calibration.algorithm_times(group, device, dtype, probes)
+        combined = calibration.combine(group, device, link + speeds + timed)
+        if link:
+            _links[lkey] = combined[: len(link)]
+        n = len(link) + len(speeds)
+        base = calibration.fit(world, _links[lkey], codecs, combined[len(link) : n])
+        return _corrected(base, probes, combined[n:], dtype, world)
+
+    table = get_engine().run(name, calibrate, async_op=False, device=device)
+    _tables[tkey] = table
+    return table
+
+
+def _probes(codecs: list[Codec], dtype: torch.dtype) -> list[tuple[Algorithm, Codec]]:
+    """One codec per reduction algorithm to time it with: the eligible candidate that
+    saves the most (ties: the spec); an algorithm no candidate can run has none."""
+    out = []
+    for algo in _movers("all_reduce"):
+        fits = [
+            c for c in codecs if algo.eligible(c, True) is None and _ratio(c, dtype, 1 << 20) > 1
+        ]
+        if fits:
+            out.append((algo, max(fits, key=lambda c: (_ratio(c, dtype, 1 << 20), c.spec))))
+    return out
+
+
+def _movers(family: str) -> list[Algorithm]:
+    return [a for a in algorithms(family) if a.auto_order is not None and not a.by_codec]
+
+
+def _ratio(codec: Codec, dtype: torch.dtype, size: int) -> float:
+    numel = size // torch.empty((), dtype=dtype).element_size()
+    return size / (codec.encoded_nbytes(numel, dtype) or size)
+
+
+def _raw(
+    table: Table, algo: Algorithm, codec: Codec, size: int, world: int, dtype: torch.dtype
+) -> float:
+    """The uncorrected model: ``algo.cost`` + fixed codec times + one descriptor round."""
+    speed = table.speeds[codec.spec]
+    link = table.reduce_link if algo.families & REDUCTIONS else table.gather_link
+    cs = CodecSpeed(speed.encode_Bps, speed.decode_Bps, _ratio(codec, dtype, size))
+    fixed = speed.encode_s + world * speed.decode_s + table.descriptor_s
+    return algo.cost(size, world, link, cs) + fixed
+
+
+def _corrected(
+    base: Table,
+    probes: list[tuple[Algorithm, Codec]],
+    timed: list[float],
+    dtype: torch.dtype,
+    world: int,
+) -> Table:
+    """``base`` with each probed algorithm's ``(fixed, factor)``: the line through its two
+    measured times against the model's (factor at least 1: the model is never trusted to
+    be pessimistic; fixed at least 0)."""
+    small, large = calibration.ALGORITHM_SIZES
+    corrections = {}
+    for i, (algo, codec) in enumerate(probes):
+        if codec.spec not in base.speeds:
+            continue
+        t_small, t_large = timed[2 * i], timed[2 * i + 1]
+        m_small = _raw(base, algo, codec, small, world, dtype)
+        m_large = _raw(base, algo, codec, large, world, dtype)
+        factor = max((t_large - t_small) / (m_large - m_small), 1.0) if m_large > m_small else 1.0
+        corrections[algo.name] = (max(t_small - factor * m_small, 0.0), factor)
+    return dataclasses.replace(base, corrections=corrections)
+
+
+def _plain_cost(family: str, size: int, world: int, table: Table) -> float:
+    """Modelled seconds of the backend's own collective of ``size`` bytes per rank."""
+    if family in ("all_reduce", "reduce"):
+        return get_algorithm("direct").cost(size, world, table.reduce_link, CodecSpeed.plain())
+    if family == "reduce_scatter":  # one ring round of the input
+        return table.reduce_link.seconds((world - 1) / world * size, world - 1)
+    return table.gather_link.seconds((world - 1) * size, world - 1)
+
+
+def model(
+    table: Table,
+    family: str,
+    dtype: torch.dtype,
+    size: int,
+    world: int,
+    sum_like: bool,
+    max_err: float,
+    policy: Policy,
+) -> tuple[tuple[Any, ...], Decision]:
+    """Every option's modelled seconds and the decision: a pure function of its arguments.
+
+    Returns ``((codec, algorithm, modelled_s, plain_s, options), decision)``.
+    """
+    reduction = family in REDUCTIONS
+    plain_s = _plain_cost(family, size, world, table)
+    options: list[tuple[str, str | None, float]] = [("plain", None, plain_s)]
+    best: tuple[float, Any, Any] | None = None
+    forced = None if policy.algorithm == "auto" else policy.algorithm
+    for spec in sorted(table.speeds):
+        codec = get_codec(spec)
+        if codec.typical_rel_err is None or codec.typical_rel_err > max_err:
+            continue
+        if _ratio(codec, dtype, size) <= 1:
+            continue  # a cast to the dtype it already has saves nothing
+        for algo in _movers(family):
+            if reduction and algo.eligible(codec, sum_like) is not None:
+                continue
+            if reduction and forced is not None and algo.name != forced:
+                continue
+            # The moving ops' transport is timed as the gather all-reduce (one round of
+            # whole packets, decoded N times): the closest probed shape.
+            fixed, factor = table.corrections.get(algo.name if reduction else "gather", (0, 0))
+            if factor == 0:
+                continue  # never timed on this group: not trusted
+            seconds = fixed + factor * _raw(table, algo, codec, size, world, dtype)
+            options.append((spec, algo.name, seconds))
+            if best is None or seconds < best[0]:
+                best = (seconds, codec, algo.name)
+    if best is None or best[0] > PAYS * plain_s:
+        why = "no codec fits the error budget" if best is None else "no codec pays"
+        reason = f"auto: plain ({why}; plain modelled {plain_s * 1e6:.0f} us)"
+        return (None, None, plain_s, plain_s, tuple(options)), Decision(None, None, False, reason)
+    seconds, codec, name = best
+    ef = reduction and bool(policy.error_feedback)
+    reason = (
+        f"auto: {codec.spec} {name} modelled {seconds * 1e6:.0f} us, plain {plain_s * 1e6:.0f} us"
+    )
+    choice = (codec.spec, name, seconds, plain_s, tuple(options))
+    return choice, Decision(codec, name, ef, reason)
+
+
+def decisions() -> list[Choice]:
+    """What ``auto`` chose in this process, one `Choice` per key, oldest first."""
+    with _lock:
+        return list(_choices.values())
+
+
+def tables() -> dict[tuple[str, str, torch.dtype], Table]:
+    """The calibrated tables, by (group name, device kind, dtype)."""
+    with _lock:
+        return dict(_tables)
+
+
+def reset() -> None:
+    """Forget every table and decision (the next ``auto`` call of a group calibrates
+    again). Call it on every rank at the same point, or the ranks calibrate apart."""
+    with _lock:
+        _links.clear()
+        _tables.clear()
+        _decisions.clear()
+        _choices.clear()

@@ -1,0 +1,340 @@
+"""The measured figures behind ``codec="auto"``: link times per group, codec speeds per device.
+
+Two kinds of figures, measured differently:
+
+- **link times**, in-band on the group, the first time an ``auto`` call on that
+  group needs them: median seconds of a backend ``all_reduce`` and
+  ``all_gather`` of `LINK_SIZES` bytes per rank and of a 16-byte
+  ``all_gather`` (what a compressed call's descriptor exchange costs). Every
+  rank of the group takes part at the same call: the first ``auto`` call on a
+  group is the same call on every rank (program order).
+- **codec times**: median seconds of one encode and one decode of
+  `CODEC_SIZES` bytes, per candidate codec, dtype and device, measured once
+  and kept on disk (`cache_path`: ``$COMMPRESS_CACHE_DIR`` or
+  ``~/.cache/commpress``, one file per machine, device, thread count, torch and
+  commpress version), so a restarted job reads them back.
+
+Then `combine` all-reduces every time with ``MAX`` over the group: every rank
+holds the identical `Table`, whether it read its codec times from disk or
+measured them, and the slowest rank sets the pace (max of times = min of
+speeds). `fit` turns the two sizes of each figure into a fixed cost plus a
+rate: for the links ``alpha`` and bandwidth of the ring all-reduce and of the
+all-gather models (``docs/auto.md``), for the codecs ``t(S) = t0 + S/rate``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .algorithms import Algorithm, Link
+from .algorithms.comm import Comm
+from .cli_codecs import measure_codec
+from .codec import Codec
+from .registry import get_codec, list_codecs
+
+__all__ = [
+    "CACHE_ENV",
+    "LINK_SIZES",
+    "CODEC_SIZES",
+    "Speed",
+    "Table",
+    "candidates",
+    "cache_path",
+    "codec_times",
+    "link_times",
+    "algorithm_times",
+    "combine",
+    "fit",
+    "stats",
+]
+
+#: Environment variable naming the directory of the codec-speed cache.
+CACHE_ENV = "COMMPRESS_CACHE_DIR"
+#: Bytes per rank of the two timed link transfers.
+LINK_SIZES = (4 << 10, 4 << 20)
+#: Bytes per rank of the two timed compressed all-reduces of each algorithm.
+ALGORITHM_SIZES = (64 << 10, 4 << 20)
+#: Bytes of the two timed codec runs.
+CODEC_SIZES = (16 << 10, 1 << 20)
+#: Timed runs per figure (after one warm-up); the median counts.
+REPEAT = 5
+#: Bytes of the descriptor-sized all-gather.
+DESCRIPTOR_BYTES = 16
+_CODEC_FIGURES = 4  # encode x2, decode x2
+# torch 2.13 renamed it (the old name warns); use whichever exists.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+#: What this process measured (tests read it: a cache hit measures nothing).
+stats = {
+    "codec_measurements": 0,
+    "link_measurements": 0,
+    "algorithm_measurements": 0,
+    "cache_reads": 0,
+}
+
+
+@dataclass(frozen=True)
+class Speed:
+    """One codec on one dtype and device: fixed seconds plus bytes per second, each way."""
+
+    encode_s: float
+    encode_Bps: float
+    decode_s: float
+    decode_Bps: float
+
+
+@dataclass(frozen=True)
+class Table:
+    """Everything ``auto`` decides from; identical on every rank of the group.
+
+    Attributes:
+        reduce_link: alpha and bandwidth fitted to the ring all-reduce model.
+        gather_link: alpha and bandwidth fitted to the all-gather model.
+        descriptor_s: seconds of the descriptor exchange a compressed call adds.
+        speeds: codec spec -> `Speed` (this dtype and device).
+        corrections: algorithm name -> ``(fixed seconds, factor)``: a compressed call
+            with it takes ``fixed + factor * modelled`` (fitted to `algorithm_times`
+            by `commpress.auto`); an algorithm without one is never chosen.
+    """
+
+    reduce_link: Link
+    gather_link: Link
+    descriptor_s: float
+    speeds: dict[str, Speed]
+    corrections: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def candidates(dtype: torch.dtype, device: torch.device) -> list[Codec]:
+    """The codecs ``auto`` weighs for ``dtype`` on ``device``, sorted by spec.
+
+    Default parameters; a declared ``typical_rel_err``; fixed size; no error feedback
+    and no algorithm of their own; able to take the dtype and run on the device.
+    """
+    out = []
+    for name in list_codecs():
+        c = get_codec(name)
+        if (
+            c.typical_rel_err is None
+            or c.wants_error_feedback
+            or c.algorithm is not None
+            or not c.fixed_size
+            or not c.supports(dtype)
+            or (c.devices is not None and device.type not in c.devices)
+        ):
+            continue
+        out.append(c)
+    return sorted(out, key=lambda c: c.spec)
+
+
+# ---------------------------------------------------------------- codec times
+def _version() -> str:
+    try:
+        return metadata.version("commpress")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _device_model(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _machine_key(device: torch.device) -> str:
+    return (
+        f"{socket.gethostname()}|{device.type}|{_device_model(device)}|"
+        f"threads={torch.get_num_threads()}|torch {torch.__version__}|commpress {_version()}"
+    )
+
+
+def cache_path(device: torch.device) -> Path:
+    """The codec-speed cache file of this machine, device kind, thread count and versions."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(Path.home(), ".cache", "commpress")
+    digest = hashlib.blake2b(_machine_key(device).encode(), digest_size=8).hexdigest()
+    return Path(root) / f"codec-speeds-{digest}.json"
+
+
+def _read_cache(path: Path, key: str) -> dict[str, list[float]]:
+    """The cached times, or nothing when the file is missing, unreadable or not ours."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("key") != key:
+        return {}
+    times = data.get("times")
+    if not isinstance(times, dict):
+        return {}
+    return {
+        k: [float(x) for x in v]
+        for k, v in times.items()
+        if isinstance(v, list)
+        and len(v) == _CODEC_FIGURES
+        and all(isinstance(x, (int, float)) and 0 < x < math.inf for x in v)
+    }
+
+
+def _write_cache(path: Path, key: str, times: dict[str, list[float]]) -> None:
+    """Write atomically (a rename), so a concurrent reader sees the old file or the new."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "times": times}, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+
+
+def _measure(codec: Codec, dtype: torch.dtype, device: torch.device) -> list[float]:
+    """Encode and decode seconds at both `CODEC_SIZES`; +inf where the codec fails."""
+    stats["codec_measurements"] += 1
+    gen = torch.Generator(device=device).manual_seed(0)
+    out: list[float] = []
+    for nbytes in CODEC_SIZES:
+        numel = nbytes // torch.empty((), dtype=dtype).element_size()
+        x = torch.randn(numel, generator=gen, device=device).to(dtype)
+        row = measure_codec(codec, x, REPEAT)
+        if not row.encode_gbps or not row.decode_gbps:
+            return [math.inf] * _CODEC_FIGURES
+        out.append(nbytes / (row.encode_gbps * 1e9))
+        out.append(nbytes / (row.decode_gbps * 1e9))
+    return [out[0], out[2], out[1], out[3]]  # encode small, large; decode small, large
+
+
+def codec_times(codecs: list[Codec], dtype: torch.dtype, device: torch.device) -> list[float]:
+    """This rank's codec times, `_CODEC_FIGURES` per codec: read from the cache file,
+    measured (and written back) where it has none."""
+    path, key = cache_path(device), _machine_key(device)
+    cached = _read_cache(path, key)
+    if cached:
+        stats["cache_reads"] += 1
+    out: list[float] = []
+    missing = False
+    for c in codecs:
+        entry = f"{c.spec}|{str(dtype).removeprefix('torch.')}"
+        if entry not in cached:
+            cached[entry] = _measure(c, dtype, device)
+            missing = True
+        out.extend(cached[entry])
+    if missing:
+        _write_cache(path, key, {k: v for k, v in cached.items() if math.inf not in v})
+    return out
+
+
+# ----------------------------------------------------------------- link times
+def _median(fn: Callable[[], Any], sync: Callable[[], Any]) -> float:
+    fn()  # warm-up: connections, buffers
+    times = []
+    for _ in range(REPEAT):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def link_times(group: Any, device: torch.device) -> list[float]:
+    """In-band, on every rank of ``group`` at once: median seconds of an all-reduce and an
+    all-gather of each of `LINK_SIZES` per rank, and of a descriptor-sized all-gather."""
+    stats["link_measurements"] += 1
+    world = dist.get_world_size(group)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = []
+    for nbytes in LINK_SIZES:
+        x = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+        out.append(_median(lambda x=x: dist.all_reduce(x, group=group), sync))
+    for nbytes in (*LINK_SIZES, DESCRIPTOR_BYTES):
+        x = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        y = torch.empty(world * nbytes, dtype=torch.uint8, device=device)
+        out.append(_median(lambda x=x, y=y: _ALL_GATHER(y, x, group=group), sync))
+    return out
+
+
+def algorithm_times(
+    group: Any, device: torch.device, dtype: torch.dtype, probes: list[tuple[Algorithm, Codec]]
+) -> list[float]:
+    """In-band, on every rank of ``group``: median seconds of each probe's compressed
+    all-reduce (the algorithm's own work, descriptor included) at both `ALGORITHM_SIZES`.
+
+    What the codec and link models leave out (allocation, the engine, Python, cache
+    misses at size) shows up here; `fit` turns it into a fixed cost and a factor.
+    """
+    stats["algorithm_measurements"] += 1
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    gen = torch.Generator(device=device).manual_seed(rank)
+    out = []
+    for algo, codec in probes:
+        comm = Comm("all_reduce", group, rank, world, device, codec)
+        for nbytes in ALGORITHM_SIZES:
+            numel = nbytes // torch.empty((), dtype=dtype).element_size()
+            x = torch.randn(numel, generator=gen, device=device).to(dtype)
+            run = algo.all_reduce
+            out.append(_median(lambda x=x, c=comm, run=run: run(c, x, dist.ReduceOp.SUM), sync))
+    return out
+
+
+def combine(group: Any, device: torch.device, times: list[float]) -> list[float]:
+    """Every rank's ``times`` reduced with MAX over ``group``: the same list on every rank.
+
+    Every rank calls it with a list of the same length (same candidates, same figures).
+    """
+    t = torch.tensor(times, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.cpu().tolist()
+
+
+# ------------------------------------------------------------------------ fit
+def _line(sizes: tuple[int, int], t: tuple[float, float], scale: float) -> tuple[float, float]:
+    """``(fixed seconds, rate)`` of ``t = fixed + scale * size / rate`` through two points.
+
+    A slope that noise made zero or negative gives the rate of the larger point alone.
+    """
+    (s0, s1), (t0, t1) = sizes, t
+    if t1 > t0:
+        rate = scale * (s1 - s0) / (t1 - t0)
+    else:
+        rate = scale * s1 / t1 if t1 > 0 else math.inf
+    fixed = max(t0 - scale * s0 / rate, 0.0)
+    return fixed, rate
+
+
+def fit(world: int, link: list[float], codecs: list[Codec], codec: list[float]) -> Table:
+    """The `Table` from combined figures (`link_times` and `codec_times` layouts)."""
+    ring = 2 * (world - 1)
+    fixed, bw = _line(LINK_SIZES, (link[0], link[1]), ring / world)
+    reduce_link = Link(max(fixed / ring, 1e-7), bw)
+    fixed, bw = _line(LINK_SIZES, (link[2], link[3]), world - 1)
+    gather_link = Link(max(fixed / (world - 1), 1e-7), bw)
+    speeds = {}
+    for i, c in enumerate(codecs):
+        figures = codec[_CODEC_FIGURES * i : _CODEC_FIGURES * (i + 1)]
+        enc_small, enc_large, dec_small, dec_large = figures
+        if math.inf in (enc_small, enc_large, dec_small, dec_large):
+            continue
+        enc_s, enc_bps = _line(CODEC_SIZES, (enc_small, enc_large), 1.0)
+        dec_s, dec_bps = _line(CODEC_SIZES, (dec_small, dec_large), 1.0)
+        speeds[c.spec] = Speed(enc_s, enc_bps, dec_s, dec_bps)
+    return Table(reduce_link, gather_link, link[4], speeds)

@@ -1,0 +1,243 @@
+"""``codec="auto"``: the spec, the model, and on gloo: shared decisions, the cache, plain calls.
+
+No test here is timed. The decision cost once cached was measured by hand (a
+loop of 100 000 ``decide`` calls with a cached key; ``docs/auto.md`` has the
+numbers)::
+
+    with using(Policy(codec="auto", min_bytes=0)):
+        cdist.all_reduce(x)                           # calibrates, decides
+        t0 = time.perf_counter()
+        for _ in range(100_000):
+            Call.begin("all_reduce", None, x, R.SUM, None)
+        print((time.perf_counter() - t0) / 1e5)       # seconds per decision
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import commpress
+import commpress.distributed as cdist
+from commpress import ConfigError, auto, calibration, get_codec
+from commpress.algorithms import Link
+from commpress.calibration import Speed, Table
+from commpress.policy import Policy, decide, using
+from commpress.testing import DistPool, gaussian
+from commpress.testing.collective import Report, assert_reports, piece_bound, reduce_bound
+
+R = dist.ReduceOp
+ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+SIZES = (4 << 10, 64 << 10, 1 << 20)
+
+
+def _table(bandwidth: float) -> Table:
+    """A synthetic table: codecs at 10 GB/s, every algorithm modelled as is."""
+    fast = Speed(1e-5, 1e10, 1e-5, 1e10)
+    specs = ("bf16", "fp16", "int8", "fp8")
+    return Table(
+        Link(1e-4, bandwidth),
+        Link(1e-4, bandwidth),
+        1e-4,
+        {s: fast for s in specs},
+        {a: (0.0, 1.0) for a in ("direct", "gather", "two_phase")},
+    )
+
+
+# ================================================================== the spec
+def test_auto_spec_is_a_policy_choice():
+    assert Policy(codec="auto").codec == "auto"
+    assert Policy(codec="auto:max_err=1e-3").codec == "auto:max_err=0.001"
+    assert Policy(codec="auto:max_err=0.01").codec == "auto"
+    assert Policy.from_env({"COMMPRESS_CODEC": "auto"}).codec == "auto"
+    for bad in ("auto:max_err=-1", "auto:foo=1", "auto:max_err=x"):
+        with pytest.raises(ConfigError, match="auto"):
+            Policy(codec=bad)
+    with pytest.raises(commpress.UnknownCodecError):
+        get_codec("auto")  # a policy choice, not a codec
+
+
+def test_auto_checks_before_the_model():
+    x = torch.zeros(1 << 20)
+    policy = Policy(codec="auto", min_bytes=0)
+
+    def never(*args):
+        raise AssertionError("the model must not be asked")
+
+    cases = [
+        ("all_reduce", torch.zeros(1 << 18, dtype=torch.int32), R.SUM, 2, "never lossy"),
+        ("all_reduce", x, R.MAX, 2, "never reduced lossily"),
+        ("all_reduce", x, R.SUM, 1, "single rank"),
+        ("all_to_all_single", x, None, 2, "all_to_all goes plain"),
+        ("all_reduce", torch.zeros(0), R.SUM, 2, "empty"),
+    ]
+    for op, t, rop, world, why in cases:
+        d = decide(op, t, rop, world_size=world, policy=policy, auto=never)
+        assert not d.compressed and why in d.reason, (op, d)
+    d = decide("all_reduce", x, R.SUM, world_size=2, policy=policy.replace(min_bytes=8 << 20))
+    assert not d.compressed and "min_bytes" in d.reason
+    d = decide("all_reduce", x, R.SUM, world_size=2, policy=policy)
+    assert not d.compressed and "outside" in d.reason
+
+
+def test_model_picks_by_cost_within_the_budget():
+    policy = Policy(codec="auto")
+    slow, fast = _table(1e7), _table(1e12)
+    f32 = torch.float32
+    (codec, algorithm, *_), d = auto.model(slow, "all_reduce", f32, 16 << 20, 4, True, 1e-2, policy)
+    assert d.compressed and codec == "int8" and algorithm in ("gather", "two_phase")
+    (codec, *_), d = auto.model(slow, "all_reduce", f32, 16 << 20, 4, True, 1e-3, policy)
+    assert codec == "fp16" and d.algorithm == "direct"  # bf16 and int8 exceed 1e-3
+    (codec, *_), d = auto.model(slow, "all_reduce", f32, 16 << 20, 4, True, 0.0, policy)
+    assert codec is None and "budget" in d.reason
+    assert not auto.model(fast, "all_reduce", f32, 16 << 20, 4, True, 1e-2, policy)[1].compressed
+    # A compressed call's fixed cost (measured: ~1-3 ms on gloo) sinks small calls.
+    fixed = dataclasses.replace(slow, corrections={a: (1e-3, 1.0) for a in slow.corrections})
+    assert not auto.model(fixed, "all_reduce", f32, 1024, 4, True, 1e-2, policy)[1].compressed
+    assert auto.model(fixed, "all_reduce", f32, 16 << 20, 4, True, 1e-2, policy)[1].compressed
+    (codec, *_), d = auto.model(slow, "all_gather", f32, 16 << 20, 4, True, 1e-2, policy)
+    assert codec == "int8" and d.algorithm == "transport"
+    (_, _, _, _, options), _ = auto.model(slow, "all_reduce", f32, 16 << 20, 4, True, 1e-2, policy)
+    assert "fp8" not in {o[0] for o in options}  # ~3e-2: outside the default budget
+    bf16 = auto.model(slow, "all_reduce", torch.bfloat16, 16 << 20, 4, True, 1e-2, policy)
+    assert "bf16" not in {o[0] for o in bf16[0][4]}  # a cast to its own dtype saves nothing
+    slowed = dataclasses.replace(slow, corrections={"direct": (1.0, 1.0)})
+    (codec, *_), _ = auto.model(slowed, "all_reduce", f32, 16 << 20, 4, True, 1e-2, policy)
+    assert codec in ("fp16", "bf16")  # untimed algorithms are never chosen
+
+
+# =================================================================== on gloo
+def _cache(rank: int, shared: str) -> str:
+    """Rank 0 shares ``shared``; the others get an empty directory of their own."""
+    return shared if rank == 0 else tempfile.mkdtemp(prefix=f"commpress-auto-{rank}-")
+
+
+def _same_decisions_body(rank, world, shared, slow):
+    os.environ[calibration.CACHE_ENV] = _cache(rank, shared)
+    auto.reset()
+    rep = Report()
+    with using(Policy(codec="auto", min_bytes=0)):
+        cdist.all_reduce(torch.zeros(1 << 14))  # calibrates the group
+        if slow:  # the same emulated slow link on every rank: compressed decisions
+            for key, table in auto.tables().items():
+                auto._tables[key] = dataclasses.replace(
+                    table,
+                    reduce_link=Link(1e-4, 1e6),
+                    gather_link=Link(1e-4, 1e6),
+                    corrections={a: (0.0, 1.0) for a in ("direct", "gather", "two_phase")},
+                )
+            auto._decisions.clear()
+            auto._choices.clear()
+        for numel in (s // 4 for s in SIZES):
+            xs = [gaussian(numel, seed=10 * r + numel % 7) for r in range(world)]
+            for op in (R.SUM, R.AVG):
+                name = f"all_reduce {op} {numel}"
+                with rep.case(name):
+                    out, ref = xs[rank].clone(), xs[rank].clone()
+                    cdist.all_reduce(out, op=op)
+                    dist.all_reduce(ref, op=op)
+                    d = auto.decisions()[-1]
+                    _check(
+                        rep, name, d, out, ref, reduce_bound(_codec(d), d.algorithm, xs, op, world)
+                    )
+            name = f"all_gather {numel}"
+            with rep.case(name):
+                out = torch.empty(world * numel)
+                ref = torch.empty(world * numel)
+                cdist.all_gather_into_tensor(out, xs[rank])
+                ALL_GATHER(ref, xs[rank])
+                d = auto.decisions()[-1]
+                bound = torch.cat([piece_bound(d.codec or "none", x) for x in xs])
+                _check(rep, name, d, out, ref, bound)
+            name = f"reduce_scatter {numel}"
+            with rep.case(name):
+                out, ref = torch.empty(numel // world), torch.empty(numel // world)
+                inp = xs[rank][: world * (numel // world)]
+                cdist.reduce_scatter_tensor(out, inp)
+                REDUCE_SCATTER(ref, inp)
+                d = auto.decisions()[-1]
+                rep.check(name, d.codec is not None or torch.equal(out, ref), "plain != torch")
+    if slow:  # the emulated link makes the large calls pay
+        rep.check("some call compressed", any(c.codec for c in auto.decisions()))
+    decisions = [(c.op, c.bucket, c.codec, c.algorithm) for c in auto.decisions()]
+    rep.digests["decisions"] = repr(decisions)
+    rep.digests["table"] = repr(sorted(auto.tables().items(), key=str))
+    return rep.result()
+
+
+def _codec(choice):
+    return None if choice.codec is None else get_codec(choice.codec)
+
+
+def _check(rep, name, choice, out, ref, bound):
+    if choice.codec is None:
+        rep.check(name, torch.equal(out, ref), "auto chose plain but differs from torch")
+    else:
+        rep.within(name, out, ref, bound)
+
+
+def test_every_rank_makes_the_same_decision(gloo, tmp_path):
+    # The second run: rank 0 reads its codec times from the cache, the others measure.
+    assert_reports(gloo.run(_same_decisions_body, str(tmp_path), False))
+    assert_reports(gloo.run(_same_decisions_body, str(tmp_path), True))
+
+
+def _plain_small_body(rank, world, shared):
+    os.environ[calibration.CACHE_ENV] = _cache(rank, shared)
+    auto.reset()
+    with using(Policy(codec="auto", min_bytes=0)):
+        cdist.all_reduce(torch.zeros(1 << 10))  # calibration gathers; then count
+        calls = []
+        saved = {
+            n: getattr(dist, n)
+            for n in ("all_gather_into_tensor", "all_gather_single", "all_gather")
+            if hasattr(dist, n)
+        }
+        for n, fn in saved.items():
+            setattr(dist, n, lambda *a, _n=n, _fn=fn, **k: (calls.append(_n), _fn(*a, **k))[1])
+        commpress.reset_stats()
+        try:
+            x = torch.ones(1 << 10)
+            cdist.all_reduce(x)
+            cdist.broadcast(torch.ones(1 << 10), src=0)
+        finally:
+            for n, fn in saved.items():
+                setattr(dist, n, fn)
+    s = commpress.stats().total()
+    return calls, s.compressed, s.bytes_in, s.bytes_wire, x.sum().item()
+
+
+def test_a_small_call_goes_plain_with_no_descriptor(gloo2, tmp_path):
+    for calls, compressed, bytes_in, bytes_wire, total in gloo2.run(
+        _plain_small_body, str(tmp_path)
+    ):
+        assert calls == [] and compressed == 0 and bytes_wire == bytes_in > 0
+        assert total == 2 * (1 << 10)
+
+
+def _calibrate_body(rank, world):
+    auto.reset()
+    with using(Policy(codec="auto", min_bytes=0)):
+        cdist.all_reduce(torch.zeros(1 << 12))
+    path = calibration.cache_path(torch.device("cpu"))
+    return dict(calibration.stats), path.stat().st_mtime_ns, sorted(auto.tables())
+
+
+def test_calibration_survives_a_restart_through_its_cache(tmp_path):
+    env = {calibration.CACHE_ENV: str(tmp_path)}
+    with DistPool(2, pg_timeout=60, job_timeout=180, env=env) as pool:
+        first = pool.run(_calibrate_body)
+    with DistPool(2, pg_timeout=60, job_timeout=180, env=env) as pool:
+        second = pool.run(_calibrate_body)
+    assert all(s["codec_measurements"] > 0 for s, _, _ in first)
+    for stats, mtime, tables in second:
+        assert stats["codec_measurements"] == 0 and stats["cache_reads"] == 1, stats
+        assert stats["link_measurements"] == 1  # links are measured in-band every run
+        assert mtime == max(m for _, m, _ in first)  # nobody rewrote the cache
+        assert tables
