@@ -229,3 +229,34 @@ def test_compressed_calls_show_in_profiler_traces(gloo2):
         assert "commpress:broadcast[int8]" in names, names
         for phase in ("commpress:encode", "commpress:transfer", "commpress:decode"):
             assert phase in names, names
+
+
+def _ratios(rank: int, world: int) -> dict[str, float]:
+    import commpress
+    import commpress.distributed as cdist
+
+    commpress.reset_stats()
+    x = torch.randn(world * (1 << 18))
+    cdist.all_reduce(x.clone(), codec="int8")
+    cdist.reduce_scatter_tensor(torch.empty(1 << 18), x, codec="int8")
+    cdist.reduce_scatter(torch.empty(1 << 18), list(x.chunk(world)), codec="int8")
+    cdist.all_to_all_single(torch.empty_like(x), x, codec="int8")
+    ins = list(x.chunk(world))
+    cdist.all_to_all([torch.empty_like(t) for t in ins], ins, codec="int8")
+    s = commpress.stats()
+    ops = (
+        "all_reduce",
+        "reduce_scatter_tensor",
+        "reduce_scatter",
+        "all_to_all_single",
+        "all_to_all",
+    )
+    return {op: s[op].ratio for op in ops}
+
+
+def test_stats_ratio_compares_like_with_like(gloo):
+    """A rank's own block of a reduce-scatter or all-to-all never leaves it: not counted
+    on either side of the ratio, so int8 reads ~3.9x on every op (it read ~2x more)."""
+    for ratios in gloo.run(_ratios):
+        for op, ratio in ratios.items():
+            assert 3.5 < ratio < 4.0, (op, ratios)

@@ -7,8 +7,10 @@ op (``"all_reduce"``, ``"broadcast"``, ...), in this process:
   (the rest went to plain ``torch.distributed``: below ``min_bytes``,
   integer data, MIN/MAX, codec ``none``, ...);
 - ``bytes_in`` -- bytes the plain ``torch.distributed`` call would have
-  handed to the backend from this rank (the input tensor, or for
-  ``all_to_all`` the input chunks);
+  handed to the backend from this rank for other ranks: the input tensor,
+  or for ``all_to_all`` and the reduce-scatters the input less this rank's
+  own chunk or block (which never leaves the rank), so that the ratio of
+  every op compares like with like;
 - ``bytes_wire`` -- bytes commpress handed to the backend from this rank for
   other ranks: packed buffers (wire headers included; an all-to-all's piece
   for this rank itself is not counted), the small size descriptors, and

@@ -370,7 +370,8 @@ def all_to_all(
             outputs=outputs,
             tensors=[*inputs, *outputs],
             codec=codec,
-            bytes_in=sum(nbytes(t) for t in inputs),
+            # This rank's own chunk never leaves it (as in bytes_wire).
+            bytes_in=sum(nbytes(t) for j, t in enumerate(inputs) if j != dist.get_rank(group)),
             check=check,
         ),
         async_op,
@@ -414,6 +415,7 @@ def all_to_all_single(
     check_tensor(input, "input")
     if not_member(group):
         return None
+    world = dist.get_world_size(group)
 
     def plain(a: bool) -> Any:
         return dist.all_to_all_single(
@@ -445,6 +447,8 @@ def all_to_all_single(
         if _exchange_or_plain(call, comm, list(input.split(ins)), pieces, plain):
             write(output, contiguous)
 
+    splits = _splits(input_split_sizes, input.size(0) if input.dim() else 0, world, "input")
+    own = 0 if isinstance(splits, str) or not input.numel() else splits[dist.get_rank(group)]
     return execute(
         Request(
             "all_to_all_single",
@@ -455,6 +459,8 @@ def all_to_all_single(
             outputs=[output],
             tensors=[output, input],
             codec=codec,
+            # This rank's own rows never leave it (as in bytes_wire).
+            bytes_in=nbytes(input) - (own * nbytes(input) // input.size(0) if own else 0),
             check=check,
         ),
         async_op,

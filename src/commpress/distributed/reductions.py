@@ -129,6 +129,11 @@ def reduce(
     )
 
 
+def _others(t: torch.Tensor, world: int) -> int:
+    """Bytes of ``t`` bound for other ranks (all but this rank's own block)."""
+    return nbytes(t) * (world - 1) // world
+
+
 def _scatter_reduced(inputs: list[torch.Tensor], output: torch.Tensor, op: Any) -> Any:
     """The compressed job of the reduce-scatters: phase 1 of two_phase on the
     concatenated input (one view when it is one tensor), rank ``r`` keeping block ``r``."""
@@ -181,6 +186,7 @@ def reduce_scatter_tensor(
             input,
             plain=lambda a: fn(output, input, op, group, a),
             run=_scatter_reduced([input], output, op),
+            bytes_in=_others(input, dist.get_world_size(group)),
             outputs=[output],
             tensors=[output, input],
             reduce_op=op,
@@ -211,6 +217,7 @@ def reduce_scatter(
     if not_member(group):
         return None
     total = sum(nbytes(t) for t in inputs)
+    world = dist.get_world_size(group)
 
     def check(call: Call) -> str | None:
         n = output.numel()
@@ -237,7 +244,7 @@ def reduce_scatter(
             codec=codec,
             key=key,
             size=total,
-            bytes_in=total,
+            bytes_in=total * (world - 1) // world,  # this rank's own block stays
             check=check,
         ),
         async_op,
