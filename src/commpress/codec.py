@@ -80,7 +80,6 @@ from .errors import (
     UnsupportedDtypeError,
     WireError,
 )
-from .units import parse_bool
 
 __all__ = [
     "Codec",
@@ -243,7 +242,7 @@ class Codec(abc.ABC):
         """Build this class from parameter values (``config()`` without ``"id"``).
 
         String values are converted to the field's type (``int``, ``float``, ``bool``
-        from ``1/0/true/false/yes/no/on/off``), as spec strings need.
+        from exactly ``1``, ``0``, ``true`` or ``false``), as spec strings need.
 
         Raises:
             ConfigError: an unknown parameter, a value of the wrong kind or out of range.
@@ -545,12 +544,20 @@ def saturating_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return y
 
 
+#: A boolean codec parameter in a spec: no "yes"/"on", so every rank spells it one way.
+_BOOLS = {"1": True, "true": True, "0": False, "false": False}
+
+
 def _convert(codec_id: str, key: str, raw: Any, typ: Any) -> Any:
     if not isinstance(raw, str):
         return raw
+    if typ is bool:
+        if raw not in _BOOLS:
+            raise ConfigError(
+                f"{codec_id}: {key}={raw!r} is not a valid bool; expected one of 0, 1, true, false"
+            )
+        return _BOOLS[raw]
     try:
-        if typ is bool:
-            return parse_bool(raw)
         if typ is int:
             return int(raw)
         if typ is float:

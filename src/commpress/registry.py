@@ -7,9 +7,12 @@ Grammar::
     param  := key "=" value
 
 ``"int8"``, ``"int8:block=128,stochastic=1"``, ``"int8:block=128+zstd:level=3"``.
+A spec has no whitespace anywhere (``" int8"`` and ``"int8: block=128"`` raise
+`ConfigError`): the canonical spec is compared byte for byte across ranks and
+in wire headers, so a spelling with spaces is refused rather than guessed at.
 Values are converted to the type of the codec's dataclass field (``int``,
-``float``, ``bool`` from ``1/0/true/false``, ``str``). A ``+`` chains codecs
-left to right (see `commpress.codecs.chain.Chain`).
+``float``, ``bool`` from exactly ``1``/``0``/``true``/``false``, ``str``). A
+``+`` chains codecs left to right (see `commpress.codecs.chain.Chain`).
 
 A config dict ``{"id": "int8", "block": 128}`` (what ``Codec.config()``
 returns) is accepted wherever a spec string is, and so is a `Codec`.
@@ -98,29 +101,33 @@ def parse_spec(spec: str) -> list[tuple[str, dict[str, str]]]:
     """Split a spec string into ``[(name, {key: raw_value}), ...]`` stages.
 
     Raises:
-        ConfigError: the string is empty or malformed (names the bad part).
+        ConfigError: the string is empty, contains whitespace or is malformed (names the
+            bad part).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"codec spec must be a non-empty string, got {spec!r}")
+    if any(ch.isspace() for ch in spec):
+        raise ConfigError(
+            f"codec spec {spec!r} contains whitespace, which a spec may not; "
+            f"write it without: {''.join(spec.split())!r}"
+        )
     stages = []
     for stage in spec.split("+"):
-        stage = stage.strip()
         if not stage:
             raise ConfigError(f"codec spec {spec!r} has an empty stage around '+'")
         name, _, rest = stage.partition(":")
-        name = name.strip()
         params: dict[str, str] = {}
-        if rest.strip():
+        if rest:
             for item in rest.split(","):
                 key, eq, value = item.partition("=")
-                if not eq or not key.strip() or not value.strip():
+                if not eq or not key or not value:
                     raise ConfigError(
                         f"codec spec {spec!r}: parameter {item!r} is not of the form key=value"
                     )
-                if key.strip() in params:
-                    raise ConfigError(f"codec spec {spec!r}: parameter {key.strip()!r} given twice")
-                params[key.strip()] = value.strip()
-        elif rest or stage.endswith(":"):
+                if key in params:
+                    raise ConfigError(f"codec spec {spec!r}: parameter {key!r} given twice")
+                params[key] = value
+        elif stage.endswith(":"):
             raise ConfigError(f"codec spec {spec!r}: ':' must be followed by key=value parameters")
         stages.append((name, params))
     return stages

@@ -130,8 +130,12 @@ class Chain(Codec):
     def _decode(
         self, payload: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
     ) -> torch.Tensor:
-        if not payload:
-            raise WireError(f"chain {self.spec!r}: packet has no index section")
+        if not payload or payload[0].dtype != torch.int64 or payload[0].dim() != 1:
+            got = f"a {payload[0].dtype} section" if payload else "nothing"
+            raise WireError(
+                f"chain {self.spec!r}: packet must start with a 1-D int64 index section, got "
+                f"{got}; the buffer is corrupted"
+            )
         index = payload[0].tolist()
         sections = list(payload[1:])
         # Split the index into one table per stage (forward order), then undo backwards.

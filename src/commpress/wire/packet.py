@@ -23,7 +23,8 @@ Sections start on 8-byte boundaries so the receiver can view them in their
 dtype without copying. ``unpack`` checks every field -- magic, version,
 limits, dtype codes, that the section sizes add up to exactly the buffer's
 length, that each section is a whole number of elements, that the shape's
-element count is sane -- before it creates any tensor. The sections it
+element count is sane (zero-sized dimensions counted as 1, because torch's
+strides multiply the others) -- before it creates any tensor. The sections it
 returns are views into the buffer (no allocation), except where an element is wider
 than the alignment allows (complex128, or a buffer that starts at an odd offset):
 those sections are copied. There is no pickle here.
@@ -32,10 +33,35 @@ The config hash comes from the packet itself (`PacketMeta.config_hash`, set by
 the codec that made it), so packing never rebuilds a codec. Only a packet built
 by hand without a hash, and `unpack` without an expected codec, look the codec
 up by its spec in the registry (which never imports ``wire``: no cycle).
+
+Decode bound
+------------
+What a buffer may make its decoder allocate is bounded before anything is
+decoded. The output is the header's shape in the header's dtype, ``numel x
+itemsize`` bytes; `unpack` raises `WireError` when that exceeds
+
+- ``max_decode_bytes`` (default `default_max_decode_bytes`: the size in
+  ``COMMPRESS_MAX_DECODE_BYTES``, e.g. ``64GiB``, else `MAX_DECODE_BYTES`,
+  16 GiB), for every buffer; and
+- when the codec comes from the header (``codec=None``, so its config, a
+  ``topk`` ratio of ``1e-9`` say, is as untrusted as the shape), also
+  ``MAX_EXPANSION x len(buffer) + EXPANSION_SLACK`` (1024x plus 1 MiB). To
+  decode a buffer that legitimately expands more (``zstd`` of zeros, sparse
+  codecs below ``ratio=0.001``), pass the codec you expect.
+
+Given the output size, every codec's decoder is held to it: fixed-size codecs
+check that their sections are exactly ``encoded_nbytes`` of the header's
+shape (a ``topk`` or ``randomk`` buffer must carry the ``k`` values its ratio
+gives), ``powersgd`` that its factors make a matrix of the declared size,
+``lz4``/``zstd`` check every chunk header against the declared size and
+decompress into the output itself, and chains check their index. The
+temporaries of a decode are of the order of its output (at most its
+``int64`` indices for the sparse codecs).
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 
@@ -44,6 +70,7 @@ import torch
 from ..codec import CODE_DTYPES, DTYPE_CODES, Codec, Packet, PacketMeta
 from ..errors import CodecMismatchError, ConfigError, WireError
 from ..registry import get_codec
+from ..units import parse_size
 
 __all__ = [
     "pack",
@@ -57,6 +84,10 @@ __all__ = [
     "HEADER_FIXED",
     "MAX_SPEC",
     "MAX_NUMEL",
+    "MAX_DECODE_BYTES",
+    "MAX_EXPANSION",
+    "EXPANSION_SLACK",
+    "default_max_decode_bytes",
 ]
 
 MAGIC = b"CMPR"
@@ -69,6 +100,15 @@ MAX_SECTIONS = 1024
 MAX_SPEC = 4096
 MAX_NUMEL = 1 << 48
 FLAG_CRC = 1
+#: Default cap on the bytes one buffer may decode to (see "Decode bound").
+MAX_DECODE_BYTES = 1 << 34
+#: Environment variable that replaces `MAX_DECODE_BYTES` (a size: ``64GiB``, ``1T``).
+ENV_MAX_DECODE_BYTES = "COMMPRESS_MAX_DECODE_BYTES"
+#: With the codec read from the header, a buffer decodes to at most this many times its
+#: length plus `EXPANSION_SLACK` (sign codes of float64 expand 64x, topk at ratio 0.001
+#: about 670x; smaller ratios and runs of zeros need the expected codec passed).
+MAX_EXPANSION = 1024
+EXPANSION_SLACK = 1 << 20
 
 
 def _pad8(n: int) -> int:
@@ -297,12 +337,13 @@ def _parse_header(
     rest = bytes(buffer[HEADER_FIXED:raw_len].cpu().numpy())
     shape = struct.unpack_from(f"<{ndim}q", rest, 0)
     pos = 8 * ndim
-    numel = 1
+    span = 1
     for s in shape:
         if s < 0:
             raise WireError(f"wire header has a negative dimension in shape {shape}")
-        numel *= s
-        if numel > MAX_NUMEL:
+        # Zero-sized dims count as 1: torch's strides multiply the others (and overflow).
+        span *= max(s, 1)
+        if span > MAX_NUMEL:
             raise WireError(f"wire header shape {shape} is absurdly large")
     try:
         spec = rest[pos : pos + spec_len].decode()
@@ -317,7 +358,7 @@ def _parse_header(
         if code not in CODE_DTYPES:
             raise WireError(f"wire section has unknown dtype code {code}")
         dtype = CODE_DTYPES[code]
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if nbytes % itemsize:
             raise WireError(
                 f"wire section of {nbytes} bytes is not a whole number of {dtype} elements"
@@ -336,19 +377,64 @@ def _parse_header(
     return meta, header_len, sections, crc
 
 
-def unpack(buffer: torch.Tensor, codec: Codec | None = None) -> Packet:
+def default_max_decode_bytes() -> int:
+    """The cap `unpack` applies when given none: ``COMMPRESS_MAX_DECODE_BYTES`` when set,
+    else `MAX_DECODE_BYTES`.
+
+    Raises:
+        ConfigError: the variable is set to something that is not a size.
+    """
+    raw = os.environ.get(ENV_MAX_DECODE_BYTES, "").strip()
+    if not raw:
+        return MAX_DECODE_BYTES
+    try:
+        return parse_size(raw, minimum=1)
+    except ValueError as exc:
+        raise ConfigError(f"{ENV_MAX_DECODE_BYTES}={raw!r}: {exc}") from None
+
+
+def _check_decode_size(meta: PacketMeta, nbytes: int, limit: int, from_header: bool) -> None:
+    out_bytes = meta.numel * meta.dtype.itemsize
+    why = "max_decode_bytes"
+    if from_header and MAX_EXPANSION * nbytes + EXPANSION_SLACK < limit:
+        limit = MAX_EXPANSION * nbytes + EXPANSION_SLACK
+        why = f"{MAX_EXPANSION}x the buffer plus {EXPANSION_SLACK}, as the codec came from it"
+    if out_bytes > limit:
+        raise WireError(
+            f"wire buffer of {nbytes} bytes declares a {meta.dtype} tensor of shape "
+            f"{tuple(meta.shape)} ({out_bytes} bytes), over the decode limit of {limit} "
+            f"bytes ({why}); the buffer is corrupted or hostile. To decode it anyway, pass "
+            f"the expected codec and max_decode_bytes to unpack (or set {ENV_MAX_DECODE_BYTES})"
+        )
+
+
+def unpack(
+    buffer: torch.Tensor, codec: Codec | None = None, *, max_decode_bytes: int | None = None
+) -> Packet:
     """Parse a wire buffer back into a `Packet` whose sections view ``buffer``.
 
     Args:
         buffer: 1-D ``uint8`` tensor made by `pack`.
         codec: the codec the receiver expects. When given, a buffer made by any other
             codec config raises `CodecMismatchError`. When None, the codec named in the
-            header is used as is.
+            header is used as is, and the buffer may decode to at most `MAX_EXPANSION`
+            times its length (see "Decode bound" in the module docstring).
+        max_decode_bytes: the most bytes the decoded tensor may have; None:
+            `default_max_decode_bytes`.
 
     Raises:
-        WireError: truncated, corrupted, hostile or foreign buffer.
+        WireError: truncated, corrupted, hostile or foreign buffer, or one that would
+            decode past the bound.
         CodecMismatchError: the buffer was made by another codec config than ``codec``.
+        ConfigError: ``max_decode_bytes`` is not an int.
     """
+    if max_decode_bytes is None:
+        limit = default_max_decode_bytes()
+    elif isinstance(max_decode_bytes, int) and not isinstance(max_decode_bytes, bool):
+        limit = max_decode_bytes
+    else:
+        raise ConfigError(f"max_decode_bytes must be an int, got {max_decode_bytes!r}")
+    from_header = codec is None
     meta, header_len, sections, crc = _parse_header(buffer)
     if codec is not None:
         if meta.spec != codec.spec or meta.config_hash != codec.config_hash:
@@ -368,6 +454,7 @@ def unpack(buffer: torch.Tensor, codec: Codec | None = None) -> Packet:
             raise WireError(f"wire header names a codec this process cannot build: {exc}") from None
         if meta.config_hash != codec.config_hash:
             raise WireError(f"wire header config hash does not match its spec {meta.spec!r}")
+    _check_decode_size(meta, buffer.numel(), limit, from_header)
     views = []
     pos = header_len
     for dtype, nbytes in sections:

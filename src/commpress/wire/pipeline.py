@@ -97,6 +97,11 @@ class PipelineHeader:
         if code not in CODE_DTYPES or not 0 <= ndim <= MAX_NDIM:
             raise WireError(f"pipeline header is malformed: dtype code {code}, ndim {ndim}")
         shape, rest = dims[:ndim], dims[ndim:]
-        if any(d < 0 for d in shape) or any(rest) or math.prod(shape) > MAX_NUMEL:
+        # Zero-sized dims count as 1: torch's strides multiply the others, and overflow.
+        if (
+            any(d < 0 for d in shape)
+            or any(rest)
+            or math.prod(max(d, 1) for d in shape) > MAX_NUMEL
+        ):
             raise WireError(f"pipeline header is malformed: ndim {ndim}, dims {dims}")
         return cls(shape=torch.Size(shape), dtype=CODE_DTYPES[code])
