@@ -288,3 +288,33 @@ def test_fuzz_flipped_bytes_raise_only_commpress_errors(spec, edits, expected):
         return
     event("decoded")
     assert out.numel() * out.element_size() <= FUZZ_CAP
+
+
+# ------------------------------------------------------- ranks that disagree
+def _uneven_chunks(rank: int, world: int, chunk_bytes: list[int], spec: str) -> str:
+    import torch
+
+    import commpress.distributed as cdist
+    from commpress.engine import Engine, set_engine
+    from commpress.errors import CommpressError
+
+    set_engine(Engine(chunk_bytes=chunk_bytes[rank]))
+    try:
+        cdist.all_reduce(torch.randn(4 << 20), codec=spec)  # 16 MiB
+        return "no error"
+    except CommpressError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        set_engine(None)
+
+
+@pytest.mark.parametrize(
+    "chunk_bytes, spec",
+    [([1 << 20, 0], "int8"), ([1 << 20, 2 << 20], "int8"), ([0, 1 << 20], "bf16")],
+    ids=["chunked-vs-whole", "two-chunk-sizes", "bf16-direct"],
+)
+def test_ranks_that_cut_a_call_differently_raise_on_every_rank(gloo2, chunk_bytes, spec):
+    """Engines with different chunk_bytes used to abort the process in gloo (SIGABRT on
+    one rank); the descriptor now carries the chunking and every rank raises."""
+    for got in gloo2.run(_uneven_chunks, chunk_bytes, spec):
+        assert got.startswith("CollectiveError") and "chunk" in got, got

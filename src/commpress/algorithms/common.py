@@ -83,10 +83,12 @@ def exchange(
     redop: Any = None,
     root: int = -1,
     same_numel: bool = True,
+    chunk: int = 0,
 ) -> DescriptorTable:
     """All-gather this rank's descriptor and check every rank's against each other.
 
-    ``algorithm`` is the wire code of the calling algorithm (`Algorithm.code`).
+    ``algorithm`` is the wire code of the calling algorithm (`Algorithm.code`);
+    ``chunk`` the elements per chunk of a call the chunked driver pipelines (0: none).
 
     Raises, on every rank alike:
         CollectiveError: another rank rejected its arguments, or the ranks disagree on the
@@ -102,6 +104,7 @@ def exchange(
         numel=numel,
         redop=redop_code(redop),
         root=root,
+        chunk=chunk,
         sizes=tuple(sizes),
     )
     table = DescriptorTable.from_tensor(_gather_rows(comm, desc), comm.size, comm.op)

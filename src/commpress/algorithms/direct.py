@@ -169,6 +169,7 @@ def stages(
             numel=flat.numel(),
             sizes=[0] * first.size,
             redop=op,
+            chunk=bounds[0][1] - bounds[0][0],
         )
     average = op == dist.ReduceOp.AVG
 

@@ -216,11 +216,11 @@ def stages(
     flight while chunk ``k`` crosses hosts; the inner exchange of a variable-size
     codec runs per chunk on the inter-host subgroup.
     """
-    topo = _describe(comms[0], flat, op)
+    topo = _describe(comms[0], flat, op, chunk=bounds[0][1] - bounds[0][0])
     return _steps(topo, comms, flat, op, bounds, out)
 
 
-def _describe(comm: Comm, flat: torch.Tensor, op: Any) -> topology.Topology:
+def _describe(comm: Comm, flat: torch.Tensor, op: Any, chunk: int = 0) -> topology.Topology:
     """The call's topology, after the descriptor check over the whole group."""
     topo = topology.of(comm.group, comm.device)
     if comm.verify:
@@ -231,6 +231,7 @@ def _describe(comm: Comm, flat: torch.Tensor, op: Any) -> topology.Topology:
             numel=flat.numel(),
             sizes=[0] * comm.size,
             redop=op,
+            chunk=chunk,
         )
     return topo
 

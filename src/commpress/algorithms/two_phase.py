@@ -319,6 +319,7 @@ def stages(
             numel=flat.numel(),
             sizes=[flat.numel()] * first.size,
             redop=op,
+            chunk=bounds[0][1] - bounds[0][0],
         )
     rank, world = first.rank, first.size
 

@@ -15,9 +15,10 @@ every rank all-gathers one row, its *descriptor*::
     7     reduce op code (`redop_code`; -1 for ops that do not reduce)
     8     root (group rank) for rooted ops, else -1
     9     status: 0 ok, 1 this rank rejected its arguments
-    10..  packed buffer size in bytes for each destination group rank
+    10    elements per chunk of a chunked call (0: the call moves in one piece)
+    11..  packed buffer size in bytes for each destination group rank
 
-Every rank then holds the same ``(world, 10 + world)`` table and checks it
+Every rank then holds the same ``(world, 11 + world)`` table and checks it
 the same way (`DescriptorTable`), so all ranks raise together or proceed
 together. On a codec hash mismatch the ranks all-gather their spec strings,
 each padded to the longest (`spec_row`, `DescriptorTable.specs`), and raise
@@ -55,8 +56,8 @@ __all__ = [
     "spec_row",
 ]
 
-DESCRIPTOR_MAGIC = (0x434D5052 << 32) | 1  # "CMPR", descriptor version 1
-FIXED_WORDS = 10
+DESCRIPTOR_MAGIC = (0x434D5052 << 32) | 2  # "CMPR", descriptor version 2 (the chunk word)
+FIXED_WORDS = 11
 
 #: Public op name -> its descriptor code (`commpress.ops`, where the ops are listed).
 OP_CODES: dict[str, int] = {name: o.code for name, o in OPS.items()}
@@ -98,6 +99,8 @@ class Descriptor:
         redop: `redop_code` of the reduce op.
         root: group rank of the root for rooted ops, else -1.
         status: 0 ok, 1 this rank rejected its arguments.
+        chunk: elements per chunk when the call is pipelined in chunks, else 0; ranks
+            whose engines cut a call differently would post transfers of other sizes.
         sizes: packed bytes this rank sends to each group rank.
     """
 
@@ -110,6 +113,7 @@ class Descriptor:
     redop: int = -1
     root: int = -1
     status: int = 0
+    chunk: int = 0
     sizes: tuple[int, ...] = ()
 
     def to_tensor(self, world: int, device: torch.device) -> torch.Tensor:
@@ -127,6 +131,7 @@ class Descriptor:
             self.redop,
             self.root,
             self.status,
+            self.chunk,
             *self.sizes,
         ]
         row += [0] * (FIXED_WORDS + world - len(row))
@@ -135,9 +140,9 @@ class Descriptor:
     @classmethod
     def from_row(cls, row: Sequence[int]) -> Descriptor:
         """Parse one row (its magic already checked); raises ValueError on a bad field."""
-        (_, op, algorithm, config_hash, spec_nbytes, dcode, numel, redop, root, status) = row[
-            :FIXED_WORDS
-        ]
+        (_, op, algorithm, config_hash, spec_nbytes, dcode, numel, redop, root, status, chunk) = (
+            row[:FIXED_WORDS]
+        )
         sizes = tuple(row[FIXED_WORDS:])
         if dcode and dcode not in CODE_DTYPES:
             raise ValueError(f"unknown dtype code {dcode}")
@@ -145,6 +150,8 @@ class Descriptor:
             raise ValueError(f"spec length {spec_nbytes} (max {MAX_SPEC})")
         if status not in (0, 1):
             raise ValueError(f"status {status}")
+        if not 0 <= chunk <= MAX_NUMEL:
+            raise ValueError(f"chunk of {chunk} elements out of range")
         if not 0 <= numel <= MAX_NUMEL or not all(0 <= s <= MAX_NUMEL for s in sizes):
             raise ValueError(f"element count {numel} or sizes {list(sizes)} out of range")
         return cls(
@@ -157,6 +164,7 @@ class Descriptor:
             redop=redop,
             root=root,
             status=status,
+            chunk=chunk,
             sizes=sizes,
         )
 
@@ -281,7 +289,7 @@ class DescriptorTable:
 
     def check_call(self, *, same_numel: bool, algorithm_name: Callable[[int], str] = str) -> None:
         """Raise `CollectiveError` if the ranks disagree on the algorithm, dtype, element
-        count (when ``same_numel``), reduce op or root.
+        count (when ``same_numel``), reduce op, root or chunking.
 
         Args:
             same_numel: every rank must pass the same number of elements.
@@ -301,6 +309,11 @@ class DescriptorTable:
             lambda v: REDOP_NAMES[v] if 0 <= v < len(REDOP_NAMES) else str(v),
         )
         self._agree("root rank (group rank of src/dst)", lambda d: d.root, str)
+        self._agree(
+            "chunking (set the same Engine(chunk_bytes=...) on every rank)",
+            lambda d: d.chunk,
+            lambda v: f"{v} elements per chunk" if v else "one piece",
+        )
 
     def _agree(self, what: str, field: Callable[[Descriptor], Any], show: Callable) -> None:
         values = [field(row) for row in self.rows]
