@@ -4,6 +4,7 @@
 - `descriptor`: the ``int64`` row every rank all-gathers before a compressed
   collective (`Descriptor`, `DescriptorTable`).
 - `p2p`: the ``int64`` message before each compressed send (`P2PDescriptor`).
+- `pipeline`: the header of a pipeline-parallel activation (`PipelineHeader`).
 
 Algorithms build these through the typed classes and move the resulting
 tensors; they never read words or bytes themselves.
@@ -11,31 +12,9 @@ tensors; they never read words or bytes themselves.
 
 from __future__ import annotations
 
+from . import packet
 from .descriptor import Descriptor, DescriptorTable
 from .p2p import P2PDescriptor
-from .packet import (
-    HEADER_FIXED,
-    MAGIC,
-    VERSION,
-    encode_pack,
-    layout_nbytes,
-    pack,
-    packed_nbytes,
-    read_spec,
-    unpack,
-)
+from .packet import *  # noqa: F403 - the packet format is the package's main API
 
-__all__ = [
-    "pack",
-    "encode_pack",
-    "unpack",
-    "read_spec",
-    "packed_nbytes",
-    "layout_nbytes",
-    "MAGIC",
-    "VERSION",
-    "HEADER_FIXED",
-    "Descriptor",
-    "DescriptorTable",
-    "P2PDescriptor",
-]
+__all__ = [*packet.__all__, "Descriptor", "DescriptorTable", "P2PDescriptor"]
