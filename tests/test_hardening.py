@@ -318,3 +318,51 @@ def test_ranks_that_cut_a_call_differently_raise_on_every_rank(gloo2, chunk_byte
     one rank); the descriptor now carries the chunking and every rank raises."""
     for got in gloo2.run(_uneven_chunks, chunk_bytes, spec):
         assert got.startswith("CollectiveError") and "chunk" in got, got
+
+
+# ------------------------------------------------------ unclear or missing errors
+def _argument_errors(rank: int, world: int) -> dict[str, str]:
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    import commpress.distributed as cdist
+    from commpress.errors import CommpressError
+    from commpress.policy import Policy, using
+
+    got: dict[str, str] = {}
+    try:
+        cdist.all_reduce(torch.ones(8), op="sum", codec="int8")
+    except TypeError as exc:
+        got["op"] = str(exc)
+    with using(Policy(min_bytes=0)):
+        for who in ("both", "rank0"):
+            on_meta = who == "both" or rank == 0
+            t = torch.empty(1000, device="meta") if on_meta else torch.ones(1000)
+            try:
+                cdist.all_reduce(t, codec="int8")
+                got[who] = "no error"
+            except CommpressError as exc:
+                got[who] = f"{type(exc).__name__}: {exc}"
+    only_rank0 = dist.new_group([0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = cdist.all_reduce(torch.ones(8), group=only_rank0, async_op=True, codec="int8")
+    if rank == 1:
+        got["outside"] = f"{handle} " + "; ".join(str(w.message) for w in caught)
+    dist.barrier()
+    return got
+
+
+def test_bad_op_meta_tensors_and_foreign_groups_are_told_like_torch(gloo2):
+    for rank, got in enumerate(gloo2.run(_argument_errors)):
+        assert "ReduceOp" in got["op"] and "'sum'" in got["op"], got
+        assert "meta tensor" in got["both"], got  # blamed before anything is sent
+        # Only rank 0 passed a meta tensor: it says so, its peer learns it was rejected.
+        assert got["rank0"].startswith("CollectiveError"), got
+        if rank == 0:
+            assert "meta tensor" in got["rank0"], got
+        else:
+            assert "rank(s) [0]" in got["rank0"], got
+            assert got["outside"].startswith("None ") and "does not belong" in got["outside"]

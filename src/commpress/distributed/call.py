@@ -12,8 +12,10 @@ issue order, async or not), shows the call in ``torch.profiler`` traces as
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,8 +48,16 @@ def check_list(ts: Any, name: str) -> list[torch.Tensor]:
     return list(ts)
 
 
-def not_member(group: Any) -> bool:
-    return c10d._rank_not_in_group(group)
+def not_member(group: Any, op: str) -> bool:
+    """Whether this rank is outside ``group`` (then, like torch, warn and do nothing)."""
+    if not c10d._rank_not_in_group(group):
+        return False
+    global_rank = -1 if dist.GroupMember.WORLD is None else dist.GroupMember.WORLD.rank()
+    warnings.warn(
+        f"Running {op} on global rank {global_rank} which does not belong to the given group.",
+        stacklevel=3,
+    )
+    return True
 
 
 def group_key(group: Any) -> str:
@@ -128,6 +138,25 @@ def write(dst: torch.Tensor, src: torch.Tensor) -> None:
         return
     with torch.no_grad():
         dst.copy_(src.view(dst.shape))
+
+
+def check_reduce_op(op: str, reduce_op: Any) -> None:
+    """Refuse what is not a ``ReduceOp`` (torch raises a bare pybind TypeError there)."""
+    if not isinstance(reduce_op, (dist.ReduceOp, dist.ReduceOp.RedOpType)):
+        raise TypeError(
+            f"{op}: op must be a torch.distributed.ReduceOp (e.g. ReduceOp.SUM), "
+            f"got {reduce_op!r} of type {type(reduce_op).__name__}"
+        )
+
+
+def _meta_problem(req: Request) -> str | None:
+    """Meta tensors hold no data: say so on every rank before anything is sent."""
+    if any(t.is_meta for t in (req.probe, *req.tensors, *req.outputs)):
+        return (
+            f"{req.op}: a meta tensor (shape only, no data) cannot be communicated; "
+            "pass tensors on a real device"
+        )
+    return None
 
 
 # ------------------------------------------------------------------ the call
@@ -264,6 +293,8 @@ class Call:
 
     def reject(self, comm: Comm, error: BaseException) -> Any:
         """Tell the peers this rank's arguments are bad (if they will wait for it), then raise."""
+        if comm.device.type == "meta":  # the rejection itself needs a real buffer
+            comm = dataclasses.replace(comm, device=torch.device("cpu"))
         if comm.verify:
 
             def job() -> None:
@@ -312,13 +343,15 @@ class Request:
 
 def execute(req: Request, async_op: bool) -> Handle | None:
     """Decide, then run ``req`` plain or compressed; a `Handle` if ``async_op`` else None."""
+    if req.reduce_op is not None:
+        check_reduce_op(req.op, req.reduce_op)
     call = Call.begin(
         req.op, req.group, req.probe, req.reduce_op, req.codec, req.size, req.bytes_in
     )
     if not call.decision.compressed:
         return call.plain(req.plain, async_op, req.outputs)
     comm = call.comm(req.probe.device, req.probe.dtype, call.ef_key(req.key, req.probe))
-    problem = req.check(call) if req.check is not None else None
+    problem = _meta_problem(req) or (req.check(call) if req.check is not None else None)
     if problem is not None:
         return call.reject(comm, CollectiveError(problem))
 

@@ -56,7 +56,7 @@ def broadcast(
     source different from everyone else).
     """
     check_tensor(tensor, "tensor")
-    if not_member(group):
+    if not_member(group, "broadcast"):
         return None
     root = root_rank("broadcast", group, "src", src, group_src)
     g = to_global(group, root)
@@ -90,7 +90,7 @@ def all_gather(
     """
     outputs = check_list(tensor_list, "tensor_list")
     check_tensor(tensor, "tensor")
-    if not_member(group):
+    if not_member(group, "all_gather"):
         return None
 
     def check(call: Call) -> str | None:
@@ -138,7 +138,7 @@ def all_gather_into_tensor(
     """
     check_tensor(output_tensor, "output_tensor")
     check_tensor(input_tensor, "input_tensor")
-    if not_member(group):
+    if not_member(group, "all_gather_into_tensor"):
         return None
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     n = input_tensor.numel()
@@ -280,7 +280,7 @@ def gather(
     """
     check_tensor(tensor, "tensor")
     outputs = check_list(gather_list, "gather_list") if gather_list else []
-    if not_member(group):
+    if not_member(group, "gather"):
         return None
     return _rooted(_GATHER, group, tensor, outputs, dst, group_dst, codec, async_op, outputs)
 
@@ -302,7 +302,7 @@ def scatter(
     """
     check_tensor(tensor, "tensor")
     inputs = check_list(scatter_list, "scatter_list") if scatter_list else []
-    if not_member(group):
+    if not_member(group, "scatter"):
         return None
     return _rooted(_SCATTER, group, tensor, inputs, src, group_src, codec, async_op, [tensor])
 
@@ -340,7 +340,7 @@ def all_to_all(
     """
     outputs = check_list(output_tensor_list, "output_tensor_list")
     inputs = check_list(input_tensor_list, "input_tensor_list")
-    if not_member(group):
+    if not_member(group, "all_to_all"):
         return None
     probe = inputs[0] if inputs else (outputs[0] if outputs else torch.empty(0))
 
@@ -413,7 +413,7 @@ def all_to_all_single(
     """
     check_tensor(output, "output")
     check_tensor(input, "input")
-    if not_member(group):
+    if not_member(group, "all_to_all_single"):
         return None
     world = dist.get_world_size(group)
 

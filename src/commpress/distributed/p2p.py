@@ -78,7 +78,7 @@ def _post_send(
 ) -> Handle | None:
     """Encode on this thread and post the send(s); the handle waits for the backend works."""
     check_tensor(tensor, "tensor")
-    if not_member(group):
+    if not_member(group, op):
         return None
     call = Call.begin(op, group, tensor, None, codec)
     peer = _peer(op, group, "dst", dst, group_dst)
@@ -165,7 +165,7 @@ def irecv(
     whose ``source_rank()`` is the sender's global rank once it completed.
     """
     check_tensor(tensor, "tensor")
-    if not_member(group):
+    if not_member(group, "irecv"):
         return None
     call, peer = _recv_call("irecv", tensor, src, group, group_src, codec)
     if not call.decision.compressed:
@@ -208,7 +208,7 @@ def recv(
             so the channel stays usable).
     """
     check_tensor(tensor, "tensor")
-    if not_member(group):
+    if not_member(group, "recv"):
         return -1
     call, peer = _recv_call("recv", tensor, src, group, group_src, codec)
     if not call.decision.compressed:

@@ -73,7 +73,7 @@ def all_reduce(
         UnsupportedDtypeError: ``AVG`` of a non-floating tensor.
     """
     check_tensor(tensor, "tensor")
-    if not_member(group):
+    if not_member(group, "all_reduce"):
         return None
     return execute(
         Request(
@@ -109,7 +109,7 @@ def reduce(
     ranks' tensors are left unchanged. See `all_reduce` for the other arguments.
     """
     check_tensor(tensor, "tensor")
-    if not_member(group):
+    if not_member(group, "reduce"):
         return None
     root = root_rank("reduce", group, "dst", dst, group_dst)
     g = to_global(group, root)
@@ -165,7 +165,7 @@ def reduce_scatter_tensor(
     """
     check_tensor(output, "output")
     check_tensor(input, "input")
-    if not_member(group):
+    if not_member(group, "reduce_scatter_tensor"):
         return None
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -214,7 +214,7 @@ def reduce_scatter(
     """
     check_tensor(output, "output")
     inputs = check_list(input_list, "input_list")
-    if not_member(group):
+    if not_member(group, "reduce_scatter"):
         return None
     total = sum(nbytes(t) for t in inputs)
     world = dist.get_world_size(group)
