@@ -260,3 +260,15 @@ def test_stats_ratio_compares_like_with_like(gloo):
     for ratios in gloo.run(_ratios):
         for op, ratio in ratios.items():
             assert 3.5 < ratio < 4.0, (op, ratios)
+
+
+def test_the_protocol_refuses_what_an_algorithm_does_not_declare():
+    with pytest.raises(ConfigError, match="'transport' does not run all_reduce; it runs"):
+        get_algorithm("transport").all_reduce(None, torch.zeros(1), dist.ReduceOp.SUM)
+
+    class NoModel(Algorithm):
+        name = "no_model_test"
+        code = 97
+
+    with pytest.raises(TypeError, match="abstract"):
+        NoModel()  # every algorithm states its cost model

@@ -27,7 +27,12 @@ them here::
     class Direct(Algorithm):
         name = "direct"
         code = 1
-        ...
+        auto_order = 0
+
+        def cost(self, nbytes, world, link, speed): ...  # the model of this algorithm
+
+        all_reduce = staticmethod(all_reduce)             # the module's functions
+        reduce = staticmethod(reduce)
 
 `get_algorithm` raises `ConfigError` for a name that is not registered,
 listing those that are.
@@ -35,6 +40,7 @@ listing those that are.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -107,8 +113,13 @@ class CodecSpeed:
         return cls(math.inf, math.inf, 1.0)
 
 
-class Algorithm:
-    """Base class of the compressed reduction algorithms; see the module docstring."""
+class Algorithm(abc.ABC):
+    """Base class of the compressed collective algorithms; see the module docstring.
+
+    `cost` is abstract: every algorithm states its model. `all_reduce` / `reduce`
+    are bound by the reduction algorithms; one that runs only moving ops
+    (``transport``) keeps these defaults, which refuse with the ops it does run.
+    """
 
     name: ClassVar[str]
     code: ClassVar[int]
@@ -136,9 +147,9 @@ class Algorithm:
         """
         return True
 
+    @abc.abstractmethod
     def cost(self, nbytes: int, world: int, link: Link, speed: CodecSpeed) -> float:
-        """Modelled seconds of one all-reduce of ``nbytes`` per rank over ``world`` ranks."""
-        raise NotImplementedError(f"algorithm {self.name!r} has no cost model")
+        """Modelled seconds of one call of ``nbytes`` per rank over ``world`` ranks."""
 
     # The work: algorithms bind their module's functions here (``staticmethod``).
     def all_reduce(
@@ -154,13 +165,13 @@ class Algorithm:
         ``prepared``: `prepare`'s output when the encode already ran (chunks prepared
         ahead); ``out``: where to write the result (may be ``flat`` if `in_place`).
         """
-        raise NotImplementedError(f"algorithm {self.name!r} does not all-reduce")
+        raise self._not_run("all_reduce")
 
     def reduce(
         self, comm: Comm, flat: torch.Tensor, op: Any, root: int, prepared: Any = None
     ) -> torch.Tensor | None:
         """Reduce the 1-D ``flat`` into group rank ``root`` (None on the others)."""
-        raise NotImplementedError(f"algorithm {self.name!r} does not reduce")
+        raise self._not_run("reduce")
 
     def prepare(self, comm: Comm, flat: torch.Tensor) -> Any:
         """The local work of `all_reduce` (the encode), run ahead by the chunked driver."""
@@ -182,6 +193,12 @@ class Algorithm:
         ``comms[0]`` runs the call's one descriptor exchange, before the first stage.
         """
         return None
+
+    def _not_run(self, op: str) -> ConfigError:
+        return ConfigError(
+            f"algorithm {self.name!r} does not run {op}; it runs "
+            f"{', '.join(sorted(self.families))} (choose another with Policy(algorithm=...))"
+        )
 
     def __repr__(self) -> str:
         return f"<algorithm {self.name}>"

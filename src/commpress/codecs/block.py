@@ -8,6 +8,7 @@ The formats themselves are documented in those modules.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -140,6 +141,7 @@ class BlockCodec(Codec):
         """Whether the fused decode kernel can run on these tensors."""
         return kernels.usable(*payload, out)
 
+    @abc.abstractmethod
     def _kernel_decode(
         self,
         payload: tuple[torch.Tensor, ...],
@@ -148,8 +150,7 @@ class BlockCodec(Codec):
         accumulate: bool,
     ) -> None:
         """Decode the validated ``payload`` (of a ``dtype`` tensor) into flat ``out``, or add
-        it to ``out`` (rounded to ``dtype`` first), with the kernel."""
-        raise NotImplementedError
+        it to ``out`` (rounded to ``dtype`` first), with the kernel (each block codec's own)."""
 
     def _decode_into(
         self,
