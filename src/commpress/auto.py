@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from . import calibration
-from .algorithms import Algorithm, CodecSpeed, algorithms, get_algorithm
+from .algorithms import Algorithm, CodecSpeed, default_order, get_algorithm
 from .calibration import Table
 from .codec import Codec
 from .engine import get_engine
@@ -190,7 +190,7 @@ def _probes(codecs: list[Codec], dtype: torch.dtype) -> list[tuple[Algorithm, Co
 
 
 def _movers(family: str) -> list[Algorithm]:
-    return [a for a in algorithms(family) if a.auto_order is not None and not a.by_codec]
+    return default_order(family)
 
 
 def _ratio(codec: Codec, dtype: torch.dtype, size: int) -> float:

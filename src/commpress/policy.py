@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .algorithms import algorithms, get_algorithm
+from .algorithms import algorithms, default_order, get_algorithm
 from .codec import Codec, is_float
 from .errors import ConfigError, UnsupportedDtypeError
 from .ops import FAMILIES, OPS, REDUCTIONS
@@ -541,9 +541,7 @@ def _auto_checks(
 
 def _moving(family: str) -> Any:
     """The algorithm of an op that only moves data: the first in ``auto_order``."""
-    return min(
-        (a for a in algorithms(family) if a.auto_order is not None), key=lambda a: a.auto_order
-    )
+    return default_order(family)[0]
 
 
 def _reduction(
@@ -568,10 +566,7 @@ def _reduction(
                 f"with ReduceOp.{_op_name(reduce_op)}; use algorithm='auto'"
             )
         return Decision(c, forced.name, ef, f"{forced.name} {family}")
-    candidates = sorted(
-        (a for a in algorithms(family) if a.auto_order is not None), key=lambda a: a.auto_order
-    )
-    for a in candidates:
+    for a in default_order(family):
         if a.eligible(c, sum_like) is None and a.fits(c, size, world_size, policy):
             return Decision(c, a.name, ef, f"{a.name} {family}")
     raise ConfigError(f"{op}: no registered algorithm can reduce with codec {c.spec!r}")

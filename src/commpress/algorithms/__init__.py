@@ -23,6 +23,7 @@ from .registry import (
     Link,
     algorithm_names,
     algorithms,
+    default_order,
     get_algorithm,
     register_algorithm,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "Link",
     "algorithm_names",
     "algorithms",
+    "default_order",
     "get_algorithm",
     "register_algorithm",
 ]

@@ -36,6 +36,7 @@ from .registry import algorithm_name
 __all__ = [
     "Comm",
     "exchange",
+    "describe",
     "reject",
     "packed_size",
     "alltoallv",
@@ -113,6 +114,16 @@ def exchange(
         raise table.codec_mismatch(_gather_specs(comm, table), comm.rank)
     table.check_call(same_numel=same_numel, algorithm_name=algorithm_name)
     return table
+
+
+def describe(
+    comm: Comm, algorithm: int, x: torch.Tensor, sizes: Sequence[int], **fields: Any
+) -> DescriptorTable:
+    """`exchange` for a call whose input is ``x`` (its dtype and element count);
+    ``fields``: the other descriptor fields (``redop``, ``root``, ``chunk``, ...)."""
+    return exchange(
+        comm, algorithm=algorithm, dtype=x.dtype, numel=x.numel(), sizes=sizes, **fields
+    )
 
 
 def reject(comm: Comm, error: BaseException) -> None:

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ..codec import Codec, Packet
-from .common import Comm, acc_dtype, exchange, wait_timed
+from .common import Comm, acc_dtype, describe, wait_timed
 from .registry import Algorithm, CodecSpeed, Link, Stage, register_algorithm
 
 __all__ = ["Direct", "Prepared", "prepare", "all_reduce", "stages", "reduce"]
@@ -76,15 +76,7 @@ def _encode_scaled(comm: Comm, flat: torch.Tensor) -> Packet:
 
 def _describe(comm: Comm, flat: torch.Tensor, packet: Packet, op: Any, root: int) -> None:
     if comm.verify:
-        exchange(
-            comm,
-            algorithm=Direct.code,
-            dtype=flat.dtype,
-            numel=flat.numel(),
-            sizes=[packet.nbytes] * comm.size,
-            redop=op,
-            root=root,
-        )
+        describe(comm, Direct.code, flat, [packet.nbytes] * comm.size, redop=op, root=root)
 
 
 def _finish(
@@ -162,15 +154,8 @@ def stages(
         return None  # every rank must know the payload sizes without an exchange
     first = comms[0]
     if first.verify:
-        exchange(
-            first,
-            algorithm=Direct.code,
-            dtype=flat.dtype,
-            numel=flat.numel(),
-            sizes=[0] * first.size,
-            redop=op,
-            chunk=bounds[0][1] - bounds[0][0],
-        )
+        chunk = bounds[0][1] - bounds[0][0]
+        describe(first, Direct.code, flat, [0] * first.size, redop=op, chunk=chunk)
     average = op == dist.ReduceOp.AVG
 
     def post(k: int, _: Any) -> tuple[Packet, list[Any]]:

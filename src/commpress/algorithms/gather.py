@@ -28,8 +28,8 @@ from .common import (
     allgatherv,
     alltoallv,
     average,
+    describe,
     encode_pack,
-    exchange,
     packed_size,
     reduce_into,
     unpack_decode,
@@ -60,15 +60,7 @@ def _sizes(
     comm: Comm, flat: torch.Tensor, x: torch.Tensor, buf: torch.Tensor, op: Any, root: int
 ) -> list[int]:
     if comm.verify:
-        d = exchange(
-            comm,
-            algorithm=Gather.code,
-            dtype=flat.dtype,
-            numel=flat.numel(),
-            sizes=[buf.numel()] * comm.size,
-            redop=op,
-            root=root,
-        )
+        d = describe(comm, Gather.code, flat, [buf.numel()] * comm.size, redop=op, root=root)
         return d.first_sizes()
     return [packed_size(comm, x.shape, x.dtype)] * comm.size
 

@@ -52,6 +52,7 @@ all-reduce; with one rank per host (``L == 1``) it is `two_phase`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -62,7 +63,7 @@ import torch.distributed as dist
 from .. import topology
 from . import direct, two_phase
 from .chunked import chunk_ranges, run_stages
-from .common import Comm, acc_dtype, average, exchange, reduce_into, wait_timed
+from .common import Comm, acc_dtype, average, describe, reduce_into, wait_timed
 from .registry import Algorithm, CodecSpeed, Link, Stage, register_algorithm
 
 __all__ = [
@@ -224,15 +225,7 @@ def _describe(comm: Comm, flat: torch.Tensor, op: Any, chunk: int = 0) -> topolo
     """The call's topology, after the descriptor check over the whole group."""
     topo = topology.of(comm.group, comm.device)
     if comm.verify:
-        exchange(
-            comm,
-            algorithm=Hierarchical.code,
-            dtype=flat.dtype,
-            numel=flat.numel(),
-            sizes=[0] * comm.size,
-            redop=op,
-            chunk=chunk,
-        )
+        describe(comm, Hierarchical.code, flat, [0] * comm.size, redop=op, chunk=chunk)
     return topo
 
 
@@ -259,8 +252,8 @@ def _steps(
         # One rank per host: the shards are the input's chunks, reduced in place.
         shards, slots = x, list(bounds)
     else:
-        starts = [sum(lens[:k]) for k in range(len(lens))]
-        slots = [(s, s + n) for s, n in zip(starts, lens, strict=True)]
+        ends = list(itertools.accumulate(lens))
+        slots = [(e - n, e) for e, n in zip(ends, lens, strict=True)]
         shards = torch.empty(sum(lens), dtype=adt, device=x.device)
     inner = [_inter(c, topo) for c in comms]
     algo = _inter_algorithm(comms[0], op)

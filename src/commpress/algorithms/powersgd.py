@@ -103,7 +103,7 @@ from ..codec import FLOAT_DTYPES
 from ..codecs.powersgd import PowerSGD, orthogonalize_, seeded_normal
 from ..errors import CollectiveError, ConfigError, UnsupportedDtypeError
 from ..registry import CodecLike, get_codec
-from .common import Comm, exchange
+from .common import Comm, describe
 from .powersgd_memory import PowerSGDMemory, memory, reset_memory
 
 #: The algorithm's code in the collective descriptor (`lowrank.PowerSGDAlgorithm`).
@@ -203,14 +203,7 @@ def all_reduce(comm: Comm, tensor: torch.Tensor, op: Any, key: Hashable) -> None
     """
     work = tensor if tensor.is_contiguous() else tensor.contiguous()
     wire_nbytes = plan([tensor], comm.codec).wire_nbytes()
-    d = exchange(
-        comm,
-        algorithm=WIRE_CODE,
-        dtype=tensor.dtype,
-        numel=tensor.numel(),
-        sizes=[wire_nbytes] * comm.size,
-        redop=op,
-    )
+    d = describe(comm, WIRE_CODE, tensor, [wire_nbytes] * comm.size, redop=op)
     sizes = [d.sizes_from(r)[0] for r in range(comm.size)]
     if len(set(sizes)) > 1:
         raise CollectiveError(

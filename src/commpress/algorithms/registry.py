@@ -64,6 +64,7 @@ __all__ = [
     "algorithms",
     "algorithm_names",
     "algorithm_name",
+    "default_order",
 ]
 
 #: One stage of a chunk's pipeline: ``(lag, fn)``; see `commpress.algorithms.chunked`.
@@ -247,6 +248,12 @@ def algorithm_name(code: int) -> str:
 def algorithms(family: str | None = None) -> list[Algorithm]:
     """The registered algorithms (that run ``family``), in registration order."""
     return [a for a in _TABLE.values() if family is None or family in a.families]
+
+
+def default_order(family: str) -> list[Algorithm]:
+    """The algorithms the default choice weighs for ``family``, in ``auto_order``."""
+    ordered = (a for a in algorithms(family) if a.auto_order is not None)
+    return sorted(ordered, key=lambda a: a.auto_order)
 
 
 def algorithm_names() -> tuple[str, ...]:

@@ -50,6 +50,7 @@ from .common import (
     allgatherv,
     alltoallv,
     broadcast_buf,
+    describe,
     encode_pack,
     exchange,
     packed_size,
@@ -104,18 +105,6 @@ def _encode(comm: Comm, t: torch.Tensor) -> torch.Tensor:
     return encode_pack(comm, t.reshape(-1))
 
 
-def _describe(comm: Comm, tensor: torch.Tensor, sizes: Sequence[int], **fields: Any) -> Any:
-    """`exchange` of this op's descriptor (``fields``: ``root``, ``same_numel``)."""
-    return exchange(
-        comm,
-        algorithm=Transport.code,
-        dtype=tensor.dtype,
-        numel=tensor.numel(),
-        sizes=sizes,
-        **fields,
-    )
-
-
 def _size(comm: Comm, t: torch.Tensor) -> int:
     return packed_size(comm, (t.numel(),), t.dtype)
 
@@ -124,7 +113,13 @@ def broadcast(comm: Comm, tensor: torch.Tensor, root: int) -> None:
     """Broadcast ``tensor`` from group rank ``root`` in place (the root's copy is decoded too)."""
     buf = _encode(comm, tensor) if comm.rank == root else None
     if comm.verify:
-        d = _describe(comm, tensor, [buf.numel() if buf is not None else 0] * comm.size, root=root)
+        d = describe(
+            comm,
+            Transport.code,
+            tensor,
+            [buf.numel() if buf is not None else 0] * comm.size,
+            root=root,
+        )
         size = d.sizes_from(root)[0]
     else:
         size = _size(comm, tensor)
@@ -136,7 +131,7 @@ def all_gather(comm: Comm, tensor: torch.Tensor, outputs: Sequence[torch.Tensor]
     """Every rank's ``tensor`` into ``outputs[rank]`` on every rank (shapes may differ by rank)."""
     buf = _encode(comm, tensor)
     if comm.verify:
-        d = _describe(comm, tensor, [buf.numel()] * comm.size, same_numel=False)
+        d = describe(comm, Transport.code, tensor, [buf.numel()] * comm.size, same_numel=False)
         sizes = d.first_sizes()
     else:
         sizes = [_size(comm, o) for o in outputs]
@@ -151,7 +146,7 @@ def gather(
     """Every rank's ``tensor`` into ``outputs`` on group rank ``root``."""
     buf = _encode(comm, tensor)
     if comm.verify:
-        d = _describe(comm, tensor, [buf.numel()] * comm.size, root=root)
+        d = describe(comm, Transport.code, tensor, [buf.numel()] * comm.size, root=root)
         sizes = d.first_sizes()
     else:
         sizes = [_size(comm, tensor)] * comm.size
@@ -174,7 +169,9 @@ def scatter(
     else:
         bufs = [None] * comm.size
     if comm.verify:
-        d = _describe(comm, tensor, [0 if b is None else b.numel() for b in bufs], root=root)
+        d = describe(
+            comm, Transport.code, tensor, [0 if b is None else b.numel() for b in bufs], root=root
+        )
         size = d.sizes_from(root)[comm.rank]
     else:
         size = _size(comm, tensor)

@@ -49,9 +49,9 @@ from .common import (
     alltoallv_start,
     average,
     chunk_bounds,
+    describe,
     encode_pack,
     encode_pack_many,
-    exchange,
     gather_sizes,
     packed_size,
     reduce_into,
@@ -154,14 +154,7 @@ def reduce_scatter(
     p = prepared or prepare(comm, flat, bounds)
     start, stop = bounds[comm.rank]
     if comm.verify:
-        d = exchange(
-            comm,
-            algorithm=TwoPhase.code,
-            dtype=flat.dtype,
-            numel=flat.numel(),
-            sizes=[b.numel() for b in p.bufs],
-            redop=op,
-        )
+        d = describe(comm, TwoPhase.code, flat, [b.numel() for b in p.bufs], redop=op)
         recv_sizes = d.sizes_to(comm.rank)
     else:
         recv_sizes = _phase1_sizes(comm, stop - start, p.dtype)
@@ -312,15 +305,8 @@ def stages(
     first = comms[0]
     dtype = flat.dtype
     if first.verify:
-        exchange(
-            first,
-            algorithm=TwoPhase.code,
-            dtype=dtype,
-            numel=flat.numel(),
-            sizes=[flat.numel()] * first.size,
-            redop=op,
-            chunk=bounds[0][1] - bounds[0][0],
-        )
+        chunk = bounds[0][1] - bounds[0][0]
+        describe(first, TwoPhase.code, flat, [flat.numel()] * first.size, redop=op, chunk=chunk)
     rank, world = first.rank, first.size
 
     def scatter(k: int, _: Any) -> tuple[Prepared, Any, list[torch.Tensor]]:
