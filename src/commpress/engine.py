@@ -37,13 +37,19 @@ CUDA (NCCL) -- written, NOT run: no GPU was available where this was built
 Every async call returns one `commpress.handle.Handle` (a
 ``torch.distributed.Work``, re-exported here); handles may be waited in any
 order.
+
+At interpreter exit (once an engine exists) `settle_backend_threads` gives the
+backend's own threads a moment to free the buffers of finished calls before
+Python finalizes; see its docstring for the abort this prevents.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +60,39 @@ import torch
 from .errors import CollectiveError, ConfigError
 from .handle import Handle
 
-__all__ = ["Engine", "Handle", "get_engine", "set_engine"]
+__all__ = ["Engine", "Handle", "get_engine", "set_engine", "settle_backend_threads"]
+
+#: How long `settle_backend_threads` releases the GIL at interpreter exit.
+SETTLE_S = 0.05
+
+
+def settle_backend_threads() -> None:
+    """Let the backend's threads free finished calls' buffers; runs at interpreter exit.
+
+    A compressed call hands gloo buffers of its own (payloads, descriptors) and
+    drops its references once the backend's work completes. gloo's worker thread
+    drops *its* reference just after completing the work; when it is the last owner
+    of a tensor that has a Python object, it must take the GIL to free that object.
+    If the interpreter has begun finalizing by then (a script whose last collective
+    is the last thing it does: DDP's final bucket, then exit), Python ends that C++
+    thread inside the work's destructor and the process aborts with ``terminate
+    called without an active exception`` (seen in 2-rank ``torchrun`` runs of the
+    DDP hook: about one exit in three on this 2-core machine). torch's
+    ``destroy_process_group`` describes the same race for work hooks. Sleeping here,
+    in ``atexit``, before finalization starts, releases the GIL so those threads
+    finish first. A collective still *running* at exit is not covered: that is the
+    caller's unfinished work, as it is without commpress.
+    """
+    time.sleep(SETTLE_S)
+
+
+_settle_registered = [False]
+
+
+def _settle_at_exit() -> None:
+    if not _settle_registered[0]:
+        _settle_registered[0] = True
+        atexit.register(settle_backend_threads)
 
 
 class _GroupQueue:
@@ -209,6 +247,7 @@ class Engine:
         self._pool: ThreadPoolExecutor | None = None
         self._cuda: dict[int, _CudaStreams] = {}
         self._closed = False
+        _settle_at_exit()
 
     def __repr__(self) -> str:
         return (
