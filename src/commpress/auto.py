@@ -55,7 +55,7 @@ from .ops import REDUCTIONS
 from .policy import Decision, Policy
 from .registry import get_codec
 
-__all__ = ["PAYS", "Choice", "choose", "decisions", "model", "reset", "tables"]
+__all__ = ["PAYS", "Choice", "calibrate", "choose", "decisions", "model", "reset", "tables"]
 
 #: A codec must be modelled at most this fraction of plain's time to be chosen.
 PAYS = 0.9
@@ -143,6 +143,18 @@ def choose(
         _choices[key] = Choice(group_name, op, dtype, size, world, *choice)
         _decisions[key] = decision
     return decision
+
+
+def calibrate(group: Any, device: torch.device, dtype: torch.dtype) -> Table:
+    """Calibrate ``group`` for ``dtype`` on ``device`` now, unless it is already: the table
+    the first ``auto`` call would otherwise measure (and block on) when it comes.
+
+    Collective: call it on every rank of ``group`` at the same point of the program, with
+    nothing else in flight on the group (`commpress.hooks.register` does, for the hook's
+    group, so that no rank calibrates from inside backward).
+    """
+    with _lock:
+        return _table(group, str(group.group_name), device, dtype, group.size())
 
 
 def _table(group: Any, name: str, device: torch.device, dtype: torch.dtype, world: int) -> Table:

@@ -34,6 +34,13 @@ its own before the next posts any, whatever the threads' timing:
 - the flat-buffer path hands each bucket to the group's one ordered queue in the
   engine (its calls run one after the other on the group's worker thread;
   uncompressed calls made from the autograd thread keep their place behind them);
+- a bucket ``codec="auto"`` keeps plain (`post_plain`) posts its one all-reduce
+  straight from the autograd thread while that queue is idle (every earlier
+  bucket has posted all of its collectives), and into the queue, behind the
+  compressed buckets still there, while it is not: posting it directly then could
+  put it ahead of an earlier bucket's collectives on one rank and behind them on
+  another. The first ``auto`` bucket of a dtype calibrates in that queue too, when
+  `commpress.hooks.register` did not calibrate already;
 - the PowerSGD path posts its first all-reduces from the hook and ``Q``'s from
   the completion callback of ``P``'s. So a PowerSGD bucket posts nothing before
   the previous PowerSGD bucket of the group has posted its ``Q``
@@ -61,6 +68,7 @@ with DDP's; the NCCL path is not run here). ``pg_options`` of DDP's group
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -68,9 +76,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .engine import get_engine
 from .errors import ConfigError
+from .stats import CallRecord, record
 
-__all__ = ["twin", "Order", "order", "pending", "post_after"]
+__all__ = ["twin", "Order", "order", "pending", "post_after", "post_in_order", "post_plain"]
 
 _lock = threading.Lock()
 # Twins made under the current default group, by DDP group name and by (backend, ranks).
@@ -192,3 +202,57 @@ def post_after(
 
     prior.add_done_callback(start)
     return result, posted
+
+
+def post_in_order(
+    group: dist.ProcessGroup, post: Callable[[], torch.futures.Future[torch.Tensor]]
+) -> torch.futures.Future[torch.Tensor]:
+    """Run ``post`` (a flat or plain bucket's posting) now, or once the PowerSGD bucket
+    of ``group`` still posting from a callback has posted; its result's future."""
+    found = order(group)
+    waits = pending(found.posted)
+    if waits:  # a PowerSGD bucket is still posting: take the queue after it
+        fut, found.posted = post_after(waits[0], post)
+    else:
+        fut = post()
+    found.flat_done = fut
+    return fut
+
+
+def post_plain(
+    buffer: torch.Tensor, group: dist.ProcessGroup
+) -> torch.futures.Future[torch.Tensor]:
+    """What plain DDP does with a bucket (average, one all-reduce), in its place among
+    the group's buckets.
+
+    Straight to the backend when the engine's queue of ``group`` is idle (nothing of an
+    earlier bucket left to post); else into that queue, behind the compressed buckets
+    still in it, so the order of collectives on ``group`` is bucket order on every rank.
+    """
+    # DDP without a hook multiplies by 1/N as it copies the gradients in (torch's
+    # allreduce_hook divides); the same rounding makes the result plain DDP's bit for bit.
+    buffer.mul_(1.0 / group.size())
+    nbytes = buffer.numel() * buffer.element_size()
+
+    def done(fut: torch.futures.Future[Any]) -> torch.Tensor:
+        fut.value()  # re-raises a failure of the all-reduce
+        return buffer
+
+    def post() -> torch.futures.Future[torch.Tensor]:
+        engine = get_engine()
+        if engine.idle(group.group_name):
+            t0 = time.perf_counter()
+            work = dist.all_reduce(buffer, group=group, async_op=True)
+            record(CallRecord("all_reduce", bytes_in=nbytes, transfer_s=time.perf_counter() - t0))
+            return work.get_future().then(done)
+
+        def job() -> torch.Tensor:
+            t0 = time.perf_counter()
+            dist.all_reduce(buffer, group=group)
+            record(CallRecord("all_reduce", bytes_in=nbytes, transfer_s=time.perf_counter() - t0))
+            return buffer
+
+        handle = engine.run(group.group_name, job, async_op=True, device=buffer.device)
+        return handle.get_future().then(done)
+
+    return post_in_order(group, post)

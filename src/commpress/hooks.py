@@ -47,6 +47,7 @@ the process inside gloo. This hook runs every codec on gloo.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections.abc import Hashable
@@ -57,10 +58,11 @@ import torch.distributed as dist
 
 from . import hook_group
 from .algorithms import powersgd
-from .codec import Codec
+from .codec import Codec, is_float
 from .errors import CodecMismatchError, ConfigError
 from .feedback import ErrorFeedback
 from .handle import Handle
+from .policy import Decision, Policy, auto_budget, get_policy
 from .registry import CodecLike, get_codec
 from .stats import CallRecord, record
 
@@ -83,7 +85,11 @@ class CompressionState:
         if the loss lags the uncompressed run, lower it if communication still
         dominates. ``"sign"``/``"topk:ratio=0.01"`` need error feedback (on by
         default for them). On fast links (NVLink, shared memory) compression
-        rarely pays: measure with ``commpress bench`` first.
+        rarely pays: measure with ``commpress bench`` first. ``"auto"`` (or
+        ``"auto:max_err=1e-3"``) decides per bucket, from the link and codec speeds
+        measured on this job, between plain and the codecs within the error budget
+        (default 1e-2: fp16, bf16, int8): on a fast link every bucket stays plain,
+        on a slow one the large buckets compress. The recommended setting.
     group
         Process group to reduce over; None means the default group (what DDP
         uses unless it was given ``process_group=``). Must be DDP's group;
@@ -97,11 +103,14 @@ class CompressionState:
         Turn it on for ``int4``/``int2`` and for ``int8``/``fp8`` on long runs;
         it is pointless for ``fp16``/``bf16`` and lossless codecs. PowerSGD
         always keeps its own error feedback. Costs one float32 copy of the
-        gradients of memory.
+        gradients of memory. Under ``"auto"`` it applies to the buckets auto
+        compresses, with the codec chosen for each (off by default: auto never
+        chooses a codec that needs it).
     min_bytes
         Buckets smaller than this travel uncompressed (their latency, not
         their size, dominates). Default 0: compress every bucket. DDP's last
         bucket is often small; ``min_bytes=1 << 16`` is a sensible floor.
+        ``"auto"`` needs none: it keeps plain what does not pay.
     start_iter
         Steps to run uncompressed before compressing (default 0). DDP
         rebuilds its buckets after the first step; starting PowerSGD after
@@ -109,7 +118,11 @@ class CompressionState:
         torch's ``PowerSGDState(start_powerSGD_iter=...)`` is for too.
 
     Attributes:
-        codec: the resolved `Codec`.
+        codec: the resolved `Codec`; None under ``"auto"``.
+        spec: the codec's spec, or the normalized ``"auto"`` spec.
+        auto_max_err: the error budget under ``"auto"``; None for a fixed codec.
+        chosen: under ``"auto"``, what the last step sent each bucket with, by bucket
+            index: a codec spec, or None for plain.
         iteration: steps seen so far (counted at each step's last bucket).
         memory: the ``PowerSGDMemory`` of the PowerSGD path, or None.
     """
@@ -122,7 +135,13 @@ class CompressionState:
         min_bytes: int = 0,
         start_iter: int = 0,
     ) -> None:
-        self.codec: Codec = get_codec(codec)
+        self.auto_max_err = auto_budget(codec) if isinstance(codec, str) else None
+        if self.auto_max_err is None:
+            self.codec: Codec | None = get_codec(codec)
+            self.spec = self.codec.spec
+        else:
+            self.codec = None
+            self.spec = Policy(codec=codec).codec  # the normalized "auto" spec
         for name, value in (("min_bytes", min_bytes), ("start_iter", start_iter)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(
@@ -136,10 +155,12 @@ class CompressionState:
         self.min_bytes = min_bytes
         self.start_iter = start_iter
         self.iteration = 0
-        self.is_powersgd = self.codec.algorithm == "powersgd"
+        self.is_powersgd = self.codec is not None and self.codec.algorithm == "powersgd"
         if error_feedback is None:
-            error_feedback = self.codec.wants_error_feedback
+            error_feedback = self.codec is not None and self.codec.wants_error_feedback
         self.error_feedback = error_feedback and not self.is_powersgd
+        self.chosen: dict[int, str | None] = {}
+        self._policies: tuple[Policy, Policy] | None = None
         self._uid = next(_state_ids)
         self.memory: powersgd.PowerSGDMemory | None = None
         if self.is_powersgd:
@@ -149,7 +170,7 @@ class CompressionState:
 
     def __repr__(self) -> str:
         return (
-            f"CompressionState(codec={self.codec.spec!r}, error_feedback={self.error_feedback}, "
+            f"CompressionState(codec={self.spec!r}, error_feedback={self.error_feedback}, "
             f"min_bytes={self.min_bytes}, start_iter={self.start_iter}, "
             f"iteration={self.iteration})"
         )
@@ -158,11 +179,12 @@ class CompressionState:
         """Step counter, residuals and PowerSGD memory (CPU tensors), for checkpoints."""
         return {
             "version": _STATE_VERSION,
-            "codec": self.codec.spec,
+            "codec": self.spec,
             "iteration": self.iteration,
             "feedback": self.residuals(),
             "memory": self.memory.state_dict() if self.memory is not None else None,
             "layouts": dict(self._layouts),
+            "chosen": dict(self.chosen),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -180,17 +202,20 @@ class CompressionState:
                 f"CompressionState state has version {state['version']!r}; this commpress reads "
                 f"version {_STATE_VERSION}"
             )
-        if state["codec"] != self.codec.spec:
+        if state["codec"] != self.spec:
             raise CodecMismatchError(
                 f"CompressionState state was saved with codec {state['codec']!r}, this state uses "
-                f"{self.codec.spec!r}; build the state with the saved codec"
+                f"{self.spec!r}; build the state with the saved codec"
             )
         self.iteration = int(state["iteration"])
         if self.error_feedback:
-            ef = self._feedback()
             for index in self._layouts:
-                ef.reset(self._ef_key(index))
+                self._reset_feedback(index)
+            self.chosen = dict(state.get("chosen", {}))  # the codec of each auto residual
             for index, residual in state["feedback"].items():
+                ef = self._feedback(index)
+                if ef is None:
+                    continue  # auto: no codec recorded for the bucket, nothing to resume
                 # update() stores compensated - decoded: the residual itself.
                 ef.update(self._ef_key(index), residual.float(), torch.zeros_like(residual.float()))
         if self.memory is not None and state["memory"] is not None:
@@ -201,19 +226,32 @@ class CompressionState:
         """Copies of this state's error-feedback residuals by bucket index (float32, CPU)."""
         if not self.error_feedback:
             return {}
-        stored = self._feedback().state_dict()["residuals"]
-        return {i: stored[self._ef_key(i)] for i in self._layouts if self._ef_key(i) in stored}
+        out = {}
+        for index in self._layouts:
+            ef = self._feedback(index)
+            stored = ef.state_dict()["residuals"] if ef is not None else {}
+            if self._ef_key(index) in stored:
+                out[index] = stored[self._ef_key(index)]
+        return out
 
     # -------------------------------------------------------------- internals
-    def _feedback(self) -> ErrorFeedback:
+    def _feedback(self, index: int) -> ErrorFeedback | None:
+        """The error-feedback store of bucket ``index`` (auto: of its chosen codec)."""
         from .distributed import error_feedback
 
-        return error_feedback(self.codec)
+        codec = self.codec if self.codec is not None else self.chosen.get(index)
+        return None if codec is None else error_feedback(codec)
+
+    def _reset_feedback(self, index: int) -> None:
+        ef = self._feedback(index)
+        if ef is not None:
+            ef.reset(self._ef_key(index))
 
     def _ef_key(self, index: int) -> Hashable:
         return ("commpress.hooks", self._uid, "bucket", index)
 
     def _codec_for(self, nbytes: int) -> Codec:
+        assert self.codec is not None  # a fixed codec; auto decides in _decide
         if self.iteration < self.start_iter or nbytes < self.min_bytes:
             return get_codec("none")
         return self.codec
@@ -230,8 +268,41 @@ class CompressionState:
         )
         if self._layouts.get(bucket.index()) != layout:
             if self.error_feedback:
-                self._feedback().reset(self._ef_key(bucket.index()))
+                self._reset_feedback(bucket.index())
             self._layouts[bucket.index()] = layout
+
+    def _choose(self, index: int, spec: str | None) -> None:
+        """Note auto's codec for bucket ``index``; a residual of another codec is stale."""
+        if self.error_feedback and self.chosen.get(index, spec) != spec:
+            self._reset_feedback(index)
+        self.chosen[index] = spec
+
+    def _policy(self) -> Policy:
+        """The policy a bucket is decided under: the caller's, with this state's knobs."""
+        base = get_policy()
+        if self._policies is None or self._policies[0] is not base:
+            mine = base.replace(min_bytes=self.min_bytes, error_feedback=self.error_feedback)
+            self._policies = (base, mine)
+        return self._policies[1]
+
+    def _decide(self, buffer: torch.Tensor, group: dist.ProcessGroup) -> Decision:
+        """Auto's decision for a bucket: `commpress.policy.decide`'s checks, then
+        `commpress.auto.choose` on the hook's group (cached; the same on every rank)."""
+        from .auto import choose
+        from .policy import decide
+
+        if self.iteration < self.start_iter:
+            return Decision(None, None, False, f"step {self.iteration} < start_iter")
+        bound = functools.partial(choose, group, group.group_name, buffer.device)
+        return decide(
+            "all_reduce",
+            buffer,
+            dist.ReduceOp.SUM,
+            self.spec,
+            world_size=group.size(),
+            policy=self._policy(),
+            auto=bound,
+        )
 
 
 def compress_hook(
@@ -244,6 +315,8 @@ def compress_hook(
     buffer = bucket.buffer()
     try:
         group = hook_group.twin(state.group)
+        if state.codec is None:
+            return _auto(state, bucket, buffer, group)
         codec = state._codec_for(buffer.numel() * buffer.element_size())
         if codec.algorithm == "powersgd":
             return _powersgd(state, bucket, codec, buffer, group)
@@ -260,12 +333,27 @@ compress_hook.__annotations__.update(
 )
 
 
+def _auto(
+    state: CompressionState,
+    bucket: dist.GradBucket,
+    buffer: torch.Tensor,
+    group: dist.ProcessGroup,
+) -> torch.futures.Future[torch.Tensor]:
+    """A bucket under ``codec="auto"``: plain or compressed, as `commpress.auto` decides."""
+    decision = state._decide(buffer, group)
+    state._choose(bucket.index(), decision.codec.spec if decision.codec is not None else None)
+    if decision.codec is None:
+        return hook_group.post_plain(buffer, group)
+    return _flat(state, bucket, decision.codec, buffer, group, decision.algorithm)
+
+
 def _flat(
     state: CompressionState,
     bucket: dist.GradBucket,
     codec: Codec,
     buffer: torch.Tensor,
     group: dist.ProcessGroup,
+    algorithm: str | None = None,
 ) -> torch.futures.Future[torch.Tensor]:
     from . import distributed as cdist
     from .policy import using
@@ -273,25 +361,22 @@ def _flat(
     buffer.div_(group.size())
     state._check_layout(bucket)
     key = state._ef_key(bucket.index())
+    # The state (or auto) has decided already: no size threshold, its own error-feedback
+    # choice, and auto's algorithm where auto chose one.
+    changes: dict[str, Any] = {"min_bytes": 0, "error_feedback": state.error_feedback}
+    if algorithm is not None:
+        changes["algorithm"] = algorithm
 
     def done(fut: torch.futures.Future[Any]) -> torch.Tensor:
         fut.value()  # re-raises a failure of the all-reduce
         return buffer
 
     def post() -> torch.futures.Future[torch.Tensor]:
-        # The state has decided already: no size threshold, its own error-feedback choice.
-        with using(min_bytes=0, error_feedback=state.error_feedback):
+        with using(**changes):
             handle = cdist.all_reduce(buffer, group=group, async_op=True, codec=codec, key=key)
         return handle.get_future().then(done)
 
-    order = hook_group.order(group)
-    waits = hook_group.pending(order.posted)
-    if waits:  # a PowerSGD bucket is still posting: take the queue after it
-        fut, order.posted = hook_group.post_after(waits[0], post)
-    else:
-        fut = post()
-    order.flat_done = fut
-    return fut
+    return hook_group.post_in_order(group, post)
 
 
 def _powersgd(
@@ -354,8 +439,11 @@ def register(model: Any, state: CompressionState | None = None) -> CompressionSt
 
     Also records the model's parameter names, so PowerSGD memory is keyed by name
     (stable across restarts) instead of by bucket position; takes DDP's process group
-    when ``state.group`` is None; and creates the process group that carries the
-    hook's traffic now (a collective: call it on every rank of DDP's group).
+    when ``state.group`` is None; creates the process group that carries the
+    hook's traffic now; and under ``codec="auto"`` calibrates that group for the
+    dtypes of the model's gradients now (`commpress.auto.calibrate`: link, codec and
+    algorithm times, about 1-3 s on gloo the first time). All of it is collective:
+    call it on every rank of DDP's group.
 
     Args:
         model: a ``torch.nn.parallel.DistributedDataParallel`` instance.
@@ -384,9 +472,30 @@ def register(model: Any, state: CompressionState | None = None) -> CompressionSt
         if ddp_group.group_name != dist.group.WORLD.group_name:
             state.group = ddp_group
     state._param_names = {id(p): name for name, p in model.module.named_parameters()}
-    hook_group.twin(state.group)
+    group = hook_group.twin(state.group)
+    if state.codec is None:
+        _calibrate(model, group)
     model.register_comm_hook(state, compress_hook)
     return state
+
+
+def _calibrate(model: Any, group: dist.ProcessGroup) -> None:
+    """Calibrate ``auto`` on the hook's group for every (device, dtype) of the model's
+    gradients, now: every rank of DDP's group is here at the same point and nothing is in
+    flight on the hook's group, so no rank calibrates from inside backward. A bucket of
+    another dtype (none in a plain DDP model) calibrates at its first step, in the group's
+    ordered queue on the engine."""
+    from .auto import calibrate
+
+    if group.size() <= 1:
+        return  # auto keeps one rank plain without a table
+    kinds = {
+        (p.device, p.dtype)
+        for p in model.module.parameters()
+        if p.requires_grad and is_float(p.dtype)
+    }
+    for device, dtype in sorted(kinds, key=str):  # the same order on every rank
+        calibrate(group, device, dtype)
 
 
 try:  # torch's FSDP2 custom-comm interface (private module; public setter)

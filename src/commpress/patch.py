@@ -244,10 +244,11 @@ def _arm_ddp_hook(ddp: Any) -> None:
     from .registry import get_codec
 
     policy = get_policy()
-    if auto_budget(policy.codec) is not None:
-        return  # DDP under "auto" stays plain DDP: auto decides collectives, not buckets
-    codec = get_codec(policy.codec)
-    if codec.codec_id == "none" or (policy.ops is not None and "all_reduce" not in policy.ops):
+    # Under "auto" the hook decides per bucket (commpress.hooks), as calls are decided.
+    codec = policy.codec if auto_budget(policy.codec) is not None else get_codec(policy.codec)
+    if getattr(codec, "codec_id", None) == "none":
+        return
+    if policy.ops is not None and "all_reduce" not in policy.ops:
         return
     state_kwargs: dict[str, Any] = {"codec": codec, "min_bytes": policy.min_bytes}
     if policy.error_feedback is not None:
