@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 import commpress
 from commpress.bench import netem
+from commpress.bench.ddp import STEP_METHODS, step_rows
 from commpress.cli_codecs import measure_codec, measure_copy, sample
 from commpress.testing import DistPool
 
@@ -135,65 +135,13 @@ def memory_rows(
 
 
 # ----------------------------------------------------------------------- DDP
-def _ddp_rank(
-    rank: int, world: int, method: str, width: int, steps: int, warmup: int
-) -> dict[str, Any]:
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width, bias=False)
-    )
-    ddp = DDP(model)
-    if method == "torch:fp16_compress_hook":
-        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-    elif method != "plain":
-        commpress.hooks.register(ddp, commpress.hooks.CompressionState(codec=method))
-    opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
-    data = torch.randn(8, width, generator=torch.Generator().manual_seed(rank))
-    times = []
-    for step in range(warmup + steps):
-        t0 = time.perf_counter()
-        opt.zero_grad()
-        ddp(data).square().mean().backward()
-        opt.step()
-        if step >= warmup:
-            times.append(time.perf_counter() - t0)
-    grads = sum(p.numel() * 4 for p in model.parameters())
-    return {
-        "step_s": statistics.median(times),
-        "grad_bytes": grads,
-        "spread": f"{min(times) * 1e3:.0f}..{max(times) * 1e3:.0f}",
-    }
-
-
 def ddp_rows(
-    width: int = 2900,
-    steps: int = 5,
-    warmup: int = 2,
-    methods: tuple[str, ...] = ("plain", "torch:fp16_compress_hook", "bf16", "int8", "fp8", "int4"),
+    width: int = 2900, steps: int = 5, warmup: int = 2, methods: tuple[str, ...] = STEP_METHODS
 ) -> list[dict[str, Any]]:
     """DDP step time of a 2-layer MLP (``2 * width**2`` parameters; 2900 -> 67 MB of
-    float32 gradients) on 2 ranks, per gradient method, in this process's network."""
-    rows = []
-    with DistPool(2, job_timeout=900, pg_timeout=300) as pool:
-        for method in methods:
-            res = pool.run(_ddp_rank, method, width, steps, warmup, timeout=900)
-            rows.append(
-                {
-                    "method": method,
-                    "step_ms": max(r["step_s"] for r in res) * 1e3,
-                    "spread_ms": res[0]["spread"],
-                    "grad_bytes": res[0]["grad_bytes"],
-                }
-            )
-    plain = next(r["step_ms"] for r in rows if r["method"] == "plain")
-    fp16 = next(r["step_ms"] for r in rows if r["method"] == "torch:fp16_compress_hook")
-    for r in rows:
-        r["x_plain"] = plain / r["step_ms"]
-        r["x_torch_fp16_hook"] = fp16 / r["step_ms"]
-    return rows
+    float32 gradients) on 2 ranks, per gradient method (plain DDP, torch's hooks, each
+    codec, ``auto``), in this process's network: `commpress.bench.ddp.step_rows`."""
+    return step_rows(width, steps, warmup, methods)
 
 
 def ddp_linked(rate: str, **kwargs: Any) -> list[dict[str, Any]]:

@@ -1,6 +1,18 @@
-"""Probe torch's own DDP communication hooks on gloo, each in a process that may die.
+"""The DDP step benchmark, and probes of torch's own DDP communication hooks on gloo.
 
-torch ships ``fp16_compress_hook``, ``bf16_compress_hook``, ``powerSGD_hook``,
+`step_rows` times a DDP training step of a 2-layer MLP on gloo ranks for each
+gradient method side by side in one run: plain DDP, torch's hooks
+(``torch:fp16_compress_hook``, ``torch:bf16_compress_hook``; a hook that refuses
+to run becomes a row with its error), `commpress.hooks` with each single codec,
+and ``auto`` (`commpress.hooks.CompressionState(codec="auto")`, calibrated in
+`commpress.hooks.register`, before the timed steps). The ``auto`` row also names
+the fastest single codec of the run that auto may choose (error within its
+default budget: bf16, fp16, int8; not fp8 or int4) and ``x_best_codec``, that
+codec's step time over auto's: issue 10's target is >= 1 at 1 Gbit/s, and
+``x_plain`` >= 0.95 on unshaped loopback. ``benchmarks/bench_fast.py ddp`` runs it, also over an
+emulated link.
+
+Probes: torch ships ``fp16_compress_hook``, ``bf16_compress_hook``, ``powerSGD_hook``,
 ``batched_powerSGD_hook`` and two quantization hooks. On CPU/gloo some of them
 refuse, raise, or abort the whole process (DESIGN.md), so each probe runs in a
 fresh ``python -m commpress.bench.ddp HOOK`` subprocess that starts its own
@@ -22,12 +34,23 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from typing import Any
 
-__all__ = ["TORCH_HOOKS", "init_gloo_rank", "probe_hook", "probe_torch_hooks", "run_isolated"]
+__all__ = [
+    "STEP_METHODS",
+    "TORCH_HOOKS",
+    "init_gloo_rank",
+    "probe_hook",
+    "probe_torch_hooks",
+    "run_isolated",
+    "step_rank",
+    "step_rows",
+]
 
 #: Hook names in ``torch.distributed.algorithms.ddp_comm_hooks``, in probe order.
 TORCH_HOOKS: tuple[str, ...] = (
@@ -42,6 +65,19 @@ TORCH_HOOKS: tuple[str, ...] = (
 )
 
 _MARK = "COMMPRESS_PROBE_RESULT "
+
+#: The methods `step_rows` times by default: baselines, single codecs, auto.
+STEP_METHODS: tuple[str, ...] = (
+    "plain",
+    "torch:fp16_compress_hook",
+    "torch:bf16_compress_hook",
+    "bf16",
+    "fp16",
+    "int8",
+    "fp8",
+    "int4",
+    "auto",
+)
 
 
 def _hook_and_state(name: str) -> tuple[Any, Any]:
@@ -118,6 +154,118 @@ def _rank_main(rank: int, world_size: int, port: int, name: str, steps: int) -> 
             _MARK + json.dumps({"step_ms": 1e3 * times[len(times) // 2], "loss": loss}), flush=True
         )
     dist.destroy_process_group()
+
+
+# --------------------------------------------------------------- DDP step
+def step_rank(
+    rank: int, world: int, method: str, width: int, steps: int, warmup: int
+) -> dict[str, Any]:
+    """One rank of `step_rows`: median seconds of ``steps`` DDP steps after ``warmup``.
+
+    ``method``: ``"plain"``, ``"torch:<hook>"`` (a hook of torch's ``default_hooks``) or
+    a `commpress.hooks.CompressionState` codec spec (``"auto"`` included). A torch hook
+    that DDP refuses (bf16's on gloo: at registration, on every rank alike, before any
+    collective) returns ``{"error": ...}``.
+    """
+    import torch
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import commpress.hooks
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width, bias=False)
+    )
+    ddp = DDP(model)
+    state = None
+    if method.startswith("torch:"):
+        try:
+            ddp.register_comm_hook(None, getattr(default_hooks, method.removeprefix("torch:")))
+        except (TypeError, RuntimeError) as exc:  # bf16's refuses gloo, alike on every rank
+            return {"error": f"{type(exc).__name__}: {exc}"}
+    elif method != "plain":
+        state = commpress.hooks.register(ddp, commpress.hooks.CompressionState(codec=method))
+    opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
+    data = torch.randn(8, width, generator=torch.Generator().manual_seed(rank))
+    times = []
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        ddp(data).square().mean().backward()
+        opt.step()
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    out: dict[str, Any] = {
+        "step_s": statistics.median(times),
+        "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "spread": f"{min(times) * 1e3:.0f}..{max(times) * 1e3:.0f}",
+    }
+    if state is not None and state.codec is None:  # auto: what each bucket went as
+        counts = Counter(spec or "plain" for spec in state.chosen.values())
+        out["chosen"] = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+    return out
+
+
+def step_rows(
+    width: int = 2900,
+    steps: int = 5,
+    warmup: int = 2,
+    methods: tuple[str, ...] = STEP_METHODS,
+    world_size: int = 2,
+) -> list[dict[str, Any]]:
+    """DDP step time per gradient method (see the module docstring), in one run.
+
+    A 2-layer MLP of ``2 * width**2`` parameters (2900: 67 MB of float32 gradients, 3
+    of DDP's default 25 MB buckets), batch 8, SGD, on ``world_size`` gloo ranks in this
+    process's network. Rows: ``method``, ``step_ms`` (median, the slower rank),
+    ``spread_ms``, ``grad_bytes``, ``x_plain`` (plain's step over this one) and
+    ``x_torch_fp16_hook`` where those ran; ``error`` for a method that does not run;
+    for ``auto`` also ``chosen`` (the buckets' codecs), ``best_codec`` and
+    ``x_best_codec``.
+    """
+    from commpress.testing import DistPool
+
+    rows = []
+    with DistPool(world_size, job_timeout=900, pg_timeout=300) as pool:
+        for method in methods:
+            res = pool.run(step_rank, method, width, steps, warmup, timeout=900)
+            if "error" in res[0]:
+                rows.append({"method": method, "error": res[0]["error"]})
+                continue
+            row = {
+                "method": method,
+                "step_ms": max(r["step_s"] for r in res) * 1e3,
+                "spread_ms": res[0]["spread"],
+                "grad_bytes": res[0]["grad_bytes"],
+            }
+            if "chosen" in res[0]:
+                row["chosen"] = res[0]["chosen"]
+            rows.append(row)
+    timed = {r["method"]: r["step_ms"] for r in rows if "step_ms" in r}
+    for r in rows:
+        for base, key in (("plain", "x_plain"), ("torch:fp16_compress_hook", "x_torch_fp16_hook")):
+            if base in timed and "step_ms" in r:
+                r[key] = timed[base] / r["step_ms"]
+    codecs = {m: t for m, t in timed.items() if _within_auto_budget(m)}
+    for r in rows:
+        if r["method"] == "auto" and "step_ms" in r and codecs:
+            best = min(codecs, key=codecs.__getitem__)
+            r["best_codec"] = best
+            r["x_best_codec"] = codecs[best] / r["step_ms"]
+    return rows
+
+
+def _within_auto_budget(method: str) -> bool:
+    """Whether ``method`` is a single codec ``auto`` may choose by default (the ones its
+    target compares with: int4 is faster on slow links, and outside the budget)."""
+    from commpress.policy import AUTO_MAX_ERR
+    from commpress.registry import get_codec
+
+    if method in ("plain", "auto") or method.startswith("torch:"):
+        return False
+    err = get_codec(method).typical_rel_err
+    return err is not None and err <= AUTO_MAX_ERR
 
 
 def _main(argv: list[str]) -> int:
