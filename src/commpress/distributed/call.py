@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from .. import watchdog
 from ..algorithms.common import Comm, reject
 from ..auto import choose
 from ..engine import Engine, Handle, get_engine
@@ -164,7 +165,14 @@ class Call:
     """One call: its group, decision, policy, engine and stats record."""
 
     def __init__(
-        self, op: str, group: Any, decision: Decision, bytes_in: int, policy: Policy, engine: Engine
+        self,
+        op: str,
+        group: Any,
+        decision: Decision,
+        bytes_in: int,
+        policy: Policy,
+        engine: Engine,
+        probe: torch.Tensor,
     ) -> None:
         self.op = op
         self.group = group
@@ -175,6 +183,9 @@ class Call:
         self.engine = engine
         self.key = group_key(group)
         self.rec = CallRecord(op, compressed=decision.compressed, bytes_in=bytes_in)
+        self.device = probe.device
+        codec = decision.codec.spec if decision.compressed and decision.codec else None
+        self.entry = watchdog.begin(self.key, op, codec, probe)
 
     @classmethod
     def begin(
@@ -207,6 +218,7 @@ class Call:
             nbytes(tensor) if bytes_in is None else bytes_in,
             policy,
             get_engine(),
+            tensor,
         )
 
     def ef_key(self, key: Hashable | None, t: torch.Tensor) -> Hashable | None:
@@ -248,11 +260,14 @@ class Call:
 
         def wrapped() -> Any:
             try:
-                with call_range(op, spec):
+                with call_range(op, spec), watchdog.running(self.entry):
                     value = job()
             except CommpressError:
                 raise
             except RuntimeError as exc:
+                found = watchdog.explain(self.entry)
+                if found is not None:  # the ranks diverged here and a peer left
+                    raise CollectiveError(found) from exc
                 raise CollectiveError(
                     f"{op} failed in the backend ({exc}); a peer may have died or timed out, "
                     "or the ranks called collectives in different orders"
@@ -271,20 +286,25 @@ class Call:
 
         ``fn(async_op)`` makes the torch call. Returns None or a `Handle`.
         """
-        rec = self.rec
+        rec, entry, device = self.rec, self.entry, self.device
         if self.engine.idle(self.key):
             t0 = time.perf_counter()
-            work = fn(async_op)
+            work = fn(True)  # waited here when blocking: in the watchdog's slices
+            if not async_op:
+                watchdog.wait(work, device, entry)
             rec.transfer_s += time.perf_counter() - t0
             record(rec)
             if not async_op:
                 return None
             if work is None:
                 return Handle.done(outputs)
-            return Handle(completer=lambda: (work.wait(), outputs)[1], poll=work.is_completed)
+            return Handle(
+                completer=lambda: (watchdog.wait(work, device, entry), outputs)[1],
+                poll=work.is_completed,
+            )
 
         def job() -> list[torch.Tensor]:
-            fn(False)
+            watchdog.wait(fn(True), device, entry)
             record(rec)
             return outputs
 
