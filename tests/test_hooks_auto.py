@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 
 import pytest
@@ -98,17 +99,35 @@ def _skewed(rank: int):
     """Rank 0's engine starts each job late, rank 1's hook decides each bucket late.
 
     So on rank 0 a plain bucket arrives while the compressed bucket before it still
-    waits in the engine's queue, and on rank 1 after that bucket posted its collectives:
-    a plain bucket posted straight to the backend on rank 0 then would meet rank 1's
-    compressed collectives (a mismatch that fails the job) instead of its plain twin.
+    waits in the engine's queue, and on rank 1 after that bucket posted its collectives.
+    Yields a list that collects, on rank 0, every float32 backend all-reduce (a plain
+    bucket: the compressed ones move uint8) issued outside the engine's queue while a
+    job of the queue was still pending: one that may overtake an earlier bucket.
     """
     from commpress import engine, hooks
 
     eng = engine.get_engine()
-    run, decide = eng.run, hooks._auto
+    run, decide, all_reduce = eng.run, hooks._auto, dist.all_reduce
+    pending = [0]
+    local = threading.local()
+    overtaking: list[str] = []
 
     def late_run(key, fn, **kw):
-        return run(key, lambda: (time.sleep(0.2), fn())[1], **kw)
+        def job():
+            local.in_queue = True
+            try:
+                time.sleep(0.2)
+                return fn()
+            finally:
+                pending[0] -= 1
+
+        pending[0] += 1
+        return run(key, job, **kw)
+
+    def watched(tensor, *args, **kw):
+        if tensor.dtype == torch.float32 and pending[0] and not getattr(local, "in_queue", 0):
+            overtaking.append(f"{tensor.numel()} floats posted with {pending[0]} job(s) queued")
+        return all_reduce(tensor, *args, **kw)
 
     def late_decide(*args):
         time.sleep(0.2)
@@ -116,13 +135,14 @@ def _skewed(rank: int):
 
     if rank == 0:
         eng.run = late_run
+        dist.all_reduce = watched
     else:
         hooks._auto = late_decide
     try:
-        yield
+        yield overtaking
     finally:
         eng.__dict__.pop("run", None)
-        hooks._auto = decide
+        hooks._auto, dist.all_reduce = decide, all_reduce
 
 
 def _train(
@@ -140,14 +160,18 @@ def _train(
 
     ``spec``: None for plain DDP, else the hook's codec, installed ``how``: "register",
     "comm_hook" (``ddp.register_comm_hook``: calibration at the first bucket) or "patch".
-    ``table``: `FAST` or `MIXED` to replace the calibrated table after registration.
-    ``skew``: train under `_skewed`.
+    ``table``: `FAST` or `MIXED` to replace the calibrated table before the hook is
+    installed. ``skew``: train under `_skewed`.
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = _Net()
     kwargs = ddp_kwargs or {"find_unused_parameters": True}
     static = kwargs.get("static_graph", False)  # then the same parameters every step
+    if table is not None:
+        twin = hook_group.twin(None)
+        auto.calibrate(twin, torch.device("cpu"), torch.float32)
+        _force(twin, table)
     patched = commpress.patch(codec=spec) if how == "patch" else None
     with patched or contextlib.nullcontext():
         net = DDP(model, bucket_cap_mb=0.002, **kwargs)
@@ -156,14 +180,12 @@ def _train(
             state = CompressionState(codec=spec, **(state_kwargs or {}))
             if how == "register":
                 register(net, state)
-                if table is not None:
-                    _force(hook_group.twin(None), table)
             else:
                 net.register_comm_hook(state, compress_hook)
         commpress.reset_stats()
         grads = []
-        skewed = _skewed(rank) if skew else contextlib.nullcontext()
-        with skewed:
+        skewed = _skewed(rank) if skew else contextlib.nullcontext([])
+        with skewed as overtaking:
             for step in range(STEPS):
                 gen = torch.Generator().manual_seed(1000 * rank + step)
                 x = torch.randn(8, 16, generator=gen)
@@ -173,9 +195,9 @@ def _train(
                 grads.append(
                     [None if p.grad is None else p.grad.clone() for p in model.parameters()]
                 )
-        if how == "patch":
-            hooks = net._comm_hooks
-            assert hooks and hooks[0][0] is compress_hook, hooks
+        hooks = net._comm_hooks if spec is not None else []
+        if hooks:
+            assert hooks[0][0] is compress_hook, hooks
             state = hooks[0][1]
     twin = hook_group.twin(None).group_name
     s = commpress.stats()["all_reduce"]
@@ -183,6 +205,9 @@ def _train(
         "grads": grads,
         "chosen": dict(state.chosen) if state is not None else {},
         "spec": state.spec if state is not None else None,
+        "hooked": bool(hooks),
+        "overtaking": overtaking,
+        "plain_ddp": state.plain_ddp if state is not None else None,
         "state": state.state_dict() if state is not None else None,
         "stats": (s.calls, s.compressed, s.bytes_in, s.bytes_wire),
         "decisions": [
@@ -191,10 +216,6 @@ def _train(
             if c.group == twin
         ],
     }
-
-
-def _grads(model):
-    return [p.grad for p in model.parameters()]
 
 
 def _job(rank, world, cache, runs):
@@ -247,12 +268,24 @@ def _runs(**ours):
 # ------------------------------------------------------------------------------- tests
 
 
-def test_nothing_pays_every_bucket_is_plain_ddp_bit_for_bit(pool, tmp_path):
+def test_nothing_pays_register_leaves_the_model_on_plain_ddp(pool, tmp_path):
     world = pool.world_size
     res = pool.run(_job, str(tmp_path), _runs(table=FAST), timeout=JOB_TIMEOUT)
     assert _check(res, world) == set()
     for r in range(world):
         ours = res[r]["ours"]
+        assert ours["plain_ddp"] and not ours["hooked"] and not ours["chosen"]
+        assert ours["stats"][0] == 0  # DDP's own all-reduce, no commpress call at all
+
+
+def test_plain_buckets_through_the_hook_are_plain_ddp_bit_for_bit(pool, tmp_path):
+    """Hooked without `register` (nothing decides it away): every bucket decided plain."""
+    world = pool.world_size
+    res = pool.run(_job, str(tmp_path), _runs(table=FAST, how="comm_hook"), timeout=JOB_TIMEOUT)
+    assert _check(res, world) == set()
+    for r in range(world):
+        ours = res[r]["ours"]
+        assert ours["hooked"] and not ours["plain_ddp"]
         assert ours["chosen"] and all(c is None for c in ours["chosen"].values())
         calls, compressed, bytes_in, bytes_wire = ours["stats"]
         assert calls >= STEPS and compressed == 0 and bytes_wire == bytes_in  # no descriptor
@@ -277,6 +310,7 @@ def test_a_plain_bucket_never_overtakes_a_queued_compressed_one(pool2, tmp_path)
     res = pool2.run(_job, str(tmp_path), _runs(table=MIXED, skew=True), timeout=JOB_TIMEOUT)
     assert _check(res, 2) == {"int8"}
     assert None in res[0]["ours"]["chosen"].values()
+    assert res[0]["ours"]["overtaking"] == []
 
 
 def test_static_graph_under_auto(pool2, tmp_path):
@@ -296,12 +330,19 @@ def test_hook_registered_by_ddp_calibrates_at_the_first_bucket(pool, tmp_path):
     assert res[0]["ours"]["decisions"]
 
 
-def test_patch_with_auto_hooks_ddp(pool2, tmp_path):
+@pytest.mark.parametrize("table", [MIXED, FAST])
+def test_patch_with_auto_hooks_ddp_where_a_bucket_pays(pool2, tmp_path, table):
+    res = pool2.run(_job, str(tmp_path), _runs(how="patch", table=table), timeout=JOB_TIMEOUT)
+    assert _check(res, 2) == ({"int8"} if table == MIXED else set())
+    for r in range(2):
+        assert res[r]["ours"]["hooked"] == (table == MIXED)
+        if table == MIXED:
+            assert res[r]["ours"]["spec"] == "auto" and res[r]["ours"]["chosen"]
+
+
+def test_patch_with_auto_on_the_measured_link(pool2, tmp_path):
     res = pool2.run(_job, str(tmp_path), _runs(how="patch"), timeout=JOB_TIMEOUT)
     _check(res, 2)
-    for r in range(2):
-        assert res[r]["ours"]["spec"] == "auto"
-        assert res[r]["ours"]["chosen"]  # the hook decided every bucket
 
 
 def test_error_feedback_under_auto_keeps_residuals_of_the_chosen_codec(pool2, tmp_path):

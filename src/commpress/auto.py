@@ -55,7 +55,17 @@ from .ops import REDUCTIONS
 from .policy import Decision, Policy
 from .registry import get_codec
 
-__all__ = ["PAYS", "Choice", "calibrate", "choose", "decisions", "model", "reset", "tables"]
+__all__ = [
+    "PAYS",
+    "Choice",
+    "calibrate",
+    "choose",
+    "decisions",
+    "model",
+    "pays_below",
+    "reset",
+    "tables",
+]
 
 #: A codec must be modelled at most this fraction of plain's time to be chosen.
 PAYS = 0.9
@@ -303,6 +313,24 @@ def model(
     )
     choice = (codec.spec, name, seconds, plain_s, tuple(options))
     return choice, Decision(codec, name, ef, reason)
+
+
+def pays_below(
+    table: Table, dtype: torch.dtype, nbytes: int, world: int, max_err: float, policy: Policy
+) -> bool:
+    """Whether a sum-like all-reduce of some size up to ``nbytes`` would compress.
+
+    `model` of every size bucket from ``policy.min_bytes`` up to ``nbytes`` (nothing is
+    recorded, nothing measured). `commpress.hooks.register` asks it with all of a
+    model's gradients of one dtype, which no DDP bucket exceeds: when it says no, no
+    bucket ever compresses.
+    """
+    size = bucket(max(policy.min_bytes, 1))
+    while size <= bucket(nbytes):
+        if model(table, "all_reduce", dtype, size, world, True, max_err, policy)[1].compressed:
+            return True
+        size *= 2
+    return False
 
 
 def decisions() -> list[Choice]:

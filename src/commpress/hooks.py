@@ -123,6 +123,8 @@ class CompressionState:
         auto_max_err: the error budget under ``"auto"``; None for a fixed codec.
         chosen: under ``"auto"``, what the last step sent each bucket with, by bucket
             index: a codec spec, or None for plain.
+        plain_ddp: `register` left the model on plain DDP (no hook), because under
+            ``"auto"`` no bucket it can have compresses (``docs/auto.md``).
         iteration: steps seen so far (counted at each step's last bucket).
         memory: the ``PowerSGDMemory`` of the PowerSGD path, or None.
     """
@@ -160,6 +162,7 @@ class CompressionState:
             error_feedback = self.codec is not None and self.codec.wants_error_feedback
         self.error_feedback = error_feedback and not self.is_powersgd
         self.chosen: dict[int, str | None] = {}
+        self.plain_ddp = False
         self._policies: tuple[Policy, Policy] | None = None
         self._uid = next(_state_ids)
         self.memory: powersgd.PowerSGDMemory | None = None
@@ -443,7 +446,9 @@ def register(model: Any, state: CompressionState | None = None) -> CompressionSt
     hook's traffic now; and under ``codec="auto"`` calibrates that group for the
     dtypes of the model's gradients now (`commpress.auto.calibrate`: link, codec and
     algorithm times, about 1-3 s on gloo the first time). All of it is collective:
-    call it on every rank of DDP's group.
+    call it on every rank of DDP's group. Under ``"auto"``, when no bucket of any size
+    up to all of the model's gradients would compress, no hook is registered at all
+    (``state.plain_ddp``): plain DDP, without the pass over each bucket a hook adds.
 
     Args:
         model: a ``torch.nn.parallel.DistributedDataParallel`` instance.
@@ -473,29 +478,37 @@ def register(model: Any, state: CompressionState | None = None) -> CompressionSt
             state.group = ddp_group
     state._param_names = {id(p): name for name, p in model.module.named_parameters()}
     group = hook_group.twin(state.group)
-    if state.codec is None:
-        _calibrate(model, group)
+    if state.codec is None and not _auto_may_pay(state, model, group):
+        state.plain_ddp = True
+        return state  # DDP's own path: a hook would only add its pass over each bucket
     model.register_comm_hook(state, compress_hook)
     return state
 
 
-def _calibrate(model: Any, group: dist.ProcessGroup) -> None:
+def _auto_may_pay(state: CompressionState, model: Any, group: dist.ProcessGroup) -> bool:
     """Calibrate ``auto`` on the hook's group for every (device, dtype) of the model's
-    gradients, now: every rank of DDP's group is here at the same point and nothing is in
-    flight on the hook's group, so no rank calibrates from inside backward. A bucket of
-    another dtype (none in a plain DDP model) calibrates at its first step, in the group's
-    ordered queue on the engine."""
-    from .auto import calibrate
+    gradients now, and say whether a bucket of the model could compress.
+
+    Now: every rank of DDP's group is here at the same point and nothing is in flight on
+    the hook's group, so no rank calibrates from inside backward (a bucket of another
+    dtype calibrates at its first step, in the group's ordered queue on the engine).
+    """
+    from .auto import calibrate, pays_below
 
     if group.size() <= 1:
-        return  # auto keeps one rank plain without a table
-    kinds = {
-        (p.device, p.dtype)
-        for p in model.module.parameters()
-        if p.requires_grad and is_float(p.dtype)
-    }
-    for device, dtype in sorted(kinds, key=str):  # the same order on every rank
-        calibrate(group, device, dtype)
+        return False  # auto keeps one rank plain
+    totals: dict[tuple[torch.device, torch.dtype], int] = {}
+    for p in model.module.parameters():
+        if p.requires_grad and is_float(p.dtype):
+            kind = (p.device, p.dtype)
+            totals[kind] = totals.get(kind, 0) + p.numel() * p.element_size()
+    budget, policy, world = state.auto_max_err, state._policy(), group.size()
+    assert budget is not None
+    pays = False
+    for (device, dtype), total in sorted(totals.items(), key=str):  # same order everywhere
+        table = calibrate(group, device, dtype)  # every dtype, also once one pays
+        pays = pays or pays_below(table, dtype, total, world, budget, policy)
+    return pays
 
 
 try:  # torch's FSDP2 custom-comm interface (private module; public setter)
