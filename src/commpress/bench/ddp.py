@@ -201,7 +201,9 @@ def step_rank(
         "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "spread": f"{min(times) * 1e3:.0f}..{max(times) * 1e3:.0f}",
     }
-    if state is not None and state.codec is None:  # auto: what each bucket went as
+    if state is not None and state.plain_ddp:
+        out["chosen"] = "no hook: plain DDP"  # auto found no bucket size that pays
+    elif state is not None and state.codec is None:  # auto: what each bucket went as
         counts = Counter(spec or "plain" for spec in state.chosen.values())
         out["chosen"] = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
     return out
