@@ -27,6 +27,12 @@ A decision is a pure function of the table and the call's key, so every rank
 makes the same one. `decisions` shows each: the winner, its modelled time and
 plain's.
 
+DDP buckets (`commpress.hooks` under ``codec="auto"``) are decided by `choose`
+too, on the hook's own group; `calibrate` measures a group ahead of its first
+call (the hook's `register` does it where every rank is at the same point), and
+`pays_below` says whether any size bucket up to a model's gradients would
+compress (when none would, `register` leaves the model on plain DDP).
+
 Example::
 
     import commpress.distributed as cdist

@@ -238,7 +238,9 @@ def _arm_ddp_hook(ddp: Any) -> None:
     """Register commpress's comm hook on ``ddp`` at its first forward, unless it has one.
 
     Registration waits for the first forward because DDP accepts one comm hook only:
-    a script that registers its own hook after construction keeps working.
+    a script that registers its own hook after construction keeps working. Under
+    ``codec="auto"`` the hook decides per bucket, and `commpress.hooks.register`
+    registers none when no bucket of the model could pay (plain DDP then).
     """
     from .policy import auto_budget, get_policy
     from .registry import get_codec
