@@ -323,16 +323,26 @@ def _fsdp2(rank, world, spec):
         if name == "ours":
             for m in (model[0], model[2], model):
                 m.set_custom_reduce_scatter(FSDPReduceScatter(codec=spec))
+        commpress.reset_stats()
         g = torch.Generator().manual_seed(rank)
         model(torch.randn(8, 16, generator=g)).pow(2).mean().backward()
         grads = [p.grad for p in model.parameters()]
         results[name] = [g.full_tensor() if name != "local" else g.clone() for g in grads]
+        st = commpress.stats()
+        row = st["reduce_scatter_tensor"] if "reduce_scatter_tensor" in st else None
+        results[name + "_compressed"] = (0, 0) if row is None else (row.calls, row.compressed)
     return results
 
 
 def test_fsdp2_custom_reduce_scatter(pool):
     res = pool.run(_fsdp2, "int8")
     codec = commpress.get_codec("int8")
+    for r in range(2):
+        calls, compressed = res[r]["ours_compressed"]
+        # both sharded layers' gradient reduce-scatters, however small (under the
+        # policy's min_bytes neither was compressed)
+        assert calls == 2 and compressed == calls, res[r]["ours_compressed"]
+        assert res[r]["plain_compressed"][1] == 0
     for i, exact in enumerate(res[0]["plain"]):
         # each rank's contribution is encoded once; the sum is divided by the group size
         bound = sum(codec.error_bound(res[r]["local"][i]) for r in range(2)) / 2 + 1e-6
@@ -357,6 +367,8 @@ def test_state_validates_its_arguments():
         CompressionState(error_feedback="yes")
     with pytest.raises(ConfigError, match="powersgd"):
         FSDPReduceScatter(codec="powersgd")
+    with pytest.raises(ConfigError, match="min_bytes"):
+        FSDPReduceScatter(min_bytes=-1)
     state = CompressionState(codec="sign")
     assert state.error_feedback  # a biased codec: on by default
     assert not CompressionState(codec="bf16").error_feedback
