@@ -198,19 +198,27 @@ def wait(
         _wait_p2p(work, entry, step)
         return
     slice_ = datetime.timedelta(seconds=step)
-    watch = _Watch(entry)
+    watch: _Watch | None = None  # made at the first slice that runs out: most never do
     while True:
         try:
             work.wait(timeout=slice_)
             return
         except RuntimeError as exc:
             if _SLICE_EXPIRED not in str(exc):
-                # The peer that found the ranks diverged raised and left: say what it found.
-                reported = explain(entry) or watch.reported()
-                if reported is not None:
-                    raise watch.fail(reported) from exc
-                raise
+                found = _explained(entry)
+                if found is None:
+                    raise
+                raise found from exc
+        watch = watch or _Watch(entry)
         watch.check()
+
+
+def _explained(entry: Entry) -> CollectiveError | None:
+    """For a backend error of ``entry``'s call: the divergence behind it, if this rank
+    or a peer found one (a peer that raised and left closes its connections)."""
+    watch = _Watch(entry)
+    reported = explain(entry) or watch.reported()
+    return None if reported is None else watch.fail(reported)
 
 
 def explain(entry: Entry) -> str | None:
@@ -234,11 +242,10 @@ def _wait_p2p(work: Any, entry: Entry, step: float) -> None:
     try:
         work.wait()
     except RuntimeError as exc:
-        # A peer found the ranks diverged and left (closing the connection): say why.
-        reported = explain(entry) or _Watch(entry).reported()
-        if reported is not None:
-            raise _Watch(entry).fail(reported) from exc
-        raise
+        found = _explained(entry)
+        if found is None:
+            raise
+        raise found from exc
     finally:
         with _lock:
             _p2p_waits.pop(token, None)
