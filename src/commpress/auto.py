@@ -33,6 +33,20 @@ call (the hook's `register` does it where every rank is at the same point), and
 `pays_below` says whether any size bucket up to a model's gradients would
 compress (when none would, `register` leaves the model on plain DDP).
 
+Drift: the call driver reports each call's measured seconds (`observe`: the
+engine job of a compressed call, the wait of a blocking plain one). Every
+`DRIFT_EVERY`-th ``auto`` call on a group (the same call on every rank: all ranks
+make the same calls) queues one tiny all-reduce (``MIN`` over the ranks of this
+rank's worst observed/modelled ratio, each way) on the group's engine queue, and
+the next due call reads its result: past `DRIFT_FACTOR`, every rank drops the
+group's table and decisions and calibrates again at that call. ``MIN``, not
+``MAX``: a rank that waited inside a collective for a late peer (compute
+imbalance) measured the peer's lateness, not the link; the last rank to arrive
+waits for no one, while a slower link or codec slows every rank. A drift that
+survives a re-calibration (the model is off there, not the machine) doubles the
+interval, so it costs a logarithmic number of calibrations. `recalibrations`
+lists each.
+
 Example::
 
     import commpress.distributed as cdist
@@ -46,35 +60,53 @@ Decision cost once cached (2-rank gloo, one shared CPU core): see ``docs/auto.md
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from . import calibration
 from .algorithms import Algorithm, CodecSpeed, default_order, get_algorithm
 from .calibration import Table
 from .codec import Codec
 from .engine import get_engine
+from .handle import Handle
 from .ops import REDUCTIONS
 from .policy import Decision, Policy
 from .registry import get_codec
 
 __all__ = [
+    "DRIFT_EVERY",
+    "DRIFT_FACTOR",
     "PAYS",
     "Choice",
+    "Recalibration",
     "calibrate",
     "choose",
     "decisions",
     "model",
+    "observe",
     "pays_below",
+    "recalibrations",
     "reset",
     "tables",
 ]
 
 #: A codec must be modelled at most this fraction of plain's time to be chosen.
 PAYS = 0.9
+#: The ranks compare observed with modelled times every this many ``auto`` calls on a
+#: group (one 16-byte all-reduce, queued; its result is read this many calls later).
+DRIFT_EVERY = 256
+#: Re-calibrate when observed times are this factor slower, or faster, than modelled.
+DRIFT_FACTOR = 2.0
+#: Observations of a key in one window below which it does not count (warm-up noise).
+DRIFT_MIN_OBS = 3
+#: The longest interval the back-off reaches (calls).
+DRIFT_MAX_EVERY = 1 << 16
+_KEEP = 128  # observations kept per key and window (the newest)
 
 
 @dataclass(frozen=True)
@@ -106,11 +138,55 @@ class Choice:
     options: tuple[tuple[str, str | None, float], ...]
 
 
+@dataclass(frozen=True)
+class Recalibration:
+    """One drift check that made every rank of a group calibrate again.
+
+    Attributes:
+        group: the process group's name.
+        call: the group's ``auto`` call (counted from 1) that calibrated again.
+        slow: observed over modelled seconds (the worst key; the least over ranks).
+        fast: modelled over observed seconds, likewise.
+    """
+
+    group: str
+    call: int
+    slow: float
+    fast: float
+
+
+@dataclass
+class _Track:
+    """Observed seconds of one decision against its modelled seconds over its bucket:
+    ``low_s`` at half the bucket (the smallest call the key holds), ``high_s`` at it."""
+
+    decision: Decision
+    group: str
+    low_s: float
+    high_s: float
+    seen: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Watch:
+    """The drift check of one group: its call count and the check in flight."""
+
+    device: torch.device
+    calls: int
+    every: int
+    due: int
+    pending: Handle | None = None
+    drifted: bool = False  # the last check re-calibrated
+
+
 _lock = threading.RLock()
 _links: dict[str, list[float]] = {}
 _tables: dict[tuple[str, str, torch.dtype], Table] = {}
 _decisions: dict[tuple[Any, ...], Decision] = {}
 _choices: dict[tuple[Any, ...], Choice] = {}
+_tracks: dict[int, _Track] = {}  # id(decision) -> its observations
+_watches: dict[str, _Watch] = {}
+_recalibrations: list[Recalibration] = []
 
 
 def bucket(nbytes: int) -> int:
@@ -134,8 +210,14 @@ def choose(
     """The decision for one call (the ``auto`` callback of `commpress.policy.decide`).
 
     The first call of a group calibrates it (in-band, in issue order on the engine);
-    the first of a key models it; later calls of the key are one dict lookup.
+    the first of a key models it; later calls of the key are one dict lookup, and
+    every `DRIFT_EVERY`-th call of the group runs the drift check.
     """
+    watch = _watches.get(group_name)
+    if watch is not None:
+        watch.calls += 1
+        if watch.calls >= watch.due:
+            _check(group, group_name, watch)
     size = bucket(nbytes)
     key = (
         group_name,
@@ -155,10 +237,80 @@ def choose(
         return decision
     with _lock:
         table = _table(group, group_name, device, dtype, world)
-        choice, decision = model(table, family, dtype, size, world, sum_like, max_err, policy)
+        args = (family, dtype, size, world, sum_like, max_err, policy)
+        choice, decision = model(table, *args)
+        half = model(table, family, dtype, max(size // 2, 1), *args[3:])[0][4]
+        label = (choice[0] or "plain", choice[1])
+        low = next((s for c, a, s in half if (c, a) == label), choice[2])
         _choices[key] = Choice(group_name, op, dtype, size, world, *choice)
         _decisions[key] = decision
+        _tracks[id(decision)] = _Track(decision, group_name, low, choice[2])
+        _watches.setdefault(group_name, _Watch(device, 1, DRIFT_EVERY, DRIFT_EVERY))
     return decision
+
+
+def observe(decision: Decision, seconds: float) -> None:
+    """Record the measured ``seconds`` of a call that ``decision`` decided (a no-op for a
+    decision that is not ``auto``'s). The call driver calls it from any thread."""
+    track = _tracks.get(id(decision))
+    if track is not None and track.decision is decision:
+        seen = track.seen
+        seen.append(seconds)
+        if len(seen) > 2 * _KEEP:
+            del seen[:_KEEP]
+
+
+def _drift(name: str) -> list[float]:
+    """This rank's worst ``[observed / modelled, modelled / observed]`` over the group's
+    keys since the last check (1.0 each with too few observations), a new window begun."""
+    slow = fast = 1.0
+    for track in [t for t in list(_tracks.values()) if t.group == name]:
+        seen, track.seen = track.seen, []
+        if len(seen) >= DRIFT_MIN_OBS:
+            median = statistics.median(seen[-_KEEP:])
+            slow = max(slow, median / track.high_s)
+            fast = max(fast, track.low_s / median if median > 0 else DRIFT_FACTOR + 1)
+    return [slow, fast]
+
+
+def _check(group: Any, name: str, watch: _Watch) -> None:
+    """A due call of ``name``: read the check in flight (drifted: drop the group so that
+    this call calibrates it again), then queue the next one on the group's engine queue.
+    Every rank runs it at the same call and reads the same combined figures."""
+    with _lock:
+        if watch.pending is not None:
+            slow, fast = watch.pending.result()
+            watch.pending = None
+            if max(slow, fast) > DRIFT_FACTOR:
+                if watch.drifted:  # the model is off here, not the machine: back off
+                    watch.every = min(2 * watch.every, DRIFT_MAX_EVERY)
+                watch.drifted = True
+                watch.due = watch.calls + watch.every
+                _recalibrations.append(Recalibration(name, watch.calls, slow, fast))
+                _forget(name)
+                return
+            watch.drifted = False
+            watch.every = DRIFT_EVERY
+        watch.due = watch.calls + watch.every
+        device = watch.device
+
+        def job() -> list[float]:
+            t = torch.tensor(_drift(name), dtype=torch.float64, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+            return t.cpu().tolist()
+
+        watch.pending = get_engine().run(name, job, async_op=True, device=device)
+
+
+def _forget(name: str) -> None:
+    """Drop every table, link figure, decision and observation of group ``name``."""
+    for d in (_tables, _decisions, _choices):
+        for k in [k for k in d if k[0] == name]:
+            del d[k]
+    for k in [k for k in _links if k.rsplit("|", 1)[0] == name]:
+        del _links[k]
+    for k in [k for k, t in _tracks.items() if t.group == name]:
+        del _tracks[k]
 
 
 def calibrate(group: Any, device: torch.device, dtype: torch.dtype) -> Table:
@@ -345,6 +497,12 @@ def decisions() -> list[Choice]:
         return list(_choices.values())
 
 
+def recalibrations() -> list[Recalibration]:
+    """Every drift check in this process that calibrated a group again, oldest first."""
+    with _lock:
+        return list(_recalibrations)
+
+
 def tables() -> dict[tuple[str, str, torch.dtype], Table]:
     """The calibrated tables, by (group name, device kind, dtype)."""
     with _lock:
@@ -355,7 +513,13 @@ def reset() -> None:
     """Forget every table and decision (the next ``auto`` call of a group calibrates
     again). Call it on every rank at the same point, or the ranks calibrate apart."""
     with _lock:
+        for watch in _watches.values():
+            if watch.pending is not None:
+                watch.pending.wait()  # its all-reduce is in the group's order already
         _links.clear()
         _tables.clear()
         _decisions.clear()
         _choices.clear()
+        _tracks.clear()
+        _watches.clear()
+        _recalibrations.clear()

@@ -26,7 +26,7 @@ import torch.distributed.distributed_c10d as c10d
 
 from .. import watchdog
 from ..algorithms.common import Comm, reject
-from ..auto import choose
+from ..auto import choose, observe
 from ..engine import Engine, Handle, get_engine
 from ..errors import CollectiveError, CommpressError, ConfigError
 from ..feedback import auto_key, error_feedback
@@ -260,8 +260,10 @@ class Call:
 
         def wrapped() -> Any:
             try:
+                t0 = time.perf_counter()
                 with call_range(op, spec), watchdog.running(self.entry):
                     value = job()
+                observe(self.decision, time.perf_counter() - t0)  # auto's drift check
             except CommpressError:
                 raise
             except RuntimeError as exc:
@@ -292,6 +294,7 @@ class Call:
             work = fn(True)  # waited here when blocking: in the watchdog's slices
             if not async_op:
                 watchdog.wait(work, device, entry)
+                observe(self.decision, time.perf_counter() - t0)
             rec.transfer_s += time.perf_counter() - t0
             record(rec)
             if not async_op:
@@ -304,7 +307,9 @@ class Call:
             )
 
         def job() -> list[torch.Tensor]:
+            t0 = time.perf_counter()
             watchdog.wait(fn(True), device, entry)
+            observe(self.decision, time.perf_counter() - t0)
             record(rec)
             return outputs
 
