@@ -79,7 +79,7 @@ class Handle(dist.Work):
         self._future: torch.futures.Future | None = None
         self._completer = completer
         self._poll = poll
-        self._source_rank = source_rank
+        self._sender = source_rank
 
     def __repr__(self) -> str:
         state = "done" if self._issued.is_set() else "pending"
@@ -105,7 +105,7 @@ class Handle(dist.Work):
                 return
             self._value, self._exc, self._event = value, exc, event
             if source_rank is not None:
-                self._source_rank = source_rank
+                self._sender = source_rank
             self._issued.set()
             future = self._future
         if future is not None:
@@ -192,12 +192,16 @@ class Handle(dist.Work):
             CollectiveError: this handle is not a receive, or a receive from any
                 source that has not completed yet (the sender is not known).
         """
-        if self._source_rank is None:
+        if self._sender is None:
             raise CollectiveError(
                 "source_rank() is known only for a receive, once it completed "
                 "(from any source) or from its posting (from a given source)"
             )
-        return self._source_rank
+        return self._sender
+
+    def _source_rank(self) -> int:
+        """``source_rank()`` under the private name torch's own tests call on a ``Work``."""
+        return self.source_rank()
 
     def get_future(self) -> torch.futures.Future:
         """A ``torch.futures.Future`` resolved with the output tensors (or the error)."""

@@ -45,10 +45,17 @@ def _dtypes(a: dict[str, Any], *names: str) -> None:
     c10d._ensure_all_tensors_same_dtype(*(a[n] for n in names if a.get(n) is not None))
 
 
-def _root(a: dict[str, Any], name: str, *, return_global: bool = False) -> None:
+def _root(
+    a: dict[str, Any], name: str, *, return_global: bool = False, default: int | None = None
+) -> None:
+    """torch's root check; ``default``: the global rank torch uses when neither
+    ``name`` nor ``group_name`` is given (0 for gather's ``dst``, scatter's ``src``)."""
     group = a.get("group")
+    rank, group_rank = a.get(name), a.get(f"group_{name}")
+    if rank is None and group_rank is None:
+        rank = default
     c10d._canonicalize_group_rank(
-        c10d._group_or_default_group(group), a.get(name), a.get(f"group_{name}"), return_global
+        c10d._group_or_default_group(group), rank, group_rank, return_global
     )
 
 
@@ -129,7 +136,7 @@ def _gather(a: dict[str, Any]) -> Any:
     _dtypes(a, "tensor", "gather_list")
     if _not_member(a):
         return TORCH
-    _root(a, "dst")
+    _root(a, "dst", default=0)
     return a
 
 
@@ -138,7 +145,7 @@ def _scatter(a: dict[str, Any]) -> Any:
     if a.get("scatter_list"):
         _list(a, "scatter_list")
     _dtypes(a, "tensor", "scatter_list")
-    _root(a, "src")
+    _root(a, "src", default=0)
     return TORCH if _not_member(a) else a
 
 
