@@ -178,3 +178,148 @@ def test_break_even_models():
     # At the serial break-even speed the serial model predicts a tie.
     tie = predicted_speedup(row["codec_GBps"], row["ratio"], row["break_even_serial_gbit"], False)
     assert tie == pytest.approx(1.0)
+
+
+# ====================================================================== auto
+def _row(op, codec, us, **extra):
+    return {"op": op, "size": 1 << 16, "link": "none", "codec": codec, "status": "ok",
+            "time_us": us, "time_p10_us": us, "time_p90_us": us, **extra}  # fmt: skip
+
+
+def test_auto_eligible_is_a_candidate_within_the_default_budget():
+    from commpress.bench.collectives import auto_eligible
+
+    assert auto_eligible("int8") and auto_eligible("bf16") and auto_eligible("fp16")
+    assert not auto_eligible("int4") and not auto_eligible("fp8")  # outside 1e-2
+    assert not auto_eligible("powersgd") and not auto_eligible("int8:block=128")
+    assert not auto_eligible("plain-bf16") and not auto_eligible("auto")
+
+
+def test_x_best_is_auto_over_the_best_option_auto_could_have_picked():
+    rows = [
+        _row("all_reduce", "plain-fp32", 10.0),
+        _row("all_reduce", "plain-bf16", 1.0),  # another dtype: not an option of auto
+        _row("all_reduce", "int8", 5.0),
+        _row("all_reduce", "int4", 2.0),  # outside auto's budget
+        _row("all_reduce", "auto", 6.0, pick="int8/gather"),
+        _row("broadcast", "plain-fp32", 4.0),
+        _row("broadcast", "int8", 8.0),
+        _row("broadcast", "auto", 4.2, pick="plain"),
+    ]
+    by = {(r["op"], r["codec"]): r for r in add_speedups(rows)}
+    assert by[("all_reduce", "auto")]["x_best"] == pytest.approx(1.2)
+    assert by[("all_reduce", "auto")]["best"] == "int8"
+    assert by[("broadcast", "auto")]["x_best"] == pytest.approx(1.05)
+    assert by[("broadcast", "auto")]["best"] == "plain-fp32"
+    assert "x_best" not in by[("all_reduce", "int8")]
+    table = cli.format_rows(rows)
+    assert "auto chose" in table and "int8/gather" in table and "x best" in table
+    assert "auto chose" not in cli.format_rows([r for r in rows if r["codec"] != "auto"])
+
+
+def test_auto_in_codecs_and_budget_parse():
+    config = cli.build_config(parse(["--codecs", "auto,int8", "--budget", "2"]))
+    assert config.codecs == ("auto", "int8") and config.budget_s == 2.0
+    assert [c.codec for c in config.cases()][:4] == ["plain-fp32", "plain-bf16", "auto", "int8"]
+    with pytest.raises(ValueError, match="budget_s"):
+        SweepConfig(budget_s=0.0)
+
+
+def test_tiny_sweep_with_auto_says_what_it_picked():
+    from commpress.bench.collectives import auto_eligible
+
+    config = SweepConfig(
+        ops=("all_reduce", "all_to_all"),
+        codecs=("int8", "auto"),
+        sizes=(64 << 10,),
+        warmup=0,
+        iters=3,
+        budget_s=1e-9,  # one timed call per case
+    )
+    rows = add_speedups(list(sweep(config)))
+    assert all(r["status"] == "ok" and r["iters"] == 1 for r in rows), rows
+    by = {(r["op"], r["codec"]): r for r in rows}
+    for op in config.ops:
+        a = by[(op, "auto")]
+        options = [
+            by[(op, c)] for c in ("plain-fp32", "int8") if c == "plain-fp32" or auto_eligible(c)
+        ]
+        best = min(options, key=lambda r: r["time_us"])
+        assert a["best"] == best["codec"] and a["x_best"] == pytest.approx(
+            a["time_us"] / best["time_us"]
+        )
+        assert a["pick"] == "plain" or a["pick"].split("/")[0] in ("bf16", "fp16", "int8"), a
+        assert a["compressed"] == (a["pick"] != "plain")
+    assert by[("all_to_all", "auto")]["pick"] == "plain"  # decided before any model
+    assert by[("all_to_all", "auto")]["modelled_us"] is None
+    assert by[("all_reduce", "auto")]["modelled_us"] > 0
+
+
+def test_markdown_and_pivot():
+    from commpress.bench import report
+
+    wide = report.pivot(
+        [_row("all_reduce", "int8", 5.0), _row("all_reduce", "auto", 6.0), _row("x", "auto", 1.0)],
+        ["op", "size"],
+        "codec",
+        "time_us",
+    )
+    assert wide == [
+        {"op": "all_reduce", "size": 1 << 16, "int8": 5.0, "auto": 6.0},
+        {"op": "x", "size": 1 << 16, "auto": 1.0},
+    ]
+    text = report.format_markdown(wide, ["op", "int8", "auto"], formats={"auto": "{:.1f}"})
+    assert text.splitlines() == [
+        "| op | int8 | auto |",
+        "|---|---:|---:|",
+        "| all_reduce | 5 | 6.0 |",
+        "| x | - | 1.0 |",
+    ]
+    assert report.format_markdown([{"a": "x|y"}]).splitlines()[-1] == "| x\\|y |"
+
+
+def _grid_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "auto_grid.py"
+    spec = importlib.util.spec_from_file_location("auto_grid", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_rows_one_per_link_size_op():
+    grid = _grid_module()
+    rows = [
+        _row("all_reduce", "plain-fp32", 2000.0),
+        _row("all_reduce", "plain-bf16", 1000.0, time_p10_us=900.0, time_p90_us=1100.0),
+        _row("all_reduce", "int8", 1500.0),
+        _row("all_reduce", "auto", 1560.0, pick="int8/gather", best="int8", x_best=1.04),
+        _row("broadcast", "plain-fp32", 100.0),
+        {**_row("broadcast", "int8", 1.0), "status": "error: no"},
+        _row("broadcast", "auto", 100.0, pick="plain", best="plain-fp32", x_best=1.0),
+    ]
+    wide = grid.grid_rows(rows, ["int8"])
+    assert [(w["op"], w["int8"], w["pick"], w["x_best"]) for w in wide] == [
+        ("all_reduce", 1.5, "int8/gather", 1.04),
+        ("broadcast", None, "plain", 1.0),
+    ]
+    assert wide[0]["spread"] == pytest.approx(20.0)
+    lines = grid.markdown(wide, ["int8"]).splitlines()
+    assert lines[0].startswith("| link | size | op | plain-fp32 ms | plain-bf16 ms | int8 ms |")
+    assert (
+        lines[2]
+        == "| none | 64K | all_reduce | 2 | 1 | 1.5 | 1.56 | int8/gather | int8 | 1.04 | 20% |"
+    )
+    assert lines[3].split(" | ")[5] == "-"
+
+
+def test_grid_script_runs_one_loopback_cell(tmp_path):
+    grid = _grid_module()
+    out = tmp_path / "grid.md"
+    argv = ["--links", "none", "--sizes", "64K", "--ops", "broadcast", "--codecs", "int8"]
+    assert grid.main([*argv, "--iters", "1", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| none | 64K | broadcast | ")
+    assert "-" not in lines[2].split(" | ")[3:8]  # every option measured

@@ -9,6 +9,12 @@ Example::
     commpress bench                                   # all_reduce, 1M..16M, bf16/int8/int4, 2 ranks
     commpress bench --ops all_reduce,all_gather -b 8K -e 256M -f 4 --codecs int8,fp8
     commpress bench --link 1gbit --json out.json --plot busbw.png
+    commpress bench --ops all -b 64K -e 64M -f 16 --codecs auto,bf16,fp16,int8
+
+``auto`` in ``--codecs`` runs each call with ``codec="auto"``: its row says what
+auto picked and its time over the best of plain fp32 and every codec auto could
+have picked in the same run (``x best``). ``benchmarks/auto_grid.py`` runs the
+issue's whole grid (links x sizes x ops) into one markdown table.
 
 ``--link RATE`` runs the ranks in a private network namespace whose loopback
 is shaped to RATE (`commpress.bench.netem`); it needs root, ``unshare`` and
@@ -74,6 +80,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations per case")
     p.add_argument("--iters", type=int, default=5, help="timed iterations per case")
     p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="at most this many seconds of timed calls per case (at least one call; "
+        "--iters stays the most)",
+    )
+    p.add_argument(
         "--link",
         default="none",
         help="emulate a link of this rate on loopback (e.g. 1gbit, 10gbit); 'none' = as is",
@@ -112,6 +126,7 @@ def build_config(args: argparse.Namespace) -> SweepConfig:
         iters=args.iters,
         link=args.link.lower(),
         shape=shape,
+        budget_s=args.budget,
     )
 
 
@@ -219,8 +234,12 @@ TABLE_COLUMNS: dict[str, str] = {
     "compressed": "enc?",
     "speedup_fp32": "x fp32",
     "speedup_bf16": "x bf16",
+    "pick": "auto chose",
+    "x_best": "x best",
     "status": "status",
 }
+#: Shown only when a row has them (``auto`` in ``--codecs``).
+_AUTO_COLUMNS = ("pick", "x_best")
 
 
 def format_rows(rows: list[dict[str, Any]], title: str | None = None) -> str:
@@ -233,7 +252,8 @@ def format_rows(rows: list[dict[str, Any]], title: str | None = None) -> str:
         if r.get("time_p10_us") is not None:
             row["spread"] = f"{r['time_p10_us']:.0f}..{r['time_p90_us']:.0f}"
         shown.append(row)
-    cols = [c for c in TABLE_COLUMNS if c != "status"]
+    has_auto = any(r.get("pick") is not None for r in rows)
+    cols = [c for c in TABLE_COLUMNS if c != "status" and (has_auto or c not in _AUTO_COLUMNS)]
     if any(r.get("status") != "ok" for r in rows):
         cols.append("status")
     percent = lambda v: f"{100 * v:.1f}"  # noqa: E731
@@ -248,6 +268,7 @@ def format_rows(rows: list[dict[str, Any]], title: str | None = None) -> str:
         "rel_err": "{:.2e}",
         "speedup_fp32": "{:.2f}",
         "speedup_bf16": "{:.2f}",
+        "x_best": "{:.2f}",
     }
     return report.format_table(shown, cols, formats=formats, headers=TABLE_COLUMNS, title=title)
 

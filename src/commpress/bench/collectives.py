@@ -26,6 +26,16 @@ Definitions (nccl-tests' conventions, on UNCOMPRESSED bytes):
   same inputs, the largest over ranks.
 - ``speedup_fp32`` / ``speedup_bf16`` are the plain fp32 / plain bf16 median
   time divided by this row's median time, same op and size, same invocation.
+- ``auto`` (a codec name here, ``codec="auto"`` per call): ``pick`` is what it
+  chose (``int8/two_phase``, or ``plain``), ``modelled_us`` its modelled time;
+  ``x_best`` is its median over the best of plain fp32 and every codec row auto
+  could have chosen (`auto_eligible`: a candidate within the default error
+  budget) of the same op, size and link, and ``best`` names that one. Every
+  rank calibrates before the case (`commpress.auto.calibrate`), so no timed call
+  pays for it.
+- With ``SweepConfig.budget_s`` the timed iterations of a case are as many as
+  fit in that many seconds at the untimed first call's pace (at least 1, at
+  most ``iters``; the same count on every rank): slow cells of a grid get one.
 
 Baselines ``plain-fp32`` and ``plain-bf16`` are plain ``torch.distributed``
 calls on a float32 / bfloat16 tensor that already is in that dtype (the bf16
@@ -47,6 +57,7 @@ import torch
 
 __all__ = [
     "OPS",
+    "AUTO",
     "BASELINES",
     "BUS_FACTORS",
     "Case",
@@ -57,11 +68,14 @@ __all__ = [
     "sweep",
     "sweep_rows",
     "add_speedups",
+    "auto_eligible",
 ]
 
 OPS: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
 #: Plain torch.distributed baselines, always measured next to the codecs.
 BASELINES: tuple[str, ...] = ("plain-fp32", "plain-bf16")
+#: The codec name that runs each call with ``codec="auto"``.
+AUTO = "auto"
 #: The column each baseline's speedup goes to.
 _SPEEDUP_COLUMN = {"plain-fp32": "speedup_fp32", "plain-bf16": "speedup_bf16"}
 
@@ -123,6 +137,8 @@ class SweepConfig:
         link: link label for the rows (``"none"`` or a rate like ``"1gbit"``).
         shape: optional 2-D shape for every tensor (PowerSGD needs matrices); the
             size then follows from it.
+        budget_s: seconds of timed calls per case: as many of ``iters`` as fit at
+            the first call's pace (at least one); None: always ``iters``.
     """
 
     ops: tuple[str, ...] = ("all_reduce",)
@@ -133,6 +149,7 @@ class SweepConfig:
     iters: int = 5
     link: str = "none"
     shape: tuple[int, ...] | None = None
+    budget_s: float | None = None
 
     def __post_init__(self) -> None:
         for op in self.ops:
@@ -142,6 +159,8 @@ class SweepConfig:
             raise ValueError(f"world_size must be >= 1, got {self.world_size}")
         if self.iters < 1 or self.warmup < 0:
             raise ValueError(f"need iters >= 1 and warmup >= 0, got {self.iters}, {self.warmup}")
+        if self.budget_s is not None and not self.budget_s > 0:
+            raise ValueError(f"budget_s must be > 0 seconds or None, got {self.budget_s}")
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> SweepConfig:
@@ -229,6 +248,7 @@ def _make_call(
 
     else:
         raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+    call.op_name = fn.__name__  # type: ignore[attr-defined] # what auto's choices say
     return call
 
 
@@ -273,7 +293,44 @@ def timed_calls(call: Callable[[torch.Tensor], Any], src: torch.Tensor, iters: i
     return times
 
 
-def run_case(rank: int, world_size: int, case: Case, warmup: int, iters: int) -> dict[str, Any]:
+_reference: dict[tuple[Any, ...], torch.Tensor] = {}  # the last case's plain fp32 result
+
+
+def _plain_reference(
+    case: Case, shape: tuple[int, ...], base: torch.Tensor, plain: Callable[..., Any]
+) -> torch.Tensor:
+    """Plain fp32's result on ``base``, computed once per op and shape (the cases of one
+    op and size run one after another; at 64 MiB on a slow link it takes seconds)."""
+    key = (case.op, shape)
+    if key not in _reference:
+        _reference.clear()
+        _reference[key] = plain(base.clone()).float()
+    return _reference[key]
+
+
+def _auto_pick(name: str, nbytes: int, known: set[int]) -> tuple[str, float | None]:
+    """What ``auto`` chose for this case's calls: ``("int8/two_phase", modelled seconds)``,
+    or ``("plain", ...)``. The choice made during the case (a new key), else the last one
+    of the op at this size bucket (a key an earlier case made), else plain without a
+    model (``all_to_all``, below ``min_bytes``: decided before any model)."""
+    from commpress import auto
+
+    choices = auto.decisions()
+    new = [c for c in choices if id(c) not in known]
+    old = [c for c in choices if c.op == name and c.bucket == auto.bucket(nbytes)]
+    for c in (new or old)[-1:]:
+        return (f"{c.codec}/{c.algorithm}" if c.codec else "plain"), c.modelled_s
+    return "plain", None
+
+
+def run_case(
+    rank: int,
+    world_size: int,
+    case: Case,
+    warmup: int,
+    iters: int,
+    budget_s: float | None = None,
+) -> dict[str, Any]:
     """Measure one case on this rank; every rank must call it (it runs collectives).
 
     Must run inside an initialized gloo process group. Returns the row (the same
@@ -289,7 +346,7 @@ def run_case(rank: int, world_size: int, case: Case, warmup: int, iters: int) ->
     if case.op == "broadcast" and rank != 0:
         base.zero_()
     plain = _make_call(case.op, dist, {}, world_size)
-    reference = plain(base.clone()).float()
+    reference = _plain_reference(case, tuple(shape), base, plain)
 
     if case.codec in BASELINES:
         dtype = torch.float32 if case.codec == "plain-fp32" else torch.bfloat16
@@ -309,20 +366,33 @@ def run_case(rank: int, world_size: int, case: Case, warmup: int, iters: int) ->
         "world_size": world_size,
     }
     error: str | None = None
+    known: set[int] = set()  # auto's choices before this case
+    if case.codec == AUTO:
+        from commpress import auto
+
+        auto.calibrate(dist.group.WORLD, src.device, src.dtype)  # not in any timed call
+        known = {id(c) for c in auto.decisions()}
+    first_s = 0.0
     try:
+        dist.barrier()
+        t0 = time.perf_counter()
         out = call(src.clone()).float()
+        first_s = time.perf_counter() - t0
         err = (
             torch.linalg.vector_norm(out - reference) / torch.linalg.vector_norm(reference)
         ).item()
     except Exception as exc:  # noqa: BLE001 - a codec that cannot do this op is a row, not a crash
         error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         err = float("nan")
-    # Ranks must agree on whether to time this case, or the collectives below deadlock.
-    failed = torch.tensor([1.0 if error else 0.0])
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if failed.item():
+    # Ranks must agree on whether to time this case (or the collectives below deadlock),
+    # and on how many times.
+    agreed = torch.tensor([1.0 if error else 0.0, first_s], dtype=torch.float64)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    if agreed[0].item():
         row.update(status=f"error: {error or 'failed on another rank'}")
         return row
+    if budget_s is not None:
+        iters = max(1, min(iters, int(budget_s / max(agreed[1].item(), 1e-9))))
 
     for _ in range(warmup):
         call(src.clone())
@@ -365,11 +435,28 @@ def run_case(rank: int, world_size: int, case: Case, warmup: int, iters: int) ->
         iters=iters,
         status="ok",
     )
+    if case.codec == AUTO:
+        pick, modelled = _auto_pick(call.op_name, src.numel() * src.element_size(), known)
+        row.update(pick=pick, modelled_us=None if modelled is None else modelled * 1e6)
     return row
 
 
+def auto_eligible(spec: str) -> bool:
+    """Whether ``auto`` (default budget) could choose codec ``spec`` on float32: one of
+    its candidates (`commpress.calibration.candidates`) within `commpress.policy.AUTO_MAX_ERR`.
+    """
+    from commpress.calibration import candidates
+    from commpress.policy import AUTO_MAX_ERR
+
+    return any(
+        c.spec == spec and c.typical_rel_err is not None and c.typical_rel_err <= AUTO_MAX_ERR
+        for c in candidates(torch.float32, torch.device("cpu"))
+    )
+
+
 def add_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fill ``speedup_fp32``/``speedup_bf16`` from the baselines of the same op, size and link."""
+    """Fill ``speedup_fp32``/``speedup_bf16`` from the baselines of the same op, size and link,
+    and each ``auto`` row's ``x_best`` and ``best``."""
     base: dict[tuple[Any, ...], float] = {}
     for r in rows:
         if r.get("codec") in BASELINES and r.get("status") == "ok":
@@ -379,6 +466,18 @@ def add_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             t = base.get((r["op"], r["size"], r.get("link"), name))
             ok = t is not None and r.get("status") == "ok"
             r[column] = t / r["time_us"] if ok else None
+    eligible = {name: auto_eligible(name) for name in {r.get("codec") for r in rows}}
+    best: dict[tuple[Any, ...], tuple[float, str]] = {}
+    for r in rows:
+        name = r.get("codec")
+        if r.get("status") == "ok" and (name == "plain-fp32" or eligible.get(name)):
+            key = (r["op"], r["size"], r.get("link"))
+            best[key] = min(best.get(key, (math.inf, "")), (r["time_us"], name))
+    for r in rows:
+        if r.get("codec") == AUTO:
+            t, name = best.get((r["op"], r["size"], r.get("link")), (None, None))
+            ok = t is not None and r.get("status") == "ok"
+            r.update(x_best=r["time_us"] / t if ok else None, best=name if ok else None)
     return rows
 
 
@@ -399,7 +498,14 @@ def sweep(
         for i, case in enumerate(cases):
             if progress is not None:
                 progress(i, len(cases), case)
-            row = pool.run(run_case, case, config.warmup, config.iters, timeout=per_case_timeout)[0]
+            row = pool.run(
+                run_case,
+                case,
+                config.warmup,
+                config.iters,
+                config.budget_s,
+                timeout=per_case_timeout,
+            )[0]
             row["link"] = config.link
             yield row
     if progress is not None and cases:

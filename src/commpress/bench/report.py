@@ -5,6 +5,9 @@ None); a benchmark is a list of rows. Measurement code returns rows and never
 formats them; everything here takes rows and never measures.
 
 - `format_table` -- an aligned plain-text table for the terminal.
+- `format_markdown` -- the same rows as a GitHub markdown table (``RESULTS.md``).
+- `pivot` -- long rows (one per case) to wide ones (one per group, a column per
+  value of one field), e.g. one row per link x size x op with a column per codec.
 - `write_json` / `read_json` -- ``{"meta": {...}, "rows": [...]}``; non-finite
   floats become ``null`` (strict JSON), anything else unknown becomes its ``str``.
 - `write_csv` -- one header line, columns as in `columns`; None is empty.
@@ -39,6 +42,8 @@ __all__ = [
     "columns_of",
     "format_value",
     "format_table",
+    "format_markdown",
+    "pivot",
     "to_json",
     "write_json",
     "read_json",
@@ -127,6 +132,52 @@ def format_table(
     out.append("  ".join("-" * w for w in widths))
     out.extend(line(r) for r in body)
     return "\n".join(out)
+
+
+def format_markdown(
+    rows: Sequence[Row],
+    columns: Sequence[str] | None = None,
+    *,
+    formats: Mapping[str, Formatter] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> str:
+    """A GitHub markdown table (no trailing newline); arguments as in `format_table`.
+
+    Numeric columns are right-aligned (``---:``); ``|`` in a cell is escaped.
+    """
+    cols = list(columns) if columns is not None else columns_of(rows)
+    formats = dict(formats or {})
+    headers = dict(headers or {})
+
+    def line(cells: Iterable[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    numeric = [
+        bool(rows) and all(_is_number(r.get(c)) or r.get(c) is None for r in rows) for c in cols
+    ]
+    out = [line(headers.get(c, c) for c in cols)]
+    out.append("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
+    out.extend(line(_cell(r.get(c), formats.get(c)) for c in cols) for r in rows)
+    return "\n".join(out)
+
+
+def pivot(
+    rows: Iterable[Row], index: Sequence[str], column: str, value: str
+) -> list[dict[str, Any]]:
+    """One row per distinct ``index`` tuple (first-seen order) holding the ``index``
+    fields and, for each value ``v`` of ``column`` among its rows, ``v: row[value]``.
+
+    Example::
+
+        pivot([{"op": "all_reduce", "codec": "int8", "time_us": 9.0}], ["op"], "codec",
+              "time_us")  # [{"op": "all_reduce", "int8": 9.0}]
+    """
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in rows:
+        key = tuple(r.get(k) for k in index)
+        wide = out.setdefault(key, dict(zip(index, key, strict=True)))
+        wide[str(r.get(column))] = r.get(value)
+    return list(out.values())
 
 
 def to_json(rows: Sequence[Row], meta: Mapping[str, Any] | None = None) -> str:
