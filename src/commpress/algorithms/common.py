@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import wire
+from .. import watchdog, wire
 from ..codec import Codec
 from ..errors import CollectiveError
 from ..wire.descriptor import OP_CODES, Descriptor, DescriptorTable, redop_code, spec_row
@@ -62,7 +62,11 @@ def _all_gather_flat(
 ) -> Any:
     # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return gather(out, inp, group=group, async_op=async_op)
+    work = gather(out, inp, group=group, async_op=True)
+    if async_op:
+        return work
+    watchdog.wait(work, out.device)  # blocking: in slices that notice diverged ranks
+    return None
 
 
 def _gather_rows(comm: Comm, desc: Descriptor) -> torch.Tensor:
@@ -224,7 +228,8 @@ def unpack_decode(
 ) -> torch.Tensor:
     """Decode a received wire buffer, checking the codec and (if given) the element count.
 
-    ``out``/``accumulate``: decode into ``out`` (or add to it) as `Codec.decode` does.
+    ``out``/``accumulate``: decode into ``out`` (or add to it) as `Codec.decode` does;
+    an ``out`` of another dtype than the packet's takes a copy of the decoded tensor.
 
     Raises:
         CodecMismatchError: the buffer was made by another codec config.
@@ -239,6 +244,8 @@ def unpack_decode(
                 f"(shape {tuple(packet.meta.shape)}){who} where {numel} were expected; "
                 "the ranks' tensor sizes do not match"
             )
+        if out is not None and not accumulate and out.dtype != packet.meta.dtype:
+            return out.copy_(comm.codec.decode(packet).view(out.shape))
         if out is not None and out.shape != packet.meta.shape:
             out = out.view(packet.meta.shape)
         return comm.codec.decode(packet, out=out, accumulate=accumulate)
@@ -285,8 +292,11 @@ def alltoallv_start(
         list(recv_sizes),
         send_sizes,
         group=comm.group,
-        async_op=async_op,
+        async_op=True,
     )
+    if not async_op:
+        wait_timed(comm, work)
+        work = None
     comm.rec.bytes_wire += inp.numel() - send_sizes[comm.rank]
     return work, list(torch.split(out, list(recv_sizes)))
 
@@ -311,7 +321,7 @@ def _concat(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 def wait_timed(comm: Comm, work: Any) -> None:
     """Wait for an async backend op, counting the wait as transfer time."""
     if work is not None:
-        _timed(comm, work.wait)
+        _timed(comm, watchdog.wait, work, comm.device)
 
 
 def allgatherv(comm: Comm, buf: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
@@ -350,7 +360,8 @@ def broadcast_buf(comm: Comm, buf: torch.Tensor | None, size: int, root: int) ->
             f"the packed buffer has {0 if buf is None else buf.numel()} bytes where {size} were "
             f"announced; codec {comm.codec.spec!r} does not have the fixed size it declares"
         )
-    _timed(comm, dist.broadcast, buf, comm.global_rank(root), group=comm.group)
+    work = _timed(comm, dist.broadcast, buf, comm.global_rank(root), comm.group, True)
+    wait_timed(comm, work)
     comm.rec.bytes_wire += size
     return buf
 

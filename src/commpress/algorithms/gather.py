@@ -12,7 +12,8 @@ One round and one quantization error per input (``two_phase`` has two
 rounds and re-quantizes the sum), but each rank receives ``world - 1``
 whole packets: for small tensors and small worlds, where latency dominates.
 Exact reduce ops (MIN, MAX, PRODUCT, bitwise) run here too with lossless
-codecs.
+codecs. SUM and AVG decode-and-add into the accumulator in rank order
+(`Codec.decode` with ``accumulate``: as ``acc += decode(packet)``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
 from .common import (
     Comm,
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
     from ..codec import Codec
 
 __all__ = ["Gather", "Prepared", "prepare", "all_reduce", "reduce"]
+
+_SUMS = (dist.ReduceOp.SUM, dist.ReduceOp.AVG)
 
 
 @dataclass
@@ -68,6 +72,13 @@ def _sizes(
 def _reduce(
     comm: Comm, flat: torch.Tensor, x: torch.Tensor, bufs: list[torch.Tensor], op: Any
 ) -> torch.Tensor:
+    adt = acc_dtype(flat.dtype)
+    if comm.feedback is None and op in _SUMS and adt.is_floating_point:
+        # Decode-and-add in rank order, straight into the accumulator: no temporaries.
+        acc = torch.empty(flat.numel(), dtype=adt, device=flat.device)
+        for r, b in enumerate(bufs):
+            unpack_decode(comm, b, flat.numel(), r, out=acc, accumulate=r > 0)
+        return average(acc, op, comm.size)
     acc: torch.Tensor | None = None
     for r, b in enumerate(bufs):
         y = unpack_decode(comm, b, flat.numel(), r).to(acc_dtype(flat.dtype))

@@ -95,7 +95,10 @@ class Transport(Algorithm):
 
 
 def _decode_into(comm: Comm, buf: torch.Tensor, out: torch.Tensor, source: int) -> None:
-    out.copy_(unpack_decode(comm, buf, out.numel(), source).view(out.shape))
+    if out.is_contiguous():  # straight into the output: no temporary, no copy
+        unpack_decode(comm, buf, out.numel(), source, out=out)
+    else:
+        out.copy_(unpack_decode(comm, buf, out.numel(), source).view(out.shape))
 
 
 def _encode(comm: Comm, t: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ building and reading them is this module's.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +119,10 @@ class Descriptor:
 
     def to_tensor(self, world: int, device: torch.device) -> torch.Tensor:
         """The ``int64`` row of ``FIXED_WORDS + world`` words (missing sizes are 0)."""
+        return torch.tensor(self.words(world), dtype=torch.int64, device=device)
+
+    def words(self, world: int) -> list[int]:
+        """The row as ``FIXED_WORDS + world`` Python ints (what `to_tensor` holds)."""
         if len(self.sizes) > world:
             raise ValueError(f"descriptor has {len(self.sizes)} sizes for a world of {world}")
         row = [
@@ -135,7 +140,13 @@ class Descriptor:
             *self.sizes,
         ]
         row += [0] * (FIXED_WORDS + world - len(row))
-        return torch.tensor(row, dtype=torch.int64, device=device)
+        return row
+
+    def with_sizes(self, sizes: Sequence[int]) -> Descriptor:
+        """This descriptor with other sizes (validated as in `from_row`)."""
+        if not all(0 <= s <= MAX_NUMEL for s in sizes):
+            raise ValueError(f"sizes {list(sizes)} out of range")
+        return dataclasses.replace(self, sizes=tuple(sizes))
 
     @classmethod
     def from_row(cls, row: Sequence[int]) -> Descriptor:
@@ -190,6 +201,9 @@ class DescriptorTable:
 
     op: str
     rows: tuple[Descriptor, ...]
+    #: Every row holds the same fixed words (a status of 0 included), so the checks
+    #: cannot fail; `from_rows` then parsed one row and took only the others' sizes.
+    uniform: bool = False
 
     @classmethod
     def from_tensor(cls, table: torch.Tensor, world: int, op: str) -> DescriptorTable:
@@ -205,7 +219,27 @@ class DescriptorTable:
                 f"{op}: descriptor table of {table.numel()} {table.dtype} words, expected "
                 f"{world} rows of {width} int64"
             )
-        raw = table.reshape(world, width).tolist()
+        return cls.from_rows(table.reshape(world, width).tolist(), op)
+
+    @classmethod
+    def from_rows(cls, raw: Sequence[Sequence[int]], op: str) -> DescriptorTable:
+        """Parse one row of ints per rank, each ``FIXED_WORDS + len(raw)`` long (the
+        caller checked the width). Raises `CollectiveError` like `from_tensor`."""
+        head = list(raw[0][:FIXED_WORDS])
+        if (
+            head[0] == DESCRIPTOR_MAGIC
+            and head[9] == 0
+            and all(list(r[:FIXED_WORDS]) == head for r in raw)
+        ):
+            # The steady state: every rank describes the same call, only the sizes may
+            # differ. One row is parsed; the others' sizes are checked as they are taken.
+            try:
+                first = Descriptor.from_row(raw[0])
+                rows = tuple(first.with_sizes(r[FIXED_WORDS:]) for r in raw)
+            except ValueError:
+                pass  # the general path below names the malformed row
+            else:
+                return cls(op, rows, uniform=True)
         if any(row[0] != DESCRIPTOR_MAGIC for row in raw):
             raise CollectiveError(
                 f"{op}: ranks run different commpress versions (descriptor magic differs)"
@@ -245,6 +279,8 @@ class DescriptorTable:
     # ------------------------------------------------------------ checking
     def check_status(self) -> None:
         """Raise `CollectiveError` if a rank rejected its arguments or the ops differ."""
+        if self.uniform:
+            return
         bad = [r for r, row in enumerate(self.rows) if row.status != 0]
         if bad:
             raise self._fail(
@@ -255,7 +291,7 @@ class DescriptorTable:
 
     def same_codec(self) -> bool:
         """Whether every rank uses the same codec config (equal hashes)."""
-        return len({row.config_hash for row in self.rows}) == 1
+        return self.uniform or len({row.config_hash for row in self.rows}) == 1
 
     def specs(self, gathered: torch.Tensor) -> list[str]:
         """Every rank's spec from the all-gathered `spec_row`s (``world * longest_spec``
@@ -295,6 +331,8 @@ class DescriptorTable:
             same_numel: every rank must pass the same number of elements.
             algorithm_name: how to show an algorithm wire code in the message.
         """
+        if self.uniform:
+            return
         self._agree(
             "algorithm (set the same Policy.algorithm on every rank)",
             lambda d: d.algorithm,

@@ -61,9 +61,12 @@ temporaries of a decode are of the order of its output (at most its
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import zlib
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -239,8 +242,8 @@ def encode_pack(
     Returns:
         The wire buffer (``out`` when given).
     """
-    layout = codec.sections(tensor.numel(), tensor.dtype)
-    if layout is None:
+    plan = _plan(codec, tensor.shape, tensor.dtype, checksum)
+    if plan is None:
         packet = codec.encode(tensor)
         buf = pack(packet, checksum=checksum)
         if roundtrip:
@@ -251,23 +254,55 @@ def encode_pack(
         out.copy_(buf)
         return out
     codec.check_tensor(tensor)
-    meta = PacketMeta(torch.Size(tensor.shape), tensor.dtype, codec.spec, codec.config_hash)
-    sizes = [(d, n * d.itemsize) for d, n in layout]
-    header_len = _header_len(meta, len(layout), checksum)
-    total = header_len + sum(_pad8(n) for _, n in sizes)
     if out is None:
-        out = torch.empty(total, dtype=torch.uint8, device=tensor.device)
-    _check_dest(out, total)
+        out = torch.empty(plan.total, dtype=torch.uint8, device=tensor.device)
+    _check_dest(out, plan.total)
     views = []
-    pos = header_len
-    for dtype, nbytes in sizes:
+    pos = plan.header_len
+    for dtype, nbytes in plan.sizes:
         views.append(out[pos : pos + nbytes].view(dtype))
         _zero_padding(out, pos, nbytes)
         pos += _pad8(nbytes)
     codec.encode_into(tensor, tuple(views), roundtrip=roundtrip)
-    crc = _crc(views) if checksum else None
-    _write_header(out, _header(meta, sizes, crc))
+    if plan.header is not None:
+        out[: plan.header_len].copy_(plan.header)
+    else:
+        _write_header(out, _header(plan.meta, list(plan.sizes), _crc(views)))
     return out
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where `encode_pack` puts a fixed-layout packet, computed once per call shape.
+
+    ``sizes``: ``(dtype, bytes)`` per section; ``header``: the header bytes as a CPU
+    ``uint8`` tensor (None with a checksum, which depends on the payload).
+    """
+
+    meta: PacketMeta
+    sizes: tuple[tuple[torch.dtype, int], ...]
+    header_len: int
+    total: int
+    header: torch.Tensor | None
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(codec: Codec, shape: torch.Size, dtype: torch.dtype, checksum: bool) -> _Plan | None:
+    """The layout of ``codec``'s packet of a tensor (None: the codec declares none)."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    layout = codec.sections(numel, dtype)
+    if layout is None:
+        return None
+    meta = PacketMeta(torch.Size(shape), dtype, codec.spec, codec.config_hash)
+    sizes = tuple((d, n * d.itemsize) for d, n in layout)
+    header_len = _header_len(meta, len(layout), checksum)
+    total = header_len + sum(_pad8(n) for _, n in sizes)
+    header = None
+    if not checksum:
+        header = torch.frombuffer(bytearray(_header(meta, list(sizes), None)), dtype=torch.uint8)
+    return _Plan(meta, sizes, header_len, total, header)
 
 
 def _check_dest(out: torch.Tensor, total: int) -> None:
@@ -280,7 +315,8 @@ def _check_dest(out: torch.Tensor, total: int) -> None:
         raise ValueError("encode_pack: out must be contiguous and start on an 8-byte boundary")
 
 
-def _header_bytes(buffer: torch.Tensor) -> bytes:
+def _header_bytes(buffer: torch.Tensor) -> tuple[bytes, Any]:
+    """The fixed header's bytes and, for a CPU buffer, a numpy view of it (else None)."""
     if not isinstance(buffer, torch.Tensor):
         raise WireError(f"wire buffer must be a torch.Tensor, got {type(buffer).__name__}")
     if buffer.dtype != torch.uint8 or buffer.dim() != 1:
@@ -293,7 +329,10 @@ def _header_bytes(buffer: torch.Tensor) -> bytes:
             f"wire buffer is truncated: {buffer.numel()} bytes, a header needs at least "
             f"{HEADER_FIXED}"
         )
-    return bytes(buffer[:HEADER_FIXED].cpu().numpy())
+    if buffer.device.type == "cpu":
+        view = buffer.numpy()  # no copy: the header is read from it in place
+        return view[:HEADER_FIXED].tobytes(), view
+    return bytes(buffer[:HEADER_FIXED].cpu().numpy()), None
 
 
 def read_spec(buffer: torch.Tensor) -> str:
@@ -303,11 +342,9 @@ def read_spec(buffer: torch.Tensor) -> str:
 
 def _parse_header(
     buffer: torch.Tensor,
-) -> tuple[PacketMeta, int, list[tuple[torch.dtype, int]], int | None]:
-    fixed = _header_bytes(buffer)
-    magic, version, flags, dcode, ndim, nsec, spec_len, header_len, config_hash = _FIXED.unpack(
-        fixed
-    )
+) -> tuple[PacketMeta, int, tuple[tuple[torch.dtype, int], ...], int | None]:
+    fixed, view = _header_bytes(buffer)
+    magic, version, flags, dcode, ndim, nsec, spec_len, header_len, _ = _FIXED.unpack(fixed)
     if magic != MAGIC:
         raise WireError(f"not a commpress wire buffer: magic {magic!r}, expected {MAGIC!r}")
     if version != VERSION:
@@ -334,7 +371,23 @@ def _parse_header(
         raise WireError(
             f"wire buffer is truncated: {buffer.numel()} bytes, its header alone needs {header_len}"
         )
-    rest = bytes(buffer[HEADER_FIXED:raw_len].cpu().numpy())
+    if view is not None:
+        rest = view[HEADER_FIXED:raw_len].tobytes()
+    else:
+        rest = bytes(buffer[HEADER_FIXED:raw_len].cpu().numpy())
+    return _parse_rest(fixed, rest, buffer.numel())
+
+
+# A pure function of the header's bytes and the buffer's length, so a call that repeats
+# (same shape and codec) parses its header once; 256 entries of at most ~14 KB of keys.
+@functools.lru_cache(maxsize=256)
+def _parse_rest(
+    fixed: bytes, rest: bytes, numel: int
+) -> tuple[PacketMeta, int, tuple[tuple[torch.dtype, int], ...], int | None]:
+    """The header after its fixed part (``rest``: the fixed part already validated),
+    checked against the buffer's length ``numel``."""
+    _, _, flags, dcode, ndim, nsec, spec_len, header_len, config_hash = _FIXED.unpack(fixed)
+    crc_len = 4 if flags & FLAG_CRC else 0
     shape = struct.unpack_from(f"<{ndim}q", rest, 0)
     pos = 8 * ndim
     span = 1
@@ -365,16 +418,16 @@ def _parse_header(
             )
         sections.append((dtype, nbytes))
         total += _pad8(nbytes)
-        if total > buffer.numel():
+        if total > numel:
             break
-    if total != buffer.numel():
+    if total != numel:
         raise WireError(
-            f"wire buffer has {buffer.numel()} bytes but its header describes {total}; "
+            f"wire buffer has {numel} bytes but its header describes {total}; "
             "the buffer is truncated or corrupted"
         )
     crc = struct.unpack_from("<I", rest, pos)[0] if crc_len else None
     meta = PacketMeta(torch.Size(shape), CODE_DTYPES[dcode], spec, config_hash)
-    return meta, header_len, sections, crc
+    return meta, header_len, tuple(sections), crc
 
 
 def default_max_decode_bytes() -> int:
