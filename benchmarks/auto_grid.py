@@ -18,10 +18,10 @@ Repeats: each case is timed ``--iters`` times (5) or as many as fit in
 ``--budget`` seconds (1.5) at its first call's pace, at least once: a 64 MiB
 all-reduce at 100 Mbit/s (about 10 s a call on the shaped loopback, which all
 ranks share) is timed once, so its row has no spread; a tbf-shaped transfer of
-seconds varies little between calls. Planned for 2 ranks at under 12 minutes,
-almost all of it the 64 MiB and 16 MiB cells at 100 Mbit/s (sized from the
-measured 1075 ms of a 64 MiB plain all-reduce at 1 Gbit/s, `commpress.bench.netem`);
-the elapsed seconds of each link are printed.
+seconds varies little between calls. Estimated at 9-10 minutes for 2 ranks
+(not measured: from the 1075 ms of a 64 MiB plain all-reduce at 1 Gbit/s in
+`commpress.bench.netem`), about 5.5 of them at 100 Mbit/s; the elapsed seconds
+of each link are printed.
 
 A link that cannot be emulated (not root, no ``tc``) is reported and skipped; the
 exit code is then 3.

@@ -36,16 +36,17 @@ compress (when none would, `register` leaves the model on plain DDP).
 Drift: the call driver reports each call's measured seconds (`observe`: the
 engine job of a compressed call, the wait of a blocking plain one). Every
 `DRIFT_EVERY`-th ``auto`` call on a group (the same call on every rank: all ranks
-make the same calls) queues one tiny all-reduce (``MIN`` over the ranks of this
-rank's worst observed/modelled ratio, each way) on the group's engine queue, and
-the next due call reads its result: past `DRIFT_FACTOR`, every rank drops the
-group's table and decisions and calibrates again at that call. ``MIN``, not
-``MAX``: a rank that waited inside a collective for a late peer (compute
-imbalance) measured the peer's lateness, not the link; the last rank to arrive
-waits for no one, while a slower link or codec slows every rank. A drift that
+make the same calls) issues one async 16-byte all-reduce (``MIN`` over the ranks
+of this rank's worst observed/modelled ratio, each way), straight to the backend
+when the group's engine queue is idle, else behind it; the next due call reads
+it: past `DRIFT_FACTOR`, every rank drops the group's table and decisions and
+calibrates again at that call. ``MIN``, not ``MAX``: a rank that waited inside a
+collective for a late peer (compute imbalance) measured the peer's lateness, not
+the link; the last rank to arrive waits for no one, while a slower link or codec
+slows every rank. Keys modelled under `DRIFT_MIN_S` do not count. A drift that
 survives a re-calibration (the model is off there, not the machine) doubles the
 interval, so it costs a logarithmic number of calibrations. `recalibrations`
-lists each.
+lists each; ``docs/auto.md`` has the cost.
 
 Example::
 
@@ -62,6 +63,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +75,6 @@ from .algorithms import Algorithm, CodecSpeed, default_order, get_algorithm
 from .calibration import Table
 from .codec import Codec
 from .engine import get_engine
-from .handle import Handle
 from .ops import REDUCTIONS
 from .policy import Decision, Policy
 from .registry import get_codec
@@ -98,12 +99,16 @@ __all__ = [
 #: A codec must be modelled at most this fraction of plain's time to be chosen.
 PAYS = 0.9
 #: The ranks compare observed with modelled times every this many ``auto`` calls on a
-#: group (one 16-byte all-reduce, queued; its result is read this many calls later).
+#: group (one async 16-byte all-reduce; its result is read this many calls later).
 DRIFT_EVERY = 256
 #: Re-calibrate when observed times are this factor slower, or faster, than modelled.
 DRIFT_FACTOR = 2.0
 #: Observations of a key in one window below which it does not count (warm-up noise).
 DRIFT_MIN_OBS = 3
+#: Keys modelled faster than this do not count: their time is the call's own fixed cost
+#: (Python, the watchdog), which the link model leaves out (a 4 KiB plain all-reduce took
+#: 2-3x its model on a shared 2-core machine), and auto keeps them plain either way.
+DRIFT_MIN_S = 1e-3
 #: The longest interval the back-off reaches (calls).
 DRIFT_MAX_EVERY = 1 << 16
 _KEEP = 128  # observations kept per key and window (the newest)
@@ -175,7 +180,7 @@ class _Watch:
     calls: int
     every: int
     due: int
-    pending: Handle | None = None
+    pending: Callable[[], list[float]] | None = None  # the check in flight: its result
     drifted: bool = False  # the last check re-calibrated
 
 
@@ -262,11 +267,11 @@ def observe(decision: Decision, seconds: float) -> None:
 
 def _drift(name: str) -> list[float]:
     """This rank's worst ``[observed / modelled, modelled / observed]`` over the group's
-    keys since the last check (1.0 each with too few observations), a new window begun."""
+    keys since the last check (1.0 each where none counts), a new window begun."""
     slow = fast = 1.0
     for track in [t for t in list(_tracks.values()) if t.group == name]:
         seen, track.seen = track.seen, []
-        if len(seen) >= DRIFT_MIN_OBS:
+        if len(seen) >= DRIFT_MIN_OBS and track.high_s >= DRIFT_MIN_S:
             median = statistics.median(seen[-_KEEP:])
             slow = max(slow, median / track.high_s)
             fast = max(fast, track.low_s / median if median > 0 else DRIFT_FACTOR + 1)
@@ -275,11 +280,11 @@ def _drift(name: str) -> list[float]:
 
 def _check(group: Any, name: str, watch: _Watch) -> None:
     """A due call of ``name``: read the check in flight (drifted: drop the group so that
-    this call calibrates it again), then queue the next one on the group's engine queue.
-    Every rank runs it at the same call and reads the same combined figures."""
+    this call calibrates it again), then issue the next one, in order with the group's
+    calls. Every rank runs it at the same call and reads the same combined figures."""
     with _lock:
         if watch.pending is not None:
-            slow, fast = watch.pending.result()
+            slow, fast = watch.pending()
             watch.pending = None
             if max(slow, fast) > DRIFT_FACTOR:
                 if watch.drifted:  # the model is off here, not the machine: back off
@@ -292,14 +297,18 @@ def _check(group: Any, name: str, watch: _Watch) -> None:
             watch.drifted = False
             watch.every = DRIFT_EVERY
         watch.due = watch.calls + watch.every
-        device = watch.device
+        device, engine = watch.device, get_engine()
 
-        def job() -> list[float]:
+        def issue() -> Callable[[], list[float]]:
             t = torch.tensor(_drift(name), dtype=torch.float64, device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-            return t.cpu().tolist()
+            work = dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group, async_op=True)
+            return lambda: (work.wait(), t.cpu().tolist())[1]
 
-        watch.pending = get_engine().run(name, job, async_op=True, device=device)
+        if engine.idle(name):  # straight to the backend, like a plain call: no thread hop
+            watch.pending = issue()
+        else:  # behind the group's queued calls, in issue order
+            handle = engine.run(name, lambda: issue()(), async_op=True, device=device)
+            watch.pending = handle.result
 
 
 def _forget(name: str) -> None:
@@ -515,7 +524,7 @@ def reset() -> None:
     with _lock:
         for watch in _watches.values():
             if watch.pending is not None:
-                watch.pending.wait()  # its all-reduce is in the group's order already
+                watch.pending()  # its all-reduce is in the group's order already
         _links.clear()
         _tables.clear()
         _decisions.clear()
