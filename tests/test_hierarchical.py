@@ -42,10 +42,18 @@ def _input(rank: int, case: int, numel: int, dtype: torch.dtype, integer: bool) 
     return x.to(dtype)
 
 
-def _fake_hosts(rank: int, local_size: int) -> None:
+def _fake_hosts(rank: int, local_size: int, layout: list[list[int]] | None = None) -> None:
+    """Blocks of ``local_size`` ranks, or ``layout`` (lists of global ranks): a rank's
+    host key is ``block:<rank - LOCAL_RANK>``, so any layout can be faked."""
+    from commpress import topology
+
     os.environ.pop("GROUP_RANK", None)
     os.environ["LOCAL_WORLD_SIZE"] = str(local_size)
     os.environ["LOCAL_RANK"] = str(rank % local_size)
+    if layout is not None:
+        os.environ["LOCAL_RANK"] = str(rank - min(next(h for h in layout if rank in h)))
+    # A new layout may leave some ranks' host keys unchanged: every rank must re-learn.
+    topology.clear_cache()
 
 
 CASES = [
@@ -63,7 +71,7 @@ CASES = [
 BOUND = {"int8": 2e-2, "int4": 0.25, "bf16": 1e-2, "zstd": 0.0}
 
 
-def body_all_reduce(rank, world, local_size, cases, inner_pipeline=False):
+def body_all_reduce(rank, world, local_size, cases, inner_pipeline=False, layout=None):
     import commpress
     import commpress.distributed as cdist
     from commpress import topology
@@ -71,7 +79,7 @@ def body_all_reduce(rank, world, local_size, cases, inner_pipeline=False):
     from commpress.engine import Engine, set_engine
     from commpress.policy import using
 
-    _fake_hosts(rank, local_size)
+    _fake_hosts(rank, local_size, layout)
     saved_pipe = hierarchical.PIPELINE_BYTES
     if inner_pipeline:  # one call for the whole tensor; the shard crosses hosts in chunks
         set_engine(Engine(chunk_bytes=0))
@@ -121,6 +129,20 @@ def test_two_hosts_by_two(gloo4):
         (2, 2, (0, 1), (1, 3)),
         (2, 2, (2, 3), (0, 2)),
         (2, 2, (2, 3), (1, 3)),
+    ]
+
+
+def test_scattered_hosts(gloo4):
+    # Hosts {0, 3} and {1, 2}: global rank 2 is host 1 but rank 0 of its inter group
+    # (the inter step must use the inter group's rank order, not the host index).
+    cases = [c for c in CASES if c[2] < 1 << 20][:3]
+    results = gloo4.run(body_all_reduce, 2, cases, layout=[[0, 3], [1, 2]])
+    _check(results, cases, 4)
+    assert [r[1] for r in results] == [
+        (2, 2, (0, 3), (0, 1)),
+        (2, 2, (1, 2), (0, 1)),
+        (2, 2, (1, 2), (2, 3)),
+        (2, 2, (0, 3), (2, 3)),
     ]
 
 

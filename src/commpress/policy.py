@@ -169,6 +169,8 @@ class Policy:
             cast payload), ``gather`` for tensors up to ``gather_bytes`` on up
             to 8 ranks (one round, one quantization error), ``two_phase``
             otherwise (bandwidth-optimal like a ring). Force one to study it.
+            A forced algorithm also runs the other families it declares:
+            ``"hierarchical"`` runs reduce_scatter and all_gather in two levels too.
         verify: exchange a descriptor before every compressed collective (codec
             hash, sizes, op); catches codec mismatches on every rank and is
             what makes variable-size codecs possible on gloo. ``False`` skips it
@@ -499,7 +501,7 @@ def decide(
     if named is not None:
         return Decision(c, named.name, ef or named.by_codec, f"{named.name} {family}")
     if not reduction:
-        mover = _moving(family)
+        mover = _moving(family, policy)
         return Decision(c, mover.name, False, "encode once, move, decode", threshold)
     return _reduction(op, family, c, reduce_op, size, world_size, policy, ef)
 
@@ -539,8 +541,11 @@ def _auto_checks(
     return auto(op, family, dtype, size, world, sum_like, budget, policy)
 
 
-def _moving(family: str) -> Any:
-    """The algorithm of an op that only moves data: the first in ``auto_order``."""
+def _moving(family: str, policy: Policy) -> Any:
+    """The algorithm of an op that only moves data: the forced one where it runs the
+    family (``hierarchical`` all_gather), else the first in ``auto_order``."""
+    if policy.algorithm != "auto" and family in get_algorithm(policy.algorithm).families:
+        return get_algorithm(policy.algorithm)
     return default_order(family)[0]
 
 

@@ -22,8 +22,15 @@ table from the same rows. The host key is, in this order:
 3. otherwise the host name (``socket.gethostname()``).
 
 Hosts are numbered in the order of their first group rank; a rank's local
-index is its position among its host's ranks in group-rank order (not
-``LOCAL_RANK``, which may be numbered differently in a subgroup).
+index is its position among its host's ranks in ascending global rank (not
+``LOCAL_RANK``, which may be numbered differently in a subgroup). Both
+subgroups list their ranks in ascending global rank, because that is the
+rank order torch gives a ``new_group``: a rank's local index *is* its rank
+in ``intra``, and its rank in ``inter`` is `Topology.inter_rank`, which
+equals its host index only when hosts hold ascending blocks or interleave
+(hosts ``{0, 3}`` and ``{1, 2}``: global rank 2 is host 1 but rank 0 of its
+inter group). Any layout with the same number of ranks per host works:
+contiguous blocks (``torchrun``), round-robin, or scattered.
 
 Subgroups are built with ``torch.distributed.new_group`` and cached per
 group rank tuple, so a second hierarchical call on the same group costs
@@ -41,6 +48,7 @@ Example::
     topo = topology.of(None)          # collective over the world, once
     topo.hosts, topo.local_size, topo.host_index, topo.local_index
     topo.intra, topo.inter            # process groups (None for a 1-rank level)
+    topo.by_local[j]                  # group ranks of local index j, in inter-group order
 """
 
 from __future__ import annotations
@@ -73,8 +81,13 @@ class Topology:
         local_index: this rank's position among its host's ranks.
         intra: the process group of this rank's host (None when ``L == 1``).
         inter: the process group of the ranks with this local index (None when ``H == 1``).
-        intra_ranks: global ranks of ``intra``, in its rank order.
-        inter_ranks: global ranks of ``inter``, in its rank order.
+        intra_ranks: global ranks of ``intra``, in its rank order (ascending).
+        inter_ranks: global ranks of ``inter``, in its rank order (ascending).
+        inter_rank: this rank's rank in ``inter`` (not always ``host_index``).
+        by_local: for each local index ``j``, the *group* ranks with that local index
+            in the rank order of their inter group: ``by_local[j][p]`` is rank ``p`` of
+            inter group ``j`` and rank ``j`` of its intra group. The data layout of the
+            hierarchical reduce-scatter and all-gather.
     """
 
     ranks: tuple[int, ...]
@@ -87,6 +100,8 @@ class Topology:
     inter: Any
     intra_ranks: tuple[int, ...]
     inter_ranks: tuple[int, ...]
+    inter_rank: int
+    by_local: tuple[tuple[int, ...], ...]
 
 
 def host_key(global_rank: int, environ: dict[str, str] | None = None) -> str:
@@ -172,7 +187,11 @@ def of(group: Any = None, device: torch.device | str = "cpu") -> Topology:
     first: dict[int, int] = {}
     host_of = tuple(first.setdefault(h, len(first)) for h in hashes)
     hosts = len(first)
-    members = [[r for r in range(size) if host_of[r] == h] for h in range(hosts)]
+    # Ascending global rank inside a host: the rank order of the intra group torch makes.
+    members = [
+        sorted((r for r in range(size) if host_of[r] == h), key=ranks.__getitem__)
+        for h in range(hosts)
+    ]
     counts = sorted({len(m) for m in members})
     if len(counts) != 1:
         listing = "; ".join(
@@ -188,7 +207,11 @@ def of(group: Any = None, device: torch.device | str = "cpu") -> Topology:
     host_index = host_of[me]
     local_index = members[host_index].index(me)
     intra_sets = [tuple(ranks[r] for r in m) for m in members]
-    inter_sets = [tuple(ranks[m[j]] for m in members) for j in range(local_size)]
+    # Inter group j in its rank order (ascending global rank), as group ranks.
+    by_local = tuple(
+        tuple(sorted((m[j] for m in members), key=ranks.__getitem__)) for j in range(local_size)
+    )
+    inter_sets = [tuple(ranks[r] for r in col) for col in by_local]
     mine_intra, mine_inter = intra_sets[host_index], inter_sets[local_index]
     if _is_world(group):
         wanted = [*intra_sets, *inter_sets]  # every rank creates every group, same order
@@ -206,6 +229,8 @@ def of(group: Any = None, device: torch.device | str = "cpu") -> Topology:
         inter=made.get(mine_inter),
         intra_ranks=mine_intra,
         inter_ranks=mine_inter,
+        inter_rank=by_local[local_index].index(me),
+        by_local=by_local,
     )
     with _lock:
         _topologies[cache_key] = topo

@@ -44,6 +44,11 @@ this rank sends across hosts: the residual is of the host's partial sum.
 
 `cost` is the model `auto` can use; its docstring states the formula.
 
+The same algorithm runs reduce-scatter and all-gather in two levels
+(`commpress.algorithms.hierarchical_moves`): ``Policy(algorithm=
+"hierarchical")`` selects them too, and they fall back to the flat
+algorithms where the topology has one level.
+
 Needs the same number of ranks on every host (`topology.of` raises
 `ConfigError` otherwise). On one host (``H == 1``) it is a plain exact
 all-reduce; with one rank per host (``L == 1``) it is `two_phase`.
@@ -61,9 +66,10 @@ import torch
 import torch.distributed as dist
 
 from .. import topology
-from . import direct, two_phase
+from . import direct, hierarchical_moves, two_phase
 from .chunked import chunk_ranges, run_stages
 from .common import Comm, acc_dtype, average, describe, reduce_into, wait_timed
+from .hierarchical_moves import inter_comm
 from .registry import Algorithm, CodecSpeed, Link, Stage, register_algorithm
 
 __all__ = [
@@ -99,19 +105,6 @@ def prepare(comm: Comm, flat: torch.Tensor) -> Prepared:
 def _inter_op(op: Any) -> Any:
     # AVG is applied once, by N, at the end; the levels sum.
     return dist.ReduceOp.SUM if op == dist.ReduceOp.AVG else op
-
-
-def _inter(comm: Comm, topo: topology.Topology) -> Comm:
-    """``comm`` on the inter-host subgroup (one rank per host with this local index)."""
-    return dataclasses.replace(
-        comm,
-        group=topo.inter,
-        rank=topo.host_index,
-        size=topo.hosts,
-        # The whole group's descriptor was checked already; only sizes of variable-size
-        # payloads still need the inner exchange.
-        verify=not comm.codec.fixed_size,
-    )
 
 
 def _inter_algorithm(comm: Comm, op: Any) -> Any:
@@ -223,10 +216,11 @@ def stages(
 
 def _describe(comm: Comm, flat: torch.Tensor, op: Any, chunk: int = 0) -> topology.Topology:
     """The call's topology, after the descriptor check over the whole group."""
-    topo = topology.of(comm.group, comm.device)
+    # The descriptor first: `topology.of`'s first call is a collective that a rank on
+    # another algorithm would not join (it would hang instead of raising).
     if comm.verify:
         describe(comm, Hierarchical.code, flat, [0] * comm.size, redop=op, chunk=chunk)
-    return topo
+    return topology.of(comm.group, comm.device)
 
 
 def _steps(
@@ -255,7 +249,7 @@ def _steps(
         ends = list(itertools.accumulate(lens))
         slots = [(e - n, e) for e, n in zip(ends, lens, strict=True)]
         shards = torch.empty(sum(lens), dtype=adt, device=x.device)
-    inner = [_inter(c, topo) for c in comms]
+    inner = [inter_comm(c, topo) for c in comms]
     algo = _inter_algorithm(comms[0], op)
 
     def scatter(k: int, _: Any) -> _InFlight | None:
@@ -369,14 +363,31 @@ class Hierarchical(Algorithm):
     """Exact inside a host, compressed across hosts; runs only when asked for."""
 
     name = "hierarchical"
-    code = 6
+    code = hierarchical_moves.WIRE_CODE
+    families = frozenset({"all_reduce", "reduce", "reduce_scatter", "all_gather"})
     # Chunk k of the input is read (reduce-scatter, or the shard itself) before chunk
     # k of the result is written.
     in_place = True
 
-    def cost(self, nbytes: int, world: int, link: Link, speed: CodecSpeed) -> float:
-        """`cost` with ``local = link.local`` ranks per host (``world / local`` hosts)."""
-        return cost(
+    def cost(
+        self,
+        nbytes: int,
+        world: int,
+        link: Link,
+        speed: CodecSpeed,
+        family: str = "all_reduce",
+    ) -> float:
+        """`cost` with ``local = link.local`` ranks per host (``world / local`` hosts).
+
+        ``family``: ``"reduce_scatter"`` / ``"all_gather"`` take
+        `hierarchical_moves.reduce_scatter_cost` / ``all_gather_cost`` (``nbytes``:
+        the input per rank); the all-reduce model otherwise.
+        """
+        model = {
+            "reduce_scatter": hierarchical_moves.reduce_scatter_cost,
+            "all_gather": hierarchical_moves.all_gather_cost,
+        }.get(family, cost)
+        return model(
             nbytes,
             hosts=max(world // link.local, 1),
             local=link.local,
@@ -393,3 +404,5 @@ class Hierarchical(Algorithm):
     reduce = staticmethod(reduce)
     prepare = staticmethod(prepare)
     stages = staticmethod(stages)
+    reduce_scatter = staticmethod(hierarchical_moves.reduce_scatter)
+    all_gather = staticmethod(hierarchical_moves.all_gather)

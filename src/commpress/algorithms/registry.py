@@ -17,7 +17,9 @@ like a codec does:
   (`Link`, `CodecSpeed`); the formulas are in ``docs/algorithms.md``;
 - the work itself: ``all_reduce(comm, flat, op, out=None)`` and
   ``reduce(comm, flat, op, root)`` for reductions; ``stages`` when the
-  chunked driver (`commpress.algorithms.chunked`) may pipeline its chunks.
+  chunked driver (`commpress.algorithms.chunked`) may pipeline its chunks;
+  ``reduce_scatter`` / ``all_gather`` where it runs those families its own
+  way (None: the faces run the flat ones, `two_phase` / `transport`).
 
 Registering is one decorator; the ``algorithms`` package imports each
 algorithm's module once (one line per algorithm), and everything else finds
@@ -135,6 +137,11 @@ class Algorithm(abc.ABC):
     #: Works on the 1-D view of the tensor, so the chunked driver may cut it; False for
     #: an algorithm that needs the tensor's shape (PowerSGD: its matrix view).
     flat: ClassVar[bool] = True
+    #: ``reduce_scatter(comm, flat, bounds, op) -> this rank's block`` (AVG not applied)
+    #: and ``all_gather(comm, tensor, outputs)``, bound by an algorithm that runs those
+    #: families itself (``hierarchical``); None: `two_phase`'s / `transport`'s.
+    reduce_scatter: ClassVar[Callable[..., torch.Tensor] | None] = None
+    all_gather: ClassVar[Callable[..., None] | None] = None
 
     def eligible(self, codec: Codec, sum_like: bool) -> str | None:
         """None if this algorithm can reduce with ``codec``, else why not (for errors)."""

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..algorithms import transport
+from ..algorithms import get_algorithm, transport
 from ..algorithms.common import Comm
 from ..engine import Handle
 from ..errors import ConfigError
@@ -74,6 +74,14 @@ def broadcast(
     )
 
 
+def _gather_all(
+    call: Call, comm: Comm, tensor: torch.Tensor, outputs: Sequence[torch.Tensor]
+) -> None:
+    """The decided algorithm's all-gather (transport's unless it runs its own)."""
+    algo = get_algorithm(call.decision.algorithm)  # type: ignore[arg-type]
+    (algo.all_gather or transport.all_gather)(comm, tensor, outputs)
+
+
 def all_gather(
     tensor_list: list[torch.Tensor],
     tensor: torch.Tensor,
@@ -112,7 +120,7 @@ def all_gather(
             group,
             tensor,
             plain=lambda a: dist.all_gather(outputs, tensor, group, a),
-            run=lambda call, comm: transport.all_gather(comm, tensor, outputs),
+            run=lambda call, comm: _gather_all(call, comm, tensor, outputs),
             outputs=outputs,
             tensors=[tensor, *outputs],
             codec=codec,
@@ -156,7 +164,7 @@ def all_gather_into_tensor(
         out = torch.empty(
             output_tensor.numel(), dtype=output_tensor.dtype, device=output_tensor.device
         )
-        transport.all_gather(comm, input_tensor, list(out.split(n)))
+        _gather_all(call, comm, input_tensor, list(out.split(n)))
         write(output_tensor, out)
 
     return execute(

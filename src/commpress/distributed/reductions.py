@@ -135,14 +135,17 @@ def _others(t: torch.Tensor, world: int) -> int:
 
 
 def _scatter_reduced(inputs: list[torch.Tensor], output: torch.Tensor, op: Any) -> Any:
-    """The compressed job of the reduce-scatters: phase 1 of two_phase on the
-    concatenated input (one view when it is one tensor), rank ``r`` keeping block ``r``."""
+    """The compressed job of the reduce-scatters: the decided algorithm's reduce-scatter
+    (phase 1 of two_phase unless it runs its own, like hierarchical) on the concatenated
+    input (one view when it is one tensor), rank ``r`` keeping block ``r``."""
 
     def run(call: Call, comm: Comm) -> None:
         n = output.numel()
         x = flat(inputs[0]) if len(inputs) == 1 else torch.cat([flat(t) for t in inputs])
         bounds = [(r * n, (r + 1) * n) for r in range(call.size)]
-        write(output, average(two_phase.reduce_scatter(comm, x, bounds, op), op, call.size))
+        algo = get_algorithm(call.decision.algorithm)  # type: ignore[arg-type]
+        scatter = algo.reduce_scatter or two_phase.reduce_scatter
+        write(output, average(scatter(comm, x, bounds, op), op, call.size))
 
     return run
 
