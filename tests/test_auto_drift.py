@@ -35,10 +35,14 @@ def _faked(scale: float):
     return observe
 
 
-def _body(rank, world, scales, min_s):
+def _body(rank, world, scales, min_s, busy):
     """``CALLS`` auto calls (all_reduce and all_gather, 4 KiB and 1 KiB) with rank ``r``
     observing ``scales[r]`` x the model and ``auto.DRIFT_MIN_S = min_s``; returns what
-    each rank re-calibrated and decided, and how many link measurements it made."""
+    each rank re-calibrated and decided, and how many link measurements it made.
+
+    ``busy``: an async int8 all-reduce is in flight on the group's engine queue while
+    each iteration's auto calls are made (so a check goes behind it on a rank whose
+    queue is still busy, straight to the backend on one whose queue is idle)."""
     os.environ[calibration.CACHE_ENV] = tempfile.mkdtemp(prefix=f"commpress-drift-{rank}-")
     saved = auto.DRIFT_EVERY, auto.DRIFT_MIN_S, call_module.observe
     auto.reset()
@@ -52,8 +56,13 @@ def _body(rank, world, scales, min_s):
                 x = torch.full((1 << 10,), float(rank + i))
                 cdist.all_reduce(x)
                 assert torch.equal(x, torch.full_like(x, sum(r + i for r in range(world))))
+                queued = torch.ones(1 << 16)  # the checks fall on the all_gathers
+                work = cdist.all_reduce(queued, codec="int8", async_op=True) if busy else None
                 out = torch.empty(world * 256)
                 cdist.all_gather_into_tensor(out, torch.full((256,), float(rank)))
+                if work is not None:
+                    work.wait()
+                    assert torch.allclose(queued, torch.full_like(queued, world), rtol=1e-2)
         recal = [
             (r.group, r.call, round(r.slow, 6), round(r.fast, 6)) for r in auto.recalibrations()
         ]
@@ -64,8 +73,8 @@ def _body(rank, world, scales, min_s):
         auto.DRIFT_EVERY, auto.DRIFT_MIN_S, call_module.observe = saved
 
 
-def _run(gloo, scales, min_s=0.0):
-    results = gloo.run(_body, scales, min_s)
+def _run(gloo, scales, min_s=0.0, busy=False):
+    results = gloo.run(_body, scales, min_s, busy)
     recal, decided, _ = results[0]
     for other in results[1:]:
         assert other[:2] == (recal, decided), (results[0], other)  # same calls, same figures
@@ -85,6 +94,12 @@ def test_drift_on_every_rank_recalibrates_every_rank_at_the_same_call(gloo):
     # the next check finds drifting still doubles the interval.
     assert [r[1] for r in recal] == [2 * EVERY, 4 * EVERY, 8 * EVERY], recal
     assert {op for op, *_ in decided} == {"all_reduce", "all_gather_into_tensor"}
+
+
+def test_checks_keep_their_order_behind_queued_compressed_calls(gloo):
+    scales = [3.0 + r for r in range(gloo.world_size)]
+    recal, _, _ = _run(gloo, scales, busy=True)[0]  # _run: the same on every rank
+    assert [r[1] for r in recal] == [2 * EVERY, 4 * EVERY, 8 * EVERY], recal
 
 
 def test_faster_than_modelled_recalibrates_too(gloo):
