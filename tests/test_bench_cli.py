@@ -6,6 +6,7 @@ import argparse
 import math
 
 import pytest
+import torch
 
 from commpress.bench import cli
 from commpress.bench.collectives import (
@@ -323,3 +324,28 @@ def test_grid_script_runs_one_loopback_cell(tmp_path):
     lines = out.read_text().splitlines()
     assert len(lines) == 3 and lines[2].startswith("| none | 64K | broadcast | ")
     assert "-" not in lines[2].split(" | ")[3:8]  # every option measured
+
+
+def test_auto_pick_is_the_cases_choice_else_an_earlier_one_of_its_op_and_bucket():
+    from commpress import auto
+    from commpress.auto import Choice
+    from commpress.bench.collectives import _auto_pick
+
+    def choice(op, bucket, codec, seconds):
+        algorithm = "two_phase" if codec else None
+        return Choice("0", op, torch.float32, bucket, 2, codec, algorithm, seconds, 1.0, ())
+
+    earlier, new = (
+        choice("broadcast", 1 << 16, None, 2e-4),
+        choice("all_reduce", 1 << 20, "int8", 1e-3),
+    )
+    auto.reset()
+    try:
+        auto._choices.update({1: earlier, 2: new})
+        assert _auto_pick("broadcast", 1 << 16, {id(earlier)}) == ("int8/two_phase", 1e-3)
+        known = {id(earlier), id(new)}  # both made by earlier cases
+        assert _auto_pick("broadcast", 40 << 10, known) == ("plain", 2e-4)  # 64 KiB bucket
+        assert _auto_pick("broadcast", 1 << 20, known) == ("plain", None)  # no model asked
+        assert _auto_pick("all_to_all_single", 1 << 16, known) == ("plain", None)
+    finally:
+        auto.reset()
