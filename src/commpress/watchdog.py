@@ -42,6 +42,7 @@ waits are not sliced: NCCL's own watchdog and flight recorder cover them.
 from __future__ import annotations
 
 import collections
+import ctypes
 import datetime
 import json
 import os
@@ -104,10 +105,7 @@ _lock = threading.Lock()
 _logs: dict[str, collections.deque[Entry]] = {}
 _world: list[Any] = [None, 0]  # the default group the logs belong to, its incarnation
 _local = threading.local()
-_p2p_waits: dict[object, tuple[Entry, float]] = {}  # the send/receive waits in progress
-_monitor_started = [False]
 _found: dict[tuple[str, int], str] = {}  # (group, call number) -> the divergence found
-_aborted: list[Any] = []  # groups aborted after a divergence, never freed (`_Watch.fail`)
 
 
 def interval_s(environ: Any = None) -> float:
@@ -167,24 +165,16 @@ def running(entry: Entry) -> Iterator[None]:
         _local.entry = previous
 
 
-def wait(
-    work: Any,
-    device: torch.device | None = None,
-    entry: Entry | None = None,
-    *,
-    p2p: bool = False,
-) -> None:
+def wait(work: Any, device: torch.device | None = None, entry: Entry | None = None) -> None:
     """``work.wait()``, in slices that compare the ranks' calls (module docstring).
 
     Args:
         work: a backend ``Work`` (None: nothing to wait for).
         device: the call's device; only CPU waits are sliced.
         entry: the call the wait belongs to (default: the one `running` marked).
-        p2p: ``work`` is a send or receive. gloo fails those when a timed wait runs
-            out, and they have neither a future nor a completion flag that moves before
-            ``wait``: they are waited plainly while a monitor thread checks for them
-            each slice (it publishes this rank's log, so the peers can tell; a
-            divergence it finds is raised by the peers, and here once they leave).
+
+    Not for sends and receives: gloo fails those when a timed wait runs out, and
+    they have neither a future nor a completion flag that moves before ``wait``.
     """
     if work is None:
         return
@@ -193,9 +183,6 @@ def wait(
     step = interval_s()
     if entry is None or step == 0 or (device is not None and device.type != "cpu"):
         work.wait()
-        return
-    if p2p:
-        _wait_p2p(work, entry, step)
         return
     slice_ = datetime.timedelta(seconds=step)
     watch: _Watch | None = None  # made at the first slice that runs out: most never do
@@ -231,46 +218,6 @@ def explain(entry: Entry) -> str | None:
         return _found.get((entry.group, entry.seq))
 
 
-def _wait_p2p(work: Any, entry: Entry, step: float) -> None:
-    """Wait plainly; the monitor thread checks for this wait while it lasts."""
-    token = object()
-    with _lock:
-        _p2p_waits[token] = (entry, time.monotonic())
-        if not _monitor_started[0]:
-            _monitor_started[0] = True
-            threading.Thread(target=_monitor, name="commpress-watchdog", daemon=True).start()
-    try:
-        work.wait()
-    except RuntimeError as exc:
-        found = _explained(entry)
-        if found is None:
-            raise
-        raise found from exc
-    finally:
-        with _lock:
-            _p2p_waits.pop(token, None)
-
-
-def _monitor() -> None:
-    """Check, every slice, for the send/receive waits that have lasted a slice."""
-    watches: dict[object, _Watch] = {}
-    while True:
-        step = interval_s() or DEFAULT_INTERVAL_S
-        time.sleep(step / 2)
-        now = time.monotonic()
-        with _lock:
-            due = {t: e for t, (e, since) in _p2p_waits.items() if now - since >= step}
-        for token in list(watches):
-            if token not in due:
-                del watches[token]
-        for token, entry in due.items():
-            watch = watches.setdefault(token, _Watch(entry))
-            try:
-                watch.check()
-            except CollectiveError:
-                pass  # published and aborted: the peers raise; this wait ends with them
-
-
 class _Watch:
     """The checks of one blocked wait: publish this rank's log, compare the peers' logs."""
 
@@ -294,9 +241,10 @@ class _Watch:
                     pg.abort()
                 except (RuntimeError, AttributeError):  # a backend without abort
                     pass
-                # Freeing the group (destroy_process_group) would join its worker thread,
-                # which stays in the stuck work until the timeout: keep it referenced.
-                _aborted.append(pg)
+                # Freeing the group (destroy_process_group, or the interpreter's teardown
+                # of this module) would join its worker thread, which stays in the stuck
+                # work until the timeout: the group is never freed (one leaked reference).
+                ctypes.pythonapi.Py_IncRef(ctypes.py_object(pg))
         return CollectiveError(message)
 
     def reported(self) -> str | None:
