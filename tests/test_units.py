@@ -99,3 +99,15 @@ def test_parse_bool_false(text):
 def test_parse_bool_rejects(text):
     with pytest.raises(ValueError, match="1/0, true/false, yes/no or on/off"):
         parse_bool(text)
+
+
+def test_env_seconds():
+    from commpress.errors import ConfigError
+    from commpress.units import env_seconds
+
+    assert env_seconds("X_S", 5.0, "0: off", {}) == 5.0
+    assert env_seconds("X_S", 5.0, "0: off", {"X_S": " 0.5 "}) == 0.5
+    assert env_seconds("X_S", 5.0, "0: off", {"X_S": "0"}) == 0
+    for bad in ("-1", "soon", "nan"):
+        with pytest.raises(ConfigError, match=r"X_S=.*seconds >= 0 \(0: off\)"):
+            env_seconds("X_S", 5.0, "0: off", {"X_S": bad})

@@ -35,7 +35,6 @@ what goes on the wire: ranks that differ only in a field that does not
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from typing import Any
@@ -43,7 +42,8 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from .errors import CodecMismatchError, CollectiveError, ConfigError
+from .errors import CodecMismatchError, CollectiveError
+from .units import env_seconds
 
 __all__ = ["publish", "check", "fingerprint", "timeout_s", "ENV_TIMEOUT", "DEFAULT_TIMEOUT_S"]
 
@@ -64,20 +64,7 @@ def timeout_s(environ: Any = None) -> float:
     Raises:
         ConfigError: the variable is not a number >= 0.
     """
-    env = os.environ if environ is None else environ
-    raw = env.get(ENV_TIMEOUT, "").strip()
-    if not raw:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise ConfigError(
-            f"environment variable {ENV_TIMEOUT}={raw!r} is not valid: expected seconds >= 0 "
-            "(0 turns the check off)"
-        )
-    return value
+    return env_seconds(ENV_TIMEOUT, DEFAULT_TIMEOUT_S, "0 turns the check off", environ)
 
 
 def fingerprint(policy: Any) -> str:

@@ -1,4 +1,4 @@
-"""Byte sizes and booleans as people type them: one parser and one formatter of each.
+"""Byte sizes, booleans and seconds as people type them: one parser (and formatter) each.
 
 Size grammar (case-insensitive, spaces allowed around the parts)::
 
@@ -11,13 +11,20 @@ parse; ``K``, ``KB`` and ``KiB`` all mean 1024 bytes. The size must come to a
 whole number of bytes (``0.5K`` is 512; ``0.3K`` is refused).
 
 Boolean grammar: ``1/true/yes/on`` and ``0/false/no/off``, case-insensitive.
+
+Seconds in an environment variable (`env_seconds`): a number >= 0, e.g. ``60``
+or ``0.5``; unset or empty gives the caller's default.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 
-__all__ = ["parse_size", "format_size", "parse_bool"]
+from .errors import ConfigError
+
+__all__ = ["parse_size", "format_size", "parse_bool", "env_seconds"]
 
 _SCALES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _GRAMMAR = (
@@ -86,3 +93,32 @@ def parse_bool(text: str) -> bool:
     if low in _FALSE:
         return False
     raise ValueError(f"{text!r} is not a boolean; expected 1/0, true/false, yes/no or on/off")
+
+
+def env_seconds(
+    name: str, default: float, zero: str, environ: Mapping[str, str] | None = None
+) -> float:
+    """Seconds from environment variable ``name`` (``default`` when unset or empty).
+
+    Args:
+        name: the variable.
+        default: its value when unset.
+        zero: what 0 means, for the error message (e.g. "0 turns the check off").
+        environ: the environment to read (default: ``os.environ``).
+
+    Raises:
+        ConfigError: the value is not a number >= 0 (the message names the variable).
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ConfigError(
+            f"environment variable {name}={raw!r} is not valid: expected seconds >= 0 ({zero})"
+        )
+    return value

@@ -45,7 +45,6 @@ import collections
 import ctypes
 import datetime
 import json
-import os
 import threading
 import time
 import warnings
@@ -57,7 +56,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import CollectiveError, ConfigError
+from .errors import CollectiveError
+from .units import env_seconds
 
 __all__ = [
     "DEFAULT_INTERVAL_S",
@@ -114,20 +114,7 @@ def interval_s(environ: Any = None) -> float:
     Raises:
         ConfigError: the variable is not a number >= 0.
     """
-    env = os.environ if environ is None else environ
-    raw = env.get(ENV_INTERVAL, "").strip()
-    if not raw:
-        return DEFAULT_INTERVAL_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise ConfigError(
-            f"environment variable {ENV_INTERVAL}={raw!r} is not valid: expected seconds >= 0 "
-            "(0 turns the watchdog off)"
-        )
-    return value
+    return env_seconds(ENV_INTERVAL, DEFAULT_INTERVAL_S, "0 turns the watchdog off", environ)
 
 
 def begin(group: str, op: str, codec: str | None, tensor: torch.Tensor) -> Entry:
