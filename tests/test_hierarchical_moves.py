@@ -280,3 +280,59 @@ def test_six_ranks(gloo6, layout, hosts, local):
     results = gloo6.run(body_moves, layout, 2_001)
     _check_values(results, 6)
     _check_bytes(results, hosts, local, 2_001)
+
+
+def measure_moves(mib: float, iters: int = 2) -> dict:
+    """One rank's side of `test_bytes_across_emulated_hosts` (run by `multihost.run_function`):
+    bytes out of this rank's host NIC per hierarchical int8 reduce-scatter of ``mib`` MiB and
+    all-gather into ``mib`` MiB, less a barrier-only baseline."""
+    import commpress.distributed as cdist
+    from commpress.bench.multihost import nic_bytes
+    from commpress.policy import using
+
+    world = dist.get_world_size()
+    n = int(mib * (1 << 20)) // 4 // world
+    x, piece = torch.randn(world * n), torch.randn(n)
+    calls = {
+        "rs": lambda: cdist.reduce_scatter_tensor(torch.empty(n), x, codec="int8"),
+        "ag": lambda: cdist.all_gather_into_tensor(torch.empty(world * n), piece, codec="int8"),
+    }
+    out = {"host": os.environ.get("GROUP_RANK"), "n": n}
+    with using(Policy(algorithm="hierarchical", min_bytes=0)):
+        for name, call in calls.items():
+            call()  # warm-up: subgroups and connections
+            dist.barrier()
+            c0 = nic_bytes()["tx_bytes"]
+            dist.barrier()
+            c1 = nic_bytes()["tx_bytes"]
+            for _ in range(iters):
+                call()
+            dist.barrier()
+            c2 = nic_bytes()["tx_bytes"]
+            out[name] = ((c2 - c1) - (iters + 1) * (c1 - c0)) / iters
+    return out
+
+
+def test_bytes_across_emulated_hosts():
+    """Bytes out of each emulated host's NIC (kernel counters; real torchrun across network
+    namespaces, 1 Gbit/s) against ``(H-1)/H * S / ratio`` per host, within 2%, for both ops."""
+    from commpress.bench import multihost
+
+    ok, why = multihost.available()
+    if not ok:
+        pytest.skip(f"no multi-host emulation here: {why}")
+    hosts, local, mib = 2, 2, 8
+    result = multihost.run_function(
+        hosts,
+        local,
+        "test_hierarchical_moves:measure_moves",
+        {"mib": mib},
+        rate="1gbit",
+        timeout=120,
+        pythonpath=[os.path.dirname(__file__)],
+    )
+    for r in result["ranks"]:
+        S, packed = mib << 20, _packed("int8", r["n"])
+        expected = (hosts - 1) / hosts * S / (S / (hosts * local * packed))  # ratio of packets
+        for name in ("rs", "ag"):
+            assert abs(r[name] / expected - 1) < 0.02, (r["host"], name, r[name], expected)

@@ -45,19 +45,23 @@ Bytes across hosts (``r``: the ratio of the packets, headers included);
 "sent" counts each copy that leaves the rank, ``bytes_wire`` what commpress
 hands the backend (`commpress.stats`: an all-gather's buffer once):
 
-=========================  ==========================  ========================
-op                         sent across hosts, per rank  inter step's bytes_wire
-=========================  ==========================  ========================
-reduce-scatter (S input)   ``(H-1)/H * S / (L r)``      the same
-all-gather (S output)      ``(H-1)/H * S / (L r)``      ``S / (N r)``
-=========================  ==========================  ========================
+========================  ===========================  =======================
+op                        sent across hosts, per rank  inter step's bytes_wire
+========================  ===========================  =======================
+reduce-scatter (S input)  ``(H-1)/H * S / (L r)``      the same
+all-gather (S output)     ``(H-1)/H * S / (L r)``      ``S / (N r)``
+========================  ===========================  =======================
 
-so a host sends ``(H-1)/H * S / r`` either way, the ``1/L`` of the flat
-algorithms', where each of its ``L`` ranks sends ``(H-1)/H * S / r`` across
-hosts (reduce-scatter: ``N-L`` of its ``N-1`` pieces go to other hosts;
-all-gather: its piece to ``N-L`` ranks on other hosts). Inside a host each
-rank sends ``(L-1)/L * S`` bytes of the accumulation dtype (reduce-scatter)
-or ``(L-1)/L * S`` bytes of the tensor's dtype (all-gather), uncompressed.
+so a host sends ``(H-1)/H * S / r`` either way. Flat `two_phase`
+reduce-scatter sends ``L`` times that: each of the host's ``L`` ranks sends
+``N-L`` of its ``N-1`` pieces to other hosts. A flat all-gather's count
+depends on the backend: pieces sent straight to every rank make it ``L``
+times too; gloo's ring, which visits the hosts' blocks in order, forwards
+``N-1`` pieces out of each host, ``(N-1)/(N-L)`` times the hierarchical
+bytes (1.5x on 2 x 2, 1.25x on 3 x 2: measured in ``docs/cluster.md``).
+Inside a host each rank sends ``(L-1)/L * S`` bytes of the accumulation
+dtype (reduce-scatter) or ``(L-1)/L * S`` bytes of the tensor's dtype
+(all-gather), uncompressed.
 
 Before anything moves, a descriptor over the whole group (`common.describe`,
 the algorithm's `WIRE_CODE`) checks codec, op, dtype, element count and
