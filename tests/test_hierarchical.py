@@ -1,7 +1,8 @@
 """Hierarchical all-reduce and topology: against a float64 reference, bit-identical on every rank.
 
 Hosts are faked on one machine through ``LOCAL_WORLD_SIZE`` / ``LOCAL_RANK``
-(4 gloo ranks as 2 hosts x 2 ranks, and as 1 x 4; 3 ranks as 3 x 1). The
+(4 gloo ranks as 2 hosts x 2 ranks in blocks and scattered as {0, 3} {1, 2},
+and as 1 x 4; 3 ranks as 3 x 1). The
 multi-namespace test (real ``torchrun --nnodes 2`` over shaped veth links)
 runs where root and iproute2 exist and counts the bytes that cross the
 emulated links; it skips with the reason elsewhere.

@@ -117,6 +117,13 @@ def body_moves(rank, world, hosts, n, algorithm="hierarchical"):
             cdist.reduce_scatter(out, xs, op=R.AVG, codec="int4")
             ref = sum(_input(r, 1 + rank, n).double() for r in range(world)) / world
             rows["rs_int4_avg"] = (out, _rel(out, ref), spy.calls[start:])
+            # reduce_scatter_tensor of bfloat16, int8: float32 inside the host
+            x = _input(rank, 10, world * n).bfloat16()
+            out = torch.empty(n, dtype=torch.bfloat16)
+            cdist.reduce_scatter_tensor(out, x, codec="int8")
+            ins = [_input(r, 10, world * n).bfloat16().double() for r in range(world)]
+            ref = sum(ins)[rank * n : (rank + 1) * n]
+            rows["rs_int8_bf16"] = (out, _rel(out, ref), [])
             # reduce_scatter_tensor, zstd MAX on integers: exact
             x = _input(rank, 20, world * n, integer=True)
             out = torch.empty(n)
@@ -131,6 +138,12 @@ def body_moves(rank, world, hosts, n, algorithm="hierarchical"):
             cdist.all_gather_into_tensor(out, x, codec="int8")
             ref = torch.stack([_input(r, 30, n) for r in range(world)]).double()
             rows["ag_int8"] = (out, _rel(out, ref), spy.calls[start:])
+            # all_gather_into_tensor, zstd (variable size: the inner step exchanges sizes)
+            x = _input(rank, 35, n, integer=True)
+            out = torch.empty(world * n)
+            cdist.all_gather_into_tensor(out, x, codec="zstd")
+            ref = torch.cat([_input(r, 35, n, integer=True) for r in range(world)]).double()
+            rows["ag_zstd"] = (out, _rel(out, ref), [])
             # all_gather (list), int4, a different size on every rank
             sizes = [n + 7 * r for r in range(world)]
             outs = [torch.empty(s) for s in sizes]
@@ -154,7 +167,7 @@ def _check_values(results, world):
         for r in range(world):
             err = results[r][name][1]
             assert err <= BOUND[codec], f"{name} rank {r}: relative error {err}"
-    for name in ("ag_int8", "ag_int4_uneven"):  # every rank holds the same bits
+    for name in ("ag_int8", "ag_zstd", "ag_int4_uneven"):  # every rank holds the same bits
         for r in range(1, world):
             assert torch.equal(results[r][name][0], results[0][name][0]), (name, r)
 
