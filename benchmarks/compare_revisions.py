@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from commpress.bench import netem
-from commpress.bench.cli import format_rows
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -116,6 +115,19 @@ def compare(base: list[list[dict]], head: list[list[dict]]) -> list[dict[str, An
     return out
 
 
+COLUMNS = ("op", "tensor", "codec", "base_ms", "head_ms", "base_over_head", "head_spread_ms")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The comparison as a plain-text table, one row per op, tensor and codec."""
+    cells = [[str(r.get(c, "-")) for c in COLUMNS] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="git revision to compare with (e.g. 7916b1e)")
@@ -133,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"repeat {repeat}: {'base' if tree is base_tree else 'head'}", flush=True)
                 runs.append(measure(tree, args.quick))
     rows = compare(base_runs, head_runs)
-    print(format_rows(rows))
+    print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"base": args.base, "rows": rows}, indent=1))
     return 0
