@@ -723,6 +723,10 @@ def render(
     if bc is not None:
         md += ["## benchmarks/bench_collectives.py", ""]
         md += [_table(bc)] if isinstance(bc, list) else [f"Not run: {bc}", ""]
+    grid = HERE / "results" / "auto_grid.md"  # written by benchmarks/auto_grid.py, not here
+    if grid.exists():
+        md += ["## `codec=\"auto\"` against every option (`benchmarks/auto_grid.py`)", ""]
+        md += [grid.read_text().strip(), ""]
     md += ["## Reading", ""]
     md += [f"- {line}" for line in _reading(data)]
     md += ["", READING_NOTES, ""]
