@@ -55,12 +55,12 @@ def test_bus_factors_are_nccl_tests(op, n, factor):
 def test_default_invocation_is_the_short_demo():
     config = cli.build_config(parse([]))
     assert config.ops == ("all_reduce",)
-    assert config.codecs == ("bf16", "int8", "int4")
+    assert config.codecs == ("bf16", "int8", "int4", "auto")
     assert config.sizes == (1 << 20, 4 << 20, 16 << 20)
     assert config.world_size == 2 and config.link == "none"
     names = [c.codec for c in config.cases()]
     assert names[:2] == list(BASELINES)  # plain fp32 and bf16 always come first
-    assert names[:5] == ["plain-fp32", "plain-bf16", "bf16", "int8", "int4"]
+    assert names[:6] == ["plain-fp32", "plain-bf16", "bf16", "int8", "int4", "auto"]
 
 
 def test_options_parse():
@@ -349,3 +349,55 @@ def test_auto_pick_is_the_cases_choice_else_an_earlier_one_of_its_op_and_bucket(
         assert _auto_pick("all_to_all_single", 1 << 16, known) == ("plain", None)
     finally:
         auto.reset()
+
+
+def _fake_sweep(monkeypatch):
+    """Replace the measurements by one row per link, recording which links ran."""
+    ran = []
+
+    def fake(config, progress=True):
+        ran.append(config.link)
+        return [
+            {"op": "all_reduce", "size": 1 << 20, "codec": "plain-fp32", "link": config.link,
+             "world_size": 2, "time_us": 10.0, "status": "ok"},
+        ]  # fmt: skip
+
+    monkeypatch.setattr(cli, "measure", fake)
+    monkeypatch.setattr(cli, "_measure_in_namespace", lambda netem, config, progress: fake(config))
+    return ran
+
+
+def test_the_default_run_shows_loopback_and_an_emulated_1gbit_link(monkeypatch, capsys):
+    from commpress.bench import netem
+
+    ran = _fake_sweep(monkeypatch)
+    monkeypatch.setattr(netem, "link_available", lambda: (True, ""))
+    assert cli.run(parse([])) == 0
+    assert ran == ["none", "1gbit"]
+    out = capsys.readouterr().out
+    assert "link none" in out and "link 1gbit" in out
+    assert "auto" in cli.DEFAULT_CODECS.split(",")
+
+
+def test_the_default_run_without_emulation_says_why_and_shows_loopback(monkeypatch, capsys):
+    from commpress.bench import netem
+
+    ran = _fake_sweep(monkeypatch)
+    monkeypatch.setattr(netem, "link_available", lambda: (False, "unshare: not permitted"))
+    assert cli.run(parse([])) == 0
+    assert ran == ["none"]
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "loopback only" in err and "unshare: not permitted" in err
+
+
+def test_a_comma_list_of_links_runs_each_in_order(monkeypatch, tmp_path):
+    from commpress.bench import netem, report
+
+    ran = _fake_sweep(monkeypatch)
+    monkeypatch.setattr(netem, "link_available", lambda: (True, ""))
+    out = tmp_path / "rows.json"
+    assert cli.run(parse(["--link", "100mbit,none", "--json", str(out)])) == 0
+    assert ran == ["100mbit", "none"]
+    rows, meta = report.read_json(out)
+    assert [r["link"] for r in rows] == ["100mbit", "none"]
+    assert meta["links"] == ["100mbit", "none"]
