@@ -366,3 +366,71 @@ def test_bad_op_meta_tensors_and_foreign_groups_are_told_like_torch(gloo2):
         else:
             assert "rank(s) [0]" in got["rank0"], got
             assert got["outside"].startswith("None ") and "does not belong" in got["outside"]
+
+
+# ------------------------------------------------------ bad input on one rank only
+def _one_bad_rank(rank: int, world: int, case: str) -> str:
+    import torch
+
+    import commpress.distributed as cdist
+    from commpress.errors import CommpressError
+
+    bad = rank == world - 1
+    n = 3 * 2 * 4096  # 96 KiB (over the default min_bytes), divisible by world sizes 2 and 3
+    x = torch.randn(n)
+    try:
+        if case == "output-too-small":
+            cdist.all_gather_into_tensor(torch.empty(world * n - (8 if bad else 0)), x, codec="int8")
+        elif case == "output-dtype":
+            out = torch.empty(world * n, dtype=torch.float64 if bad else torch.float32)
+            cdist.all_gather_into_tensor(out, x, codec="int8")
+        elif case == "short-list":
+            cdist.all_gather([torch.empty(n) for _ in range(world - bad)], x, codec="int8")
+        elif case == "entry-shape":
+            outs = [torch.empty(n) for _ in range(world)]
+            if bad:
+                outs[0] = torch.empty(n + 5)
+            cdist.all_gather(outs, x, codec="int8")
+        elif case == "reduce-scatter-output":
+            cdist.reduce_scatter_tensor(torch.empty(n // world + 3 * bad), x, codec="int8")
+        elif case == "split-sizes":
+            splits = [n // world] * world
+            if bad:
+                splits[0] += 7
+            cdist.all_to_all_single(torch.empty(n), x, input_split_sizes=splits, codec="int8")
+        return "no error"
+    except CommpressError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize(
+    "case, problem",
+    [
+        ("output-too-small", "output_tensor has"),
+        ("output-dtype", "torch.float64"),
+        ("short-list", "tensor_list must hold"),
+        ("reduce-scatter-output", "must hold world_size"),
+        ("split-sizes", "input_split_sizes="),
+    ],
+)
+def test_bad_input_on_one_rank_is_named_with_its_problem_on_every_rank(gloo, case, problem):
+    """The bad rank raises its argument error; every peer raises at once too, naming the
+    rank and what was wrong there (it used to learn only that the rank rejected)."""
+    results = gloo.run(_one_bad_rank, case)
+    world = len(results)
+    assert results[-1].startswith("CollectiveError") and problem in results[-1], results[-1]
+    for got in results[:-1]:
+        assert got.startswith("CollectiveError"), got
+        assert f"rank(s) [{world - 1}]" in got and f"rank {world - 1}: " in got, got
+        assert problem in got, got
+
+
+def test_a_wrong_entry_for_another_rank_fails_on_that_rank_only(gloo):
+    """A list all_gather may gather pieces of different sizes, so an entry shaped unlike
+    its rank's piece is found when the pieces' sizes are known (after the descriptors):
+    the bad rank raises naming the entry's rank and both sizes; its peers, whose
+    arguments were right, complete (every rank made the same collectives)."""
+    results = gloo.run(_one_bad_rank, "entry-shape")
+    assert results[-1].startswith("CollectiveError"), results[-1]
+    assert "from rank 0 where 24581 were expected" in results[-1], results[-1]
+    assert results[:-1] == ["no error"] * (len(results) - 1)

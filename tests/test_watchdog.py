@@ -41,6 +41,11 @@ RANK = textwrap.dedent(
         elif case == "min-bytes":
             with using(codec="int8", min_bytes=0 if rank == 0 else 1 << 20):
                 cdist.all_reduce(x)
+        elif case == "raw-torch":  # the last rank calls torch.distributed itself
+            if rank == world - 1:
+                dist.all_reduce(x)
+            else:
+                cdist.all_reduce(x, codec="int8")
         elif case == "late-peer":
             if rank == 1:
                 time.sleep(3)
@@ -101,6 +106,21 @@ def test_compressed_against_plain_raises_on_every_rank(case, world, names):
         assert "call 2" in message and "different collective calls" in message, message
         for name in names:
             assert name in message, (name, message)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_peer_in_a_direct_torch_call_is_named_on_every_compressing_rank(world):
+    results = _run("raw-torch", world)
+    for rank, got in enumerate(results[:-1]):
+        assert got.get("raised") == "CollectiveError", f"rank {rank}: {got}"
+        assert got["after"] < 60, f"rank {rank} took {got['after']:.1f} s"
+        message = got["message"]
+        assert f"rank {world - 1} is in torch.distributed.all_reduce, called directly" in message
+        assert "call #2 all_reduce int8 float32" in message, message
+    # The direct caller cannot be woken from its backend wait; it fails when the others
+    # leave (their exit closes its connections) instead of waiting for the timeout.
+    assert results[-1].get("raised") == "RuntimeError", results[-1]
+    assert results[-1]["after"] < 60, results[-1]
 
 
 def test_a_late_peer_is_not_an_error():

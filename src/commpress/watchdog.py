@@ -33,6 +33,23 @@ How it works:
   while the others wait is a normal program. After `WARN_AFTER_S` the rank
   warns once, naming those peers and where they were last blocked.
 
+- A peer blocked in a ``torch.distributed`` call made directly (not through
+  commpress) is found by its answer, not its log: every process that made a
+  commpress call runs one daemon thread (``commpress-watchdog``) that looks,
+  once per slice, whether a blocked peer asked it where it is
+  (``.../ask/<rank>``), and answers (``.../where/<rank>``) with the
+  ``torch.distributed`` collectives its threads are inside of that no
+  commpress frame called (from their Python stacks), with each one's group.
+  Such a call on the blocked call's group is evidence: every rank blocked in
+  commpress raises, naming it. The answering rank cannot be woken from its
+  backend wait; it prints the error on stderr and fails when the others
+  leave. A process that never made a commpress call has no such thread: a
+  peer blocked on it only warns (above).
+- A rank whose arguments are bad raises before anything is sent, and tells
+  its peers through the descriptor exchange (`commpress.algorithms.common.reject`).
+  The reason goes through the store (`tell_rejection`, `rejections`), so the
+  peers' error names the rank and its problem, not only that it rejected.
+
 Before raising, the rank aborts the group's backend (``ProcessGroup.abort``):
 the stuck backend work would otherwise keep the process from exiting until
 the timeout. The group cannot be used again: destroy it. CUDA (NCCL)
@@ -45,6 +62,8 @@ import collections
 import ctypes
 import datetime
 import json
+import os
+import sys
 import threading
 import time
 import warnings
@@ -66,9 +85,13 @@ __all__ = [
     "WARN_AFTER_S",
     "Entry",
     "begin",
+    "direct_calls",
     "explain",
+    "group_name",
     "interval_s",
+    "rejections",
     "running",
+    "tell_rejection",
     "wait",
 ]
 
@@ -121,6 +144,8 @@ def begin(group: str, op: str, codec: str | None, tensor: torch.Tensor) -> Entry
     """Number a call on ``group`` (in the caller's issue order) and log it."""
     kind = "plain" if codec is None else codec
     dtype = str(tensor.dtype).removeprefix("torch.")
+    if _responder[0] is None:
+        _start_responder()
     with _lock:
         log = _log_locked(group)
         entry = Entry(
@@ -131,10 +156,7 @@ def begin(group: str, op: str, codec: str | None, tensor: torch.Tensor) -> Entry
 
 
 def _log_locked(group: str) -> collections.deque[Entry]:
-    world = dist.group.WORLD
-    if _world[0] is not world:  # a new default group: numbering starts again
-        _world[0], _world[1] = world, _world[1] + 1
-        _logs.clear()
+    _world_check_locked()  # a new default group: numbering starts again
     log = _logs.get(group)
     if log is None:
         log = _logs[group] = collections.deque(maxlen=LOG_LENGTH)
@@ -167,11 +189,10 @@ def wait(work: Any, device: torch.device | None = None, entry: Entry | None = No
         return
     if entry is None:
         entry = getattr(_local, "entry", None)
-    step = interval_s()
+    step, slice_ = _slice()
     if entry is None or step == 0 or (device is not None and device.type != "cpu"):
         work.wait()
         return
-    slice_ = datetime.timedelta(seconds=step)
     watch: _Watch | None = None  # made at the first slice that runs out: most never do
     while True:
         try:
@@ -185,6 +206,20 @@ def wait(work: Any, device: torch.device | None = None, entry: Entry | None = No
                 raise found from exc
         watch = watch or _Watch(entry)
         watch.check()
+
+
+_slices: dict[str | None, tuple[float, datetime.timedelta]] = {}
+
+
+def _slice() -> tuple[float, datetime.timedelta]:
+    """`interval_s` and its ``timedelta``, parsed once per value of the variable (every
+    wait asks: a blocking small call's wait is a few microseconds of Python in all)."""
+    raw = os.environ.get(ENV_INTERVAL)
+    got = _slices.get(raw)
+    if got is None:
+        step = interval_s()
+        got = _slices[raw] = (step, datetime.timedelta(seconds=step))
+    return got
 
 
 def _explained(entry: Entry) -> CollectiveError | None:
@@ -216,6 +251,7 @@ class _Watch:
         self.me = dist.get_rank()
         self.peers = [r for r in _ranks(entry.group) if r != self.me]
         self.incarnation = _world[1]
+        self.asked: dict[int, int] = {}  # peer -> the ask count its answer must reach
 
     def fail(self, message: str) -> CollectiveError:
         """Abort the group's backend (its stuck work would block exit until the
@@ -270,8 +306,9 @@ class _Watch:
                     break
             if blocked < self.entry.seq and peer not in differ:
                 silent.append((peer, log.get(blocked)))
-        if differ:
-            message = self._message(mine, differ)
+        raw = self._raw_calls([peer for peer, _ in silent])
+        if differ or raw:
+            message = self._message(mine, differ, raw)
             self.store.set(self._key("error"), f"rank {self.me} found: {message}")
             raise self.fail(message)
         waited = time.monotonic() - self.since
@@ -279,15 +316,37 @@ class _Watch:
             self.warned = True
             warnings.warn(self._silence(silent, waited), RuntimeWarning, stacklevel=3)
 
+    def _raw_calls(self, peers: list[int]) -> dict[int, str]:
+        """The silent ``peers`` that answered they are in a direct ``torch.distributed``
+        call on this group: ``{rank: "torch.distributed.<op>"}``. Asks the others
+        (answers come by the next slice)."""
+        found: dict[int, str] = {}
+        for peer in peers:
+            answer = _answer(self.store, self.incarnation, peer)
+            if answer is not None and answer.get("asked", 0) >= self.asked.get(peer, 1):
+                for op, group in answer.get("calls", ()):
+                    if group == self.entry.group:
+                        found[peer] = f"torch.distributed.{op}"
+            if peer not in found and peer not in self.asked:
+                self.asked[peer] = int(self.store.add(_ask_key(self.incarnation, peer), 1))
+        return found
+
     def _key(self, rank: int | str) -> str:
         return f"{_PREFIX}{self.incarnation}/{self.entry.group}/{rank}"
 
-    def _message(self, mine: dict[int, Entry], differ: dict[int, Entry]) -> str:
+    def _message(
+        self, mine: dict[int, Entry], differ: dict[int, Entry], raw: dict[int, str]
+    ) -> str:
         lines = []
         for peer, e in sorted(differ.items()):
             lines.append(
                 f"call {e.seq} is {mine[e.seq].what}{mine[e.seq].shape} on rank {self.me} "
                 f"but {e.what}{e.shape} on rank {peer}"
+            )
+        for peer, call in sorted(raw.items()):
+            lines.append(
+                f"rank {self.me} is in call {self.entry.show()} but rank {peer} is in "
+                f"{call}, called directly (not through commpress)"
             )
         return (
             f"the ranks of group {self.entry.group!r} made different collective calls and "
@@ -344,3 +403,148 @@ def _store() -> Any:
         return c10d._get_default_store()
     except (RuntimeError, ValueError, AttributeError):
         return None
+
+
+# ------------------------------------------------------------ the responder
+#: ``torch.distributed`` functions whose frame on a thread's stack means that
+#: thread is in (or entering) a backend call.
+_TORCH_CALLS = frozenset(
+    "all_reduce all_gather all_gather_into_tensor reduce_scatter reduce_scatter_tensor "
+    "broadcast reduce gather scatter all_to_all all_to_all_single barrier send recv "
+    "all_gather_object broadcast_object_list gather_object scatter_object_list".split()
+)
+_C10D_FILE = os.path.join("torch", "distributed", "distributed_c10d.py")
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_responder: list[threading.Thread | None] = [None]
+
+
+def _ask_key(incarnation: int, rank: int) -> str:
+    return f"{_PREFIX}{incarnation}/ask/{rank}"
+
+
+def _where_key(incarnation: int, rank: int) -> str:
+    return f"{_PREFIX}{incarnation}/where/{rank}"
+
+
+def _answer(store: Any, incarnation: int, rank: int) -> dict[str, Any] | None:
+    key = _where_key(incarnation, rank)
+    try:
+        if not store.check([key]):
+            return None
+        got = json.loads(store.get(key).decode("utf-8"))
+        return got if isinstance(got, dict) else None
+    except (RuntimeError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _start_responder() -> None:
+    with _lock:
+        if _responder[0] is not None or interval_s() == 0:
+            return
+        thread = threading.Thread(target=_respond_forever, name="commpress-watchdog", daemon=True)
+        _responder[0] = thread
+    thread.start()
+
+
+def _respond_forever() -> None:
+    answered: dict[int, int] = {}  # incarnation -> the ask count last answered
+    warned: set[str] = set()
+    while True:
+        time.sleep(max(interval_s(), 0.2))
+        try:
+            _respond(answered, warned)
+        except (RuntimeError, ValueError, AttributeError):  # no group, or the store is gone
+            continue
+
+
+def _respond(answered: dict[int, int], warned: set[str]) -> None:
+    """Answer a peer's question, if one was asked since the last answer (module docstring)."""
+    store, incarnation = _store(), _world[1]
+    if store is None or not dist.is_initialized():
+        return
+    me = dist.get_rank()
+    key = _ask_key(incarnation, me)
+    if not store.check([key]):
+        return
+    asked = int(store.add(key, 0))
+    calls = direct_calls()
+    if asked > answered.get(incarnation, 0):
+        answered[incarnation] = asked
+        store.set(_where_key(incarnation, me), json.dumps({"asked": asked, "calls": calls}))
+    for _, group in calls:  # tell this rank's user too, once the peers found it
+        error = f"{_PREFIX}{incarnation}/{group}/error"
+        if group not in warned and store.check([error]):
+            warned.add(group)
+            found = store.get(error).decode("utf-8", "replace")
+            sys.stderr.write(f"commpress: rank {me} is blocked in a direct torch.distributed call: {found}\n")
+
+
+def direct_calls() -> list[tuple[str, str]]:
+    """``(op, group name)`` of each ``torch.distributed`` collective some thread of this
+    process is inside of, called directly (no commpress frame on that thread's stack)."""
+    found = []
+    me = threading.get_ident()
+    for ident, frame in sys._current_frames().items():
+        if ident == me:
+            continue
+        call, f = None, frame
+        while f is not None:
+            name = f.f_code.co_filename
+            if name.startswith(_OWN_DIR):
+                call = None  # commpress made it: its own watch covers it
+                break
+            if call is None and f.f_code.co_name in _TORCH_CALLS and name.endswith(_C10D_FILE):
+                call = (f.f_code.co_name, group_name(f.f_locals.get("group")))
+            f = f.f_back
+        if call is not None:
+            found.append(call)
+    return found
+
+
+def group_name(group: Any) -> str:
+    """The name the logs use for ``group`` (None: the default group)."""
+    pg = group if group is not None else dist.group.WORLD
+    try:
+        return str(pg.group_name)
+    except (AttributeError, RuntimeError):
+        return ""
+
+
+# ------------------------------------------------------------- rejections
+def _rejection_key(group: str, rank: int) -> str:
+    """Keyed by the call's number on ``group`` (the one `running` marked): the same on
+    every rank, so a peer reads the reason of this very call, never an older one's."""
+    entry = getattr(_local, "entry", None)
+    seq = entry.seq if entry is not None and entry.group == group else 0
+    return f"{_PREFIX}{_world[1]}/{group}/rejected/{seq}/{rank}"
+
+
+def tell_rejection(group: str, rank: int, reason: str) -> None:
+    """Publish why this rank (``rank`` of ``group``) rejects the running call's arguments;
+    called before the rejecting descriptor exchange, so peers find it after theirs."""
+    store = _store()
+    if store is not None:
+        store.set(_rejection_key(group, rank), reason[:2000])
+
+
+def rejections(group: str, ranks: list[int]) -> dict[int, str]:
+    """Why each of ``ranks`` (of ``group``) rejected the running call; '' where unknown."""
+    store = _store()
+    out = {rank: "" for rank in ranks}
+    if store is None:
+        return out
+    for rank in ranks:
+        key = _rejection_key(group, rank)
+        try:
+            if store.check([key]):
+                out[rank] = store.get(key).decode("utf-8", "replace")
+        except RuntimeError:  # the store's host has gone
+            pass
+    return out
+
+
+def _world_check_locked() -> None:
+    world = dist.group.WORLD
+    if _world[0] is not world:
+        _world[0], _world[1] = world, _world[1] + 1
+        _logs.clear()

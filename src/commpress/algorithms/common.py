@@ -113,7 +113,7 @@ def exchange(
         sizes=tuple(sizes),
     )
     table = DescriptorTable.from_tensor(_gather_rows(comm, desc), comm.size, comm.op)
-    table.check_status()
+    table.check_status(functools.partial(watchdog.rejections, watchdog.group_name(comm.group)))
     if not table.same_codec():
         raise table.codec_mismatch(_gather_specs(comm, table), comm.rank)
     table.check_call(same_numel=same_numel, algorithm_name=algorithm_name)
@@ -134,8 +134,10 @@ def reject(comm: Comm, error: BaseException) -> None:
     """Tell the other ranks (through the descriptor) that this rank's arguments are bad.
 
     Use instead of `exchange` when a local check failed, then raise ``error``: the
-    other ranks raise too instead of waiting for this one.
+    other ranks raise too instead of waiting for this one, naming this rank and
+    ``error`` (published to the store first: `commpress.watchdog.tell_rejection`).
     """
+    watchdog.tell_rejection(watchdog.group_name(comm.group), comm.rank, str(error))
     desc = Descriptor(
         op=OP_CODES[comm.op],
         algorithm=0,

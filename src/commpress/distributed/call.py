@@ -13,7 +13,6 @@ issue order, async or not), shows the call in ``torch.profiler`` traces as
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 import warnings
 from collections.abc import Callable, Hashable, Sequence
@@ -30,9 +29,9 @@ from ..auto import choose, observe
 from ..engine import Engine, Handle, get_engine
 from ..errors import CollectiveError, CommpressError, ConfigError
 from ..feedback import auto_key, error_feedback
-from ..policy import Decision, Policy, decide, get_policy
+from ..policy import AutoCall, Decision, Policy, get_policy, plan
 from ..registry import CodecLike
-from ..stats import CallRecord, call_range, record
+from ..stats import CallRecord, call_range, record, record_plain
 
 __all__ = ["Call", "Request", "execute", "check_tensor", "check_list", "root_rank", "to_global"]
 
@@ -200,17 +199,9 @@ class Call:
     ) -> Call:
         """Decide the call (``size``: bytes to weigh against ``min_bytes``)."""
         policy = get_policy()
-        world = dist.get_world_size(group)
-        decision = decide(
-            op,
-            tensor,
-            reduce_op,
-            codec,
-            world_size=world,
-            nbytes=size,
-            policy=policy,
-            auto=functools.partial(choose, group, group_key(group), tensor.device),
-        )
+        key = group_key(group)
+        size = nbytes(tensor) if size is None else size
+        decision = _decision(op, group, key, tensor, reduce_op, codec, size, policy)
         return cls(
             op,
             group,
@@ -283,39 +274,6 @@ class Call:
         # Like torch.distributed: a Handle when async, else None (never the output list).
         return result if async_op else None
 
-    def plain(self, fn: Callable[[bool], Any], async_op: bool, outputs: list[torch.Tensor]) -> Any:
-        """Hand the call to plain torch.distributed, keeping issue order with queued calls.
-
-        ``fn(async_op)`` makes the torch call. Returns None or a `Handle`.
-        """
-        rec, entry, device = self.rec, self.entry, self.device
-        if self.engine.idle(self.key):
-            t0 = time.perf_counter()
-            work = fn(True)  # waited here when blocking: in the watchdog's slices
-            if not async_op:
-                watchdog.wait(work, device, entry)
-                observe(self.decision, time.perf_counter() - t0)
-            rec.transfer_s += time.perf_counter() - t0
-            record(rec)
-            if not async_op:
-                return None
-            if work is None:
-                return Handle.done(outputs)
-            return Handle(
-                completer=lambda: (watchdog.wait(work, device, entry), outputs)[1],
-                poll=work.is_completed,
-            )
-
-        def job() -> list[torch.Tensor]:
-            t0 = time.perf_counter()
-            watchdog.wait(fn(True), device, entry)
-            observe(self.decision, time.perf_counter() - t0)
-            record(rec)
-            return outputs
-
-        result = self.engine.run(self.key, job, async_op=async_op)
-        return result if async_op else None
-
     def reject(self, comm: Comm, error: BaseException) -> Any:
         """Tell the peers this rank's arguments are bad (if they will wait for it), then raise."""
         if comm.device.type == "meta":  # the rejection itself needs a real buffer
@@ -323,7 +281,8 @@ class Call:
         if comm.verify:
 
             def job() -> None:
-                reject(comm, error)
+                with watchdog.running(self.entry):  # the reason is keyed by the call's number
+                    reject(comm, error)
                 raise error
 
             self.engine.run(self.key, job, async_op=False, device=comm.device)
@@ -366,16 +325,94 @@ class Request:
     check: Callable[[Call], str | None] | None = None
 
 
+def _decision(
+    op: str,
+    group: Any,
+    key: str,
+    tensor: torch.Tensor,
+    reduce_op: Any,
+    codec: CodecLike | None,
+    size: int,
+    policy: Policy,
+) -> Decision:
+    """The policy's decision for a call of ``group`` (named ``key``); auto's when its
+    codec is ``"auto"`` (a cached plan, then one dict lookup in `commpress.auto`)."""
+    got = plan(op, tensor.dtype, reduce_op, codec, dist.get_world_size(group), size, policy)
+    if type(got) is AutoCall:
+        return choose(
+            group,
+            key,
+            tensor.device,
+            got.op,
+            got.family,
+            got.dtype,
+            got.nbytes,
+            got.world,
+            got.sum_like,
+            got.max_err,
+            policy,
+        )
+    return got  # type: ignore[return-value]
+
+
+def _run_plain(
+    req: Request,
+    key: str,
+    decision: Decision,
+    bytes_in: int,
+    async_op: bool,
+    engine: Engine,
+) -> Handle | None:
+    """A plain call: straight to torch.distributed when the group's engine queue is idle
+    (blocking: waited here, in the watchdog's slices), else behind the queued calls, so
+    that it keeps its issue order. Numbered by the watchdog; counted in the stats as a
+    call of ``bytes_in`` bytes in and on the wire."""
+    op, fn, outputs, device = req.op, req.plain, req.outputs, req.probe.device
+    entry = watchdog.begin(key, op, None, req.probe)
+    if engine.idle(key):
+        t0 = time.perf_counter()
+        work = fn(True)
+        if async_op:
+            record_plain(op, bytes_in, time.perf_counter() - t0)
+            if work is None:
+                return Handle.done(outputs)
+            return Handle(
+                completer=lambda: (watchdog.wait(work, device, entry), outputs)[1],
+                poll=work.is_completed,
+            )
+        watchdog.wait(work, device, entry)
+        seconds = time.perf_counter() - t0
+        observe(decision, seconds)
+        record_plain(op, bytes_in, seconds)
+        return None
+
+    def job() -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        watchdog.wait(fn(True), device, entry)
+        seconds = time.perf_counter() - t0
+        observe(decision, seconds)
+        record_plain(op, bytes_in, seconds)
+        return outputs
+
+    result = engine.run(key, job, async_op=async_op)
+    return result if async_op else None
+
+
 def execute(req: Request, async_op: bool) -> Handle | None:
     """Decide, then run ``req`` plain or compressed; a `Handle` if ``async_op`` else None."""
     if req.reduce_op is not None:
         check_reduce_op(req.op, req.reduce_op)
-    call = Call.begin(
-        req.op, req.group, req.probe, req.reduce_op, req.codec, req.size, req.bytes_in
-    )
-    if not call.decision.compressed:
-        return call.plain(req.plain, async_op, req.outputs)
-    comm = call.comm(req.probe.device, req.probe.dtype, call.ef_key(req.key, req.probe))
+    probe, group, op = req.probe, req.group, req.op
+    policy = get_policy()
+    key = group_key(group)
+    size = probe.numel() * probe.element_size()
+    weighed = size if req.size is None else req.size
+    decision = _decision(op, group, key, probe, req.reduce_op, req.codec, weighed, policy)
+    bytes_in = size if req.bytes_in is None else req.bytes_in
+    if decision.codec is None:  # the fast path: no Call, no CallRecord
+        return _run_plain(req, key, decision, bytes_in, async_op, get_engine())
+    call = Call(op, group, decision, bytes_in, policy, get_engine(), probe)
+    comm = call.comm(probe.device, probe.dtype, call.ef_key(req.key, probe))
     problem = _meta_problem(req) or (req.check(call) if req.check is not None else None)
     if problem is not None:
         return call.reject(comm, CollectiveError(problem))
@@ -384,4 +421,4 @@ def execute(req: Request, async_op: bool) -> Handle | None:
         req.run(call, comm)
         return req.outputs
 
-    return call.run(job, async_op, req.probe.device, req.tensors or [req.probe, *req.outputs])
+    return call.run(job, async_op, probe.device, req.tensors or [probe, *req.outputs])

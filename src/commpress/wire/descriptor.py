@@ -277,15 +277,20 @@ class DescriptorTable:
         return max(row.spec_nbytes for row in self.rows)
 
     # ------------------------------------------------------------ checking
-    def check_status(self) -> None:
-        """Raise `CollectiveError` if a rank rejected its arguments or the ops differ."""
+    def check_status(self, reasons: Callable[[list[int]], dict[int, str]] | None = None) -> None:
+        """Raise `CollectiveError` if a rank rejected its arguments or the ops differ.
+
+        ``reasons(ranks)``: why each rejecting rank did (``{rank: message}``, '' if unknown).
+        """
         if self.uniform:
             return
         bad = [r for r, row in enumerate(self.rows) if row.status != 0]
         if bad:
+            why = reasons(bad) if reasons is not None else {}
+            told = "; ".join(f"rank {r}: {why[r]}" for r in bad if why.get(r))
             raise self._fail(
-                f"rank(s) {bad} of the group rejected their arguments (see the error raised "
-                "there); nothing was sent"
+                f"rank(s) {bad} of the group rejected their arguments; nothing was sent"
+                + (f" ({told})" if told else " (see the error raised there)")
             )
         self._agree("op", lambda d: d.op, lambda v: _OP_NAMES.get(v, str(v)))
 
