@@ -111,6 +111,27 @@ FULL = (
     "test_ddp_sync_module_states",
     "test_ddp_logging_data_cpu",
 )
+MORE = (
+    "test_all_gather_coalesced_simple",
+    "test_all_gather_coalesced_with_empty",
+    "test_all_gather_coalesced_complex",
+    "test_all_gather_object_default_pg",
+    "test_all_gather_object_subgroup",
+    "test_all_reduce_coalesced_sum",
+    "test_all_reduce_coalesced_max",
+    "test_all_reduce_coalesced_min",
+    "test_all_reduce_coalesced_product",
+    "test_all_reduce_coalesced_max_complex_unsupported",
+    "test_batch_isend_irecv_gloo",
+    "test_batch_isend_irecv_gloo_tags",
+    "test_scatter_object_list",
+    "test_accumulate_gradients_no_sync_allreduce_hook",
+    "test_accumulate_gradients_no_sync_allreduce_with_then_hook",
+    "test_ddp_create_graph",
+    "test_sparse_all_reduce_sum",
+    "test_monitored_barrier_gloo",
+)
+FULL = FULL + MORE
 
 
 class TestUnderCommpressPatch(TestDistBackend, DistributedTest._DistTestBase):

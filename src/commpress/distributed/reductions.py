@@ -56,7 +56,9 @@ def all_reduce(
     """Reduce ``tensor`` over ``group`` in place on every rank, compressed.
 
     Args:
-        tensor: input and output, any shape; non-contiguous is fine.
+        tensor: input and output, any shape; non-contiguous is fine. A sparse tensor
+            (gloo reduces COO tensors) goes to plain ``torch.distributed`` whatever the
+            codec: no codec here encodes a sparse layout.
         op: ``ReduceOp.SUM`` / ``AVG`` compress; other ops go through exactly (plain
             torch, or a lossless codec).
         group: process group (default: the world).
@@ -84,7 +86,7 @@ def all_reduce(
             run=_reduce_into(tensor, op, None),
             outputs=[tensor],
             reduce_op=op,
-            codec=codec,
+            codec="none" if tensor.layout != torch.strided else codec,
             key=key,
         ),
         async_op,
