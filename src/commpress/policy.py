@@ -64,6 +64,8 @@ __all__ = [
     "algorithm_choices",
     "AUTO_MAX_ERR",
     "auto_budget",
+    "AutoCall",
+    "plan",
 ]
 
 #: Public op name -> the family `Policy.ops` names (aliases share a family).
@@ -443,13 +445,108 @@ def decide(
         UnsupportedDtypeError: ``AVG`` of a non-floating tensor.
     """
     policy = policy or get_policy()
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+    size = tensor.numel() * tensor.element_size() if nbytes is None else nbytes
+    got = plan(op, tensor.dtype, reduce_op, codec, world_size, size, policy)
+    return got.decide(auto, policy) if isinstance(got, AutoCall) else got
+
+
+@dataclass(frozen=True)
+class AutoCall:
+    """A call that the checks every codec shares leave to ``auto``: its callback's
+    arguments (see `decide`), the same for every call of one op, dtype, size, world
+    and policy."""
+
+    op: str
+    family: str
+    dtype: torch.dtype
+    nbytes: int
+    world: int
+    sum_like: bool
+    max_err: float
+
+    def decide(self, auto: Callable[..., Decision] | None, policy: Policy) -> Decision:
+        """``auto``'s decision for the call (plain when there is no ``auto``)."""
+        if auto is None:
+            return _plain("auto outside the collectives' call driver: plain")
+        return auto(
+            self.op,
+            self.family,
+            self.dtype,
+            self.nbytes,
+            self.world,
+            self.sum_like,
+            self.max_err,
+            policy,
+        )
+
+
+#: The most plans `plan` keeps per policy, and the most policies it keeps plans for
+#: (past either, it starts again: a cache miss costs one `decide`).
+PLAN_CACHE = 4096
+_PLAN_POLICIES = 16
+# id(policy) -> (policy, plans): the entry holds the policy, so its id is not reused.
+_plans: dict[int, tuple[Policy, dict[tuple[Any, ...], Decision | AutoCall]]] = {}
+_RED_OP_TYPE = type(dist.ReduceOp.SUM)
+
+
+def plan(
+    op: str,
+    dtype: torch.dtype,
+    reduce_op: Any,
+    codec: CodecLike | None,
+    world_size: int,
+    nbytes: int,
+    policy: Policy,
+) -> Decision | AutoCall:
+    """`decide` without the ``auto`` step: a plain or compressed `Decision`, or the
+    `AutoCall` to hand to ``auto`` (the call driver's fast path calls this).
+
+    Plain decisions and `AutoCall` objects are pure functions of the arguments and
+    are cached per policy object (a dict lookup for the repeated small calls of a
+    training loop); compressed decisions are made afresh, so that a codec or
+    algorithm registered later is weighed.
+    """
+    per = _plans.get(id(policy))
+    if per is None:
+        if len(_plans) >= _PLAN_POLICIES:
+            _plans.clear()
+        per = _plans[id(policy)] = (policy, {})
+    plans = per[1]
+    key = (op, dtype, reduce_op, codec, world_size, nbytes)
+    try:
+        got = plans.get(key)
+    except TypeError:  # an unhashable codec= (a config dict): not cached
+        return _decide(op, dtype, reduce_op, codec, world_size, nbytes, policy)
+    if got is not None:
+        return got
+    got = _decide(op, dtype, reduce_op, codec, world_size, nbytes, policy)
+    if (reduce_op is None or type(reduce_op) is _RED_OP_TYPE) and (
+        isinstance(got, AutoCall) or got.codec is None
+    ):
+        if len(plans) >= PLAN_CACHE:
+            plans.clear()
+        plans[key] = got
+    return got
+
+
+def _decide(
+    op: str,
+    dtype: torch.dtype,
+    reduce_op: Any,
+    codec: CodecLike | None,
+    world_size: int,
+    size: int,
+    policy: Policy,
+) -> Decision | AutoCall:
+    """What `plan` returns, uncached."""
     family = OP_FAMILIES.get(op)
     if family is None:
         raise ConfigError(f"unknown op {op!r}; expected one of {sorted(OP_FAMILIES)}")
     explicit = codec is not None
     spec = codec if explicit else policy.codec
     reduction = family in REDUCTIONS
-    dtype = tensor.dtype
     if reduction:
         reduce_op = dist.ReduceOp.SUM if reduce_op is None else reduce_op
         if reduce_op == dist.ReduceOp.AVG and not is_float(dtype):
@@ -460,10 +557,7 @@ def decide(
     if budget is not None:
         if not explicit and policy.ops is not None and family not in policy.ops:
             return _plain(f"{family} not in policy.ops")
-        if world_size is None:
-            world_size = dist.get_world_size() if dist.is_initialized() else 1
-        size = tensor.numel() * tensor.element_size() if nbytes is None else nbytes
-        return _auto_checks(op, family, dtype, reduce_op, size, world_size, budget, policy, auto)
+        return _auto_checks(op, family, dtype, reduce_op, size, world_size, budget, policy)
     c = get_codec(spec)
     named = None if c.algorithm is None else get_algorithm(c.algorithm)
     if named is not None and family not in named.families:
@@ -478,8 +572,6 @@ def decide(
         return _plain("codec none")
     if not explicit and policy.ops is not None and family not in policy.ops:
         return _plain(f"{family} not in policy.ops")
-    if world_size is None:
-        world_size = dist.get_world_size() if dist.is_initialized() else 1
     if world_size <= 1:
         return _plain("single rank: nothing crosses a wire")
     if not c.supports(dtype):
@@ -487,7 +579,6 @@ def decide(
     if reduction and not any(reduce_op == r for r in _SUM_LIKE):
         if not c.lossless or not any(reduce_op == r for r in _EXACT_OPS):
             return _plain(f"ReduceOp.{_op_name(reduce_op)} is never reduced lossily")
-    size = tensor.numel() * tensor.element_size() if nbytes is None else nbytes
     threshold = 0
     if family == "all_to_all":
         threshold = policy.min_bytes  # only the largest contribution counts: known later
@@ -518,9 +609,8 @@ def _auto_checks(
     world: int,
     budget: float,
     policy: Policy,
-    auto: Callable[..., Decision] | None,
-) -> Decision:
-    """Plain for the calls ``auto`` never compresses, else ``auto``'s choice.
+) -> Decision | AutoCall:
+    """Plain for the calls ``auto`` never compresses, else the `AutoCall` for ``auto``.
 
     ``all_to_all`` and ``p2p`` go plain: their sizes differ between ranks (or only two
     ranks take part), so no decision could be shared by the whole group.
@@ -536,9 +626,7 @@ def _auto_checks(
         return _plain(f"auto: {family} goes plain (no decision shared by the group)")
     if size == 0 or size < policy.min_bytes:
         return _plain(f"{size} bytes < min_bytes={policy.min_bytes}" if size else "empty tensor")
-    if auto is None:
-        return _plain("auto outside the collectives' call driver: plain")
-    return auto(op, family, dtype, size, world, sum_like, budget, policy)
+    return AutoCall(op, family, dtype, size, world, sum_like, budget)
 
 
 def _moving(family: str, policy: Policy) -> Any:
