@@ -167,3 +167,113 @@ def test_ranks_that_disagree_after_agreeing_raise_on_every_rank(gloo):
         else:
             assert f"rank(s) [{last}]" in got["short output list"], got["short output list"]
         assert got["still usable"] == "ok", got["still usable"]
+
+
+# ------------------------------------------------------------ one round
+def test_a_frame_carries_its_row_and_a_small_payload_only():
+    from commpress.wire.descriptor import (
+        INLINE_BYTES,
+        frame,
+        frame_capacity,
+        read_frames,
+    )
+
+    world, words = 3, _desc(sizes=(5, 5, 5)).words(3)
+    payload = torch.arange(5, dtype=torch.uint8)
+    cap = frame_capacity(world)
+    small, bare = frame(words, world, payload), frame(words, world, None)
+    assert bare.numel() + 5 == small.numel() <= cap
+    too_big = torch.zeros(INLINE_BYTES + 1, dtype=torch.uint8)
+    assert frame(words, world, too_big).numel() == bare.numel()  # the row only
+    # Rank 1's view of a round: rank 0 sent the small frame, rank 2 the bare one.
+    received = torch.zeros(2 * cap, dtype=torch.uint8)
+    received[: small.numel()] = small
+    received[cap : cap + bare.numel()] = bare
+    got = read_frames(received, world, 1, words, None)
+    assert got.rows == [words, words, words]
+    assert torch.equal(got.payloads[0], payload) and got.payloads[1:] == [None, None]
+    hostile = small.clone()
+    hostile[8 * len(words) : 8 * len(words) + 8].view(torch.int64)[0] = cap  # past the slot
+    received[: hostile.numel()] = hostile
+    assert read_frames(received, world, 1, words, None).payloads[0] is None
+    assert frame_capacity(64) == 8 * (FIXED_WORDS + 65)  # large groups: rows only
+
+
+def _rounds_body(rank: int, world: int) -> dict[str, object]:
+    import commpress.distributed as cdist
+    from commpress.policy import using
+
+    calls: list[str] = []
+    names = ("all_to_all_single", "all_gather_single", "all_gather_into_tensor", "broadcast")
+    saved = {n: getattr(dist, n) for n in names}
+
+    def counting(name):
+        def call(*a, **k):
+            calls.append(name)
+            return saved[name](*a, **k)
+
+        return call
+
+    got: dict[str, object] = {}
+    for n in names:
+        setattr(dist, n, counting(n))
+    try:
+        for numel in (16384, 1 << 18):  # 64 KiB: one round; 1 MiB: its payload is too big
+            xs = [gaussian(numel, seed=r) for r in range(world)]
+            for verify in (True, False):
+                with using(min_bytes=0, verify=verify, algorithm="gather"):
+                    t, b = xs[rank].clone(), xs[rank].clone()
+                    outs = [torch.empty(numel) for _ in range(world)]
+                    calls.clear()
+                    cdist.all_reduce(t, codec="int8")
+                    cdist.broadcast(b, world - 1, codec="int8")
+                    cdist.all_gather(outs, xs[rank], codec="int8")
+                    got[f"{numel} {verify} rounds"] = len(calls)
+                    got[f"{numel} {verify}"] = (t, b, torch.cat(outs))
+    finally:
+        for n, fn in saved.items():
+            setattr(dist, n, fn)
+    return got
+
+
+def test_a_small_compressed_call_is_one_round_with_the_results_of_two(gloo):
+    for rank, got in enumerate(gloo.run(_rounds_body)):
+        assert got["16384 True rounds"] == 3, (rank, got["16384 True rounds"])  # 1 per call
+        assert got["262144 True rounds"] == 6, (rank, got["262144 True rounds"])  # 2 per call
+        assert got["16384 False rounds"] == got["262144 False rounds"] == 3
+        for numel in (16384, 262144):  # the same bits with and without the descriptors
+            for a, b in zip(got[f"{numel} True"], got[f"{numel} False"], strict=True):
+                assert torch.equal(a, b), (rank, numel)
+
+
+def _plain_body(rank: int, world: int) -> dict[str, object]:
+    import commpress.distributed as cdist
+    from commpress import stats, watchdog
+    from commpress.policy import using
+
+    got: dict[str, object] = {}
+    commpress.reset_stats()
+    first = watchdog.begin("0", "probe", None, torch.zeros(1)).seq
+    x = gaussian(16384, seed=rank)
+    with using(min_bytes=0):
+        handles = [cdist.all_reduce(x.clone(), codec="int8", async_op=True) for _ in range(3)]
+        t = torch.full((8,), float(rank + 1))
+        cdist.all_reduce(t, codec="none")  # plain, behind the queued calls
+        for h in handles:
+            h.wait()
+        for _ in range(5):
+            cdist.all_reduce(t, codec="none")
+    got["plain"] = t
+    got["seq"] = watchdog.begin("0", "probe", None, torch.zeros(1)).seq - first
+    s = stats()["all_reduce"]
+    got["counts"] = (s.calls, s.compressed, s.bytes_in)
+    return got
+
+
+def test_plain_calls_are_counted_numbered_and_kept_in_issue_order(gloo):
+    world = gloo.world_size
+    total = world * (world + 1) / 2
+    for rank, got in enumerate(gloo.run(_plain_body)):
+        assert torch.equal(got["plain"], torch.full((8,), total * world**5)), rank
+        assert got["seq"] == 3 + 6 + 1, (rank, got["seq"])  # every call numbered once
+        assert got["counts"] == (9, 3, 3 * 65536 + 6 * 32), (rank, got["counts"])

@@ -19,6 +19,7 @@ computes the packed sizes from shapes it already knows (`packed_size`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +30,16 @@ import torch.distributed as dist
 from .. import watchdog, wire
 from ..codec import Codec
 from ..errors import CollectiveError
-from ..wire.descriptor import OP_CODES, Descriptor, DescriptorTable, redop_code, spec_row
+from ..wire.descriptor import (
+    OP_CODES,
+    Descriptor,
+    DescriptorTable,
+    frame,
+    frame_capacity,
+    read_frames,
+    redop_code,
+    spec_row,
+)
 from .comm import Comm
 from .registry import algorithm_name
 
@@ -37,6 +47,7 @@ __all__ = [
     "Comm",
     "exchange",
     "describe",
+    "inline",
     "reject",
     "packed_size",
     "alltoallv",
@@ -69,13 +80,41 @@ def _all_gather_flat(
     return None
 
 
-def _gather_rows(comm: Comm, desc: Descriptor) -> torch.Tensor:
-    row = desc.to_tensor(comm.size, comm.device)
-    out = torch.empty(comm.size * row.numel(), dtype=torch.int64, device=comm.device)
+def _gather_rows(
+    comm: Comm, desc: Descriptor, payload: torch.Tensor | None = None
+) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+    """The descriptor round: every rank's row, and the payloads that rode along.
+
+    On CPU, one ``all_to_all_single`` of frames (`wire.descriptor.frame`): each rank
+    sends its row, and ``payload`` when the frame fits `frame_capacity`, to every peer,
+    and receives up to `frame_capacity` bytes from each. Every rank posts the same
+    receive size whatever the others send, so ranks that disagree (another codec, size
+    or op) never make gloo abort; they raise on the table. Elsewhere (NCCL wants equal
+    sizes) one all-gather of the rows, and no payload rides along.
+    """
+    world = comm.size
+    words = desc.words(world)
+    if comm.device.type != "cpu":
+        row = torch.tensor(words, dtype=torch.int64, device=comm.device)
+        out = torch.empty(world * row.numel(), dtype=torch.int64, device=comm.device)
+        with comm.rec.phase("transfer"):
+            _all_gather_flat(out, row, comm.group)
+        comm.rec.bytes_wire += row.numel() * 8
+        return out.reshape(world, row.numel()).tolist(), [None] * world
+    fr = frame(words, world, payload)
+    head = 8 * (len(words) + 1)
+    mine = payload if fr.numel() > head else None
+    cap = frame_capacity(world)
+    out = torch.empty((world - 1) * cap, dtype=torch.uint8)
+    ins = [0 if r == comm.rank else fr.numel() for r in range(world)]
+    outs = [0 if r == comm.rank else cap for r in range(world)]
+    send = fr if world == 2 else fr.repeat(world - 1)
     with comm.rec.phase("transfer"):
-        _all_gather_flat(out, row, comm.group)
-    comm.rec.bytes_wire += row.numel() * 8
-    return out
+        work = dist.all_to_all_single(out, send, outs, ins, group=comm.group, async_op=True)
+        watchdog.wait(work, comm.device)  # in slices that notice diverged ranks
+    comm.rec.bytes_wire += fr.numel()  # like the all-gather it replaces: once
+    got = read_frames(out, world, comm.rank, words, mine)
+    return got.rows, got.payloads
 
 
 def exchange(
@@ -89,11 +128,15 @@ def exchange(
     root: int = -1,
     same_numel: bool = True,
     chunk: int = 0,
+    payload: torch.Tensor | None = None,
 ) -> DescriptorTable:
-    """All-gather this rank's descriptor and check every rank's against each other.
+    """Exchange this rank's descriptor with every rank's and check them against each other.
 
     ``algorithm`` is the wire code of the calling algorithm (`Algorithm.code`);
     ``chunk`` the elements per chunk of a call the chunked driver pipelines (0: none).
+    ``payload``: this rank's packed buffer, the same for every destination (its size in
+    ``sizes``), to send with the descriptor when it is small (`wire.descriptor.frame`);
+    the table's ``payloads`` then hold every rank's that came (see `inline`).
 
     Raises, on every rank alike:
         CollectiveError: another rank rejected its arguments, or the ranks disagree on the
@@ -112,19 +155,35 @@ def exchange(
         chunk=chunk,
         sizes=tuple(sizes),
     )
-    table = DescriptorTable.from_tensor(_gather_rows(comm, desc), comm.size, comm.op)
+    rows, payloads = _gather_rows(comm, desc, payload)
+    table = DescriptorTable.from_rows(rows, comm.op)
     table.check_status(functools.partial(watchdog.rejections, watchdog.group_name(comm.group)))
     if not table.same_codec():
         raise table.codec_mismatch(_gather_specs(comm, table), comm.rank)
     table.check_call(same_numel=same_numel, algorithm_name=algorithm_name)
-    return table
+    # Attached on every rank (a rank without a payload of its own may receive others'),
+    # so that `inline` answers alike everywhere.
+    return dataclasses.replace(table, payloads=tuple(payloads))
+
+
+def inline(table: DescriptorTable, ranks: Sequence[int]) -> list[torch.Tensor] | None:
+    """The payloads of ``ranks`` that came with their descriptors (each the size its row
+    announces), or None if one did not: then move them in a round of their own. Every
+    rank received the same frames, so every rank gets the same answer."""
+    got = []
+    for r in ranks:
+        p = table.payloads[r] if table.payloads is not None else None
+        if p is None or p.numel() != table.rows[r].sizes[0]:
+            return None
+        got.append(p)
+    return got
 
 
 def describe(
     comm: Comm, algorithm: int, x: torch.Tensor, sizes: Sequence[int], **fields: Any
 ) -> DescriptorTable:
     """`exchange` for a call whose input is ``x`` (its dtype and element count);
-    ``fields``: the other descriptor fields (``redop``, ``root``, ``chunk``, ...)."""
+    ``fields``: the other descriptor fields (``redop``, ``root``, ``chunk``, ``payload``)."""
     return exchange(
         comm, algorithm=algorithm, dtype=x.dtype, numel=x.numel(), sizes=sizes, **fields
     )

@@ -53,6 +53,7 @@ from .common import (
     describe,
     encode_pack,
     exchange,
+    inline,
     packed_size,
     unpack_decode,
 )
@@ -115,30 +116,32 @@ def _size(comm: Comm, t: torch.Tensor) -> int:
 def broadcast(comm: Comm, tensor: torch.Tensor, root: int) -> None:
     """Broadcast ``tensor`` from group rank ``root`` in place (the root's copy is decoded too)."""
     buf = _encode(comm, tensor) if comm.rank == root else None
-    if comm.verify:
+    if comm.verify:  # a small packet rides with the root's descriptor: one round
         d = describe(
             comm,
             Transport.code,
             tensor,
             [buf.numel() if buf is not None else 0] * comm.size,
             root=root,
+            payload=buf,
         )
-        size = d.sizes_from(root)[0]
+        came = inline(d, [root])
+        buf = came[0] if came else broadcast_buf(comm, buf, d.sizes_from(root)[0], root)
     else:
-        size = _size(comm, tensor)
-    buf = broadcast_buf(comm, buf, size, root)
+        buf = broadcast_buf(comm, buf, _size(comm, tensor), root)
     _decode_into(comm, buf, tensor, root)
 
 
 def all_gather(comm: Comm, tensor: torch.Tensor, outputs: Sequence[torch.Tensor]) -> None:
     """Every rank's ``tensor`` into ``outputs[rank]`` on every rank (shapes may differ by rank)."""
     buf = _encode(comm, tensor)
-    if comm.verify:
-        d = describe(comm, Transport.code, tensor, [buf.numel()] * comm.size, same_numel=False)
-        sizes = d.first_sizes()
+    if comm.verify:  # small packets ride with the descriptors: one round
+        d = describe(
+            comm, Transport.code, tensor, [buf.numel()] * comm.size, same_numel=False, payload=buf
+        )
+        parts = inline(d, range(comm.size)) or allgatherv(comm, buf, d.first_sizes())
     else:
-        sizes = [_size(comm, o) for o in outputs]
-    parts = allgatherv(comm, buf, sizes)
+        parts = allgatherv(comm, buf, [_size(comm, o) for o in outputs])
     for r, (part, out) in enumerate(zip(parts, outputs, strict=True)):
         _decode_into(comm, part, out, r)
 

@@ -55,6 +55,12 @@ __all__ = [
     "signed64",
     "unsigned64",
     "spec_row",
+    "INLINE_BYTES",
+    "INLINE_MAX_WORLD",
+    "Frames",
+    "frame",
+    "frame_capacity",
+    "read_frames",
 ]
 
 DESCRIPTOR_MAGIC = (0x434D5052 << 32) | 2  # "CMPR", descriptor version 2 (the chunk word)
@@ -180,6 +186,90 @@ class Descriptor:
         )
 
 
+#: The most payload bytes a rank's frame carries after its descriptor row (see
+#: `frame`), in groups of up to `INLINE_MAX_WORLD` ranks (beyond, frames carry the row
+#: only: every rank receives ``world - 1`` frames of `frame_capacity` bytes at most).
+INLINE_BYTES = 32 * 1024
+INLINE_MAX_WORLD = 8
+
+
+def frame_capacity(world: int) -> int:
+    """Bytes each rank posts to receive every peer's frame in a descriptor round of a
+    group of ``world`` ranks: the row, its payload length word and `INLINE_BYTES`.
+    The same on every rank of the group, so no frame is larger than its receive
+    (gloo aborts the process on that; a smaller message is fine)."""
+    head = 8 * (FIXED_WORDS + world + 1)
+    return head + (INLINE_BYTES if world <= INLINE_MAX_WORLD else 0)
+
+
+def frame(words: Sequence[int], world: int, payload: torch.Tensor | None) -> torch.Tensor:
+    """One rank's frame of a descriptor round: its row (``FIXED_WORDS + world`` int64),
+    one int64 word, the payload bytes that follow (0: none), then those bytes.
+
+    ``payload`` (``uint8``, 1-D, CPU) rides along only if the frame then fits in
+    `frame_capacity`; else the frame is the row and a 0 word.
+    """
+    head = 8 * (FIXED_WORDS + world + 1)
+    n = 0 if payload is None or head + payload.numel() > frame_capacity(world) else payload.numel()
+    out = torch.empty(head + n, dtype=torch.uint8)
+    out[:head].view(torch.int64).copy_(torch.tensor([*words, n], dtype=torch.int64))
+    if n:
+        out[head:].copy_(payload)
+    return out
+
+
+@dataclass(frozen=True)
+class Frames:
+    """What a descriptor round received: every rank's row and the payloads that came
+    with them.
+
+    Attributes:
+        rows: ``world`` rows of ints (this rank's own row included).
+        payloads: per rank, the payload bytes its frame carried (this rank's own
+            ``payload`` if it rode along), or None where the frame carried none.
+    """
+
+    rows: list[list[int]]
+    payloads: list[torch.Tensor | None]
+
+
+def read_frames(
+    received: torch.Tensor,
+    world: int,
+    rank: int,
+    words: Sequence[int],
+    mine: torch.Tensor | None,
+) -> Frames:
+    """Parse the ``world - 1`` peer frames of a round (``received``: the peers' frames in
+    rank order, each in a slot of `frame_capacity` bytes) around this rank's own
+    ``words`` and the payload ``mine`` it sent (None: none rode along).
+
+    A payload length that does not fit its slot is read as no payload (the row then
+    fails its checks or the caller moves the payload in a second round, alike on every
+    rank: every rank received the same frame from that peer).
+    """
+    cap = frame_capacity(world)
+    width = FIXED_WORDS + world
+    head = 8 * (width + 1)
+    heads = received.view(world - 1, cap)[:, :head].contiguous().view(torch.int64)
+    got = heads.tolist()
+    rows: list[list[int]] = []
+    payloads: list[torch.Tensor | None] = []
+    for r in range(world):
+        if r == rank:
+            rows.append(list(words))
+            payloads.append(mine)
+            continue
+        slot = r if r < rank else r - 1
+        words_r = got[slot]
+        n = words_r[width]
+        rows.append(words_r[:width])
+        ok = 0 < n <= cap - head
+        start = slot * cap + head
+        payloads.append(received[start : start + n] if ok else None)
+    return Frames(rows, payloads)
+
+
 def spec_row(spec: str, length: int, device: torch.device) -> torch.Tensor:
     """``spec`` as UTF-8 bytes zero-padded to ``length`` (at least 1) bytes, for the
     all-gather of specs after a hash mismatch (`DescriptorTable.longest_spec`)."""
@@ -204,6 +294,9 @@ class DescriptorTable:
     #: Every row holds the same fixed words (a status of 0 included), so the checks
     #: cannot fail; `from_rows` then parsed one row and took only the others' sizes.
     uniform: bool = False
+    #: Per rank, the packed payload that came with its row in the descriptor round
+    #: (None where none did); None when the caller sent no payload along.
+    payloads: tuple[torch.Tensor | None, ...] | None = None
 
     @classmethod
     def from_tensor(cls, table: torch.Tensor, world: int, op: str) -> DescriptorTable:
