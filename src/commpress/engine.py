@@ -295,6 +295,8 @@ class Engine:
         fence = torch.cuda.current_stream(device).record_event() if cuda else None
 
         def job() -> tuple[Any, Any]:
+            if not cuda:  # no stream to enter (the common small call: no context manager)
+                return fn(), None
             with self._codec_stream(device, fence, tensors) as done:
                 value = fn()
             return value, done.event

@@ -19,7 +19,6 @@ computes the packed sizes from shapes it already knows (`packed_size`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -163,7 +162,7 @@ def exchange(
     table.check_call(same_numel=same_numel, algorithm_name=algorithm_name)
     # Attached on every rank (a rank without a payload of its own may receive others'),
     # so that `inline` answers alike everywhere.
-    return dataclasses.replace(table, payloads=tuple(payloads))
+    return DescriptorTable(table.op, table.rows, table.uniform, tuple(payloads))
 
 
 def inline(table: DescriptorTable, ranks: Sequence[int]) -> list[torch.Tensor] | None:
