@@ -211,3 +211,47 @@ def test_ray_train():
         "ray.train", reason="Ray is optional and not installed; see docs/dropin.md for the recipe"
     )
     pytest.skip("Ray Train recipe is documented; its test needs a local Ray cluster (not run here)")
+
+
+ACCELERATE_HOOK = ACCELERATE.replace(
+    "model, opt, data = accelerator.prepare(net, opt, data)\n",
+    "model, opt, data = accelerator.prepare(net, opt, data)\n"
+    "import commpress.hooks\n"
+    "commpress.hooks.register(model, commpress.hooks.CompressionState(codec='int8'))\n",
+)
+
+LIGHTNING_HOOK = LIGHTNING.replace(
+    'strategy="ddp"',
+    "strategy=DDPStrategy(ddp_comm_hook=commpress.hooks.compress_hook, "
+    "ddp_comm_state=commpress.hooks.CompressionState(codec='int8'))",
+).replace(
+    "import lightning.pytorch as pl\n",
+    "import lightning.pytorch as pl\nimport commpress.hooks\n"
+    "from lightning.pytorch.strategies import DDPStrategy\n",
+)
+
+
+def test_accelerate_with_the_commpress_hook_on_the_prepared_model(tmp_path):
+    """Accelerate's own ``DistributedDataParallelKwargs(comm_hook=...)`` takes only torch's
+    hook types; the recipe is `commpress.hooks.register` on what ``prepare`` returned."""
+    _needs("accelerate")
+    assert "commpress.hooks.register(model" in ACCELERATE_HOOK
+    out = _job(
+        tmp_path, ACCELERATE_HOOK,
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        env=_env(),
+    )  # fmt: skip
+    _check_ranks(out)
+
+
+def test_lightnings_comm_hook_recipe_is_ignored_on_cpu_by_lightning(tmp_path):
+    """docs/dropin.md says Lightning registers ``ddp_comm_hook`` only on CUDA, so on CPU
+    the run is plain; this keeps that sentence true (it fails once Lightning changes)."""
+    _needs("lightning")
+    assert "DDPStrategy(ddp_comm_hook=" in LIGHTNING_HOOK
+    out = _job(tmp_path, LIGHTNING_HOOK, env=_env())
+    rows = re.findall(r"rank (\d): loss ([\d.]+) -> ([\d.]+) compressed (\d+)", out)
+    assert sorted(int(r[0]) for r in rows) == [0, 1], out
+    for _, before, after, compressed in rows:
+        assert int(compressed) == 0, out  # Lightning never registered the hook
+        assert float(after) < 0.95 * float(before), out
