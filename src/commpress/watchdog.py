@@ -140,17 +140,21 @@ def interval_s(environ: Any = None) -> float:
     return env_seconds(ENV_INTERVAL, DEFAULT_INTERVAL_S, "0 turns the watchdog off", environ)
 
 
+_whats: dict[tuple[str, str | None, torch.dtype], str] = {}
+
+
 def begin(group: str, op: str, codec: str | None, tensor: torch.Tensor) -> Entry:
     """Number a call on ``group`` (in the caller's issue order) and log it."""
-    kind = "plain" if codec is None else codec
-    dtype = str(tensor.dtype).removeprefix("torch.")
+    what = _whats.get((op, codec, tensor.dtype))
+    if what is None:  # a few per program: op x codec x dtype
+        kind = "plain" if codec is None else codec
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        what = _whats[op, codec, tensor.dtype] = f"{op} {kind} {dtype}"
     if _responder[0] is None:
         _start_responder()
     with _lock:
         log = _log_locked(group)
-        entry = Entry(
-            group, log[-1].seq + 1 if log else 1, f"{op} {kind} {dtype}", f"[{tensor.numel()}]"
-        )
+        entry = Entry(group, log[-1].seq + 1 if log else 1, what, f"[{tensor.numel()}]")
         log.append(entry)
         return entry
 

@@ -211,11 +211,17 @@ def frame(words: Sequence[int], world: int, payload: torch.Tensor | None) -> tor
     """
     head = 8 * (FIXED_WORDS + world + 1)
     n = 0 if payload is None or head + payload.numel() > frame_capacity(world) else payload.numel()
-    out = torch.empty(head + n, dtype=torch.uint8)
-    out[:head].view(torch.int64).copy_(torch.tensor([*words, n], dtype=torch.int64))
-    if n:
-        out[head:].copy_(payload)
-    return out
+    key = (*words, n)
+    got = _heads.get(key)
+    if got is None:  # a call's row repeats from call to call: made once, read-only after
+        if len(_heads) >= _CACHED:
+            _heads.clear()
+        got = _heads[key] = torch.tensor(key, dtype=torch.int64).view(torch.uint8)
+    return torch.cat([got, payload]) if n else got
+
+
+_CACHED = 1024
+_heads: dict[tuple[int, ...], torch.Tensor] = {}
 
 
 @dataclass(frozen=True)
@@ -251,8 +257,7 @@ def read_frames(
     cap = frame_capacity(world)
     width = FIXED_WORDS + world
     head = 8 * (width + 1)
-    heads = received.view(world - 1, cap)[:, :head].contiguous().view(torch.int64)
-    got = heads.tolist()
+    got = received.view(world - 1, cap)[:, :head].view(torch.int64).tolist()
     rows: list[list[int]] = []
     payloads: list[torch.Tensor | None] = []
     for r in range(world):
@@ -268,6 +273,9 @@ def read_frames(
         start = slot * cap + head
         payloads.append(received[start : start + n] if ok else None)
     return Frames(rows, payloads)
+
+
+_uniform_tables: dict[tuple[Any, ...], DescriptorTable] = {}
 
 
 def spec_row(spec: str, length: int, device: torch.device) -> torch.Tensor:
@@ -317,7 +325,22 @@ class DescriptorTable:
     @classmethod
     def from_rows(cls, raw: Sequence[Sequence[int]], op: str) -> DescriptorTable:
         """Parse one row of ints per rank, each ``FIXED_WORDS + len(raw)`` long (the
-        caller checked the width). Raises `CollectiveError` like `from_tensor`."""
+        caller checked the width). Raises `CollectiveError` like `from_tensor`.
+
+        A table whose rows agree (`uniform`) is a pure function of the rows: the parse of
+        rows seen before is looked up (a small call's rows repeat from call to call)."""
+        key = (op, *map(tuple, raw))
+        table = _uniform_tables.get(key)
+        if table is None:
+            table = cls._parse(raw, op)
+            if table.uniform:
+                if len(_uniform_tables) >= _CACHED:
+                    _uniform_tables.clear()
+                _uniform_tables[key] = table
+        return table
+
+    @classmethod
+    def _parse(cls, raw: Sequence[Sequence[int]], op: str) -> DescriptorTable:
         head = list(raw[0][:FIXED_WORDS])
         if (
             head[0] == DESCRIPTOR_MAGIC
