@@ -358,6 +358,7 @@ def _table(group: Any, name: str, device: torch.device, dtype: torch.dtype, worl
             _links[lkey] = combined[: len(link)]
         n = len(link) + len(speeds)
         base = calibration.fit(world, _links[lkey], codecs, combined[len(link) : n])
+        base = dataclasses.replace(base, backend=str(dist.get_backend(group)))
         return _corrected(base, probes, combined[n:], dtype, world)
 
     table = get_engine().run(name, calibrate, async_op=False, device=device)
@@ -425,8 +426,10 @@ def _plain_cost(family: str, size: int, world: int, table: Table) -> float:
     """Modelled seconds of the backend's own collective of ``size`` bytes per rank."""
     if family in ("all_reduce", "reduce"):
         return get_algorithm("direct").cost(size, world, table.reduce_link, CodecSpeed.plain())
-    if family == "reduce_scatter":  # one ring round of the input
+    if family == "reduce_scatter" and table.backend != "gloo":  # one ring round of the input
         return table.reduce_link.seconds((world - 1) / world * size, world - 1)
+    if family == "reduce_scatter":  # gloo all-reduces the whole input, then keeps its block
+        return get_algorithm("direct").cost(size, world, table.reduce_link, CodecSpeed.plain())
     return table.gather_link.seconds((world - 1) * size, world - 1)
 
 

@@ -114,6 +114,8 @@ class Table:
         corrections: algorithm name -> ``(fixed seconds, factor)``: a compressed call
             with it takes ``fixed + factor * modelled`` (fitted to `algorithm_times`
             by `commpress.auto`); an algorithm without one is never chosen.
+        backend: the group's backend (``"gloo"``, ``"nccl"``, ...): gloo reduce-scatters
+            by all-reducing the whole input, so its plain reduce-scatter is modelled so.
     """
 
     reduce_link: Link
@@ -121,6 +123,7 @@ class Table:
     descriptor_s: float
     speeds: dict[str, Speed]
     corrections: dict[str, tuple[float, float]] = field(default_factory=dict)
+    backend: str = ""
 
 
 def candidates(dtype: torch.dtype, device: torch.device) -> list[Codec]:
