@@ -147,3 +147,16 @@ def test_codec_mismatch_across_ranks_surfaces(pool, tmp_path):
     for rc, _, err in results:
         assert rc == 1
         assert "CodecMismatchError" in err and "int8" in err and "fp8" in err
+
+
+def test_help_recommends_auto_like_the_readme():
+    from pathlib import Path
+
+    from commpress.cli import build_parser
+
+    parser = build_parser()
+    run = next(a for a in parser._actions if hasattr(a, "choices") and a.choices)
+    text = " ".join(run.choices["run"].format_help().split())
+    assert "auto (recommended" in text
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "**`auto` is the recommended setting**" in readme

@@ -3,6 +3,7 @@
 ::
 
     commpress run [--codec SPEC] [--min-bytes N] [--stats] script.py [args...]
+    commpress run --codec auto train.py        # recommended: auto picks per call
     commpress run [...] -m package.module [args...]
     torchrun --nproc-per-node 2 -m commpress run --codec int8 train.py --lr 0.1
     torchrun --nproc-per-node 2 --no-python commpress run --codec int8 train.py
@@ -58,7 +59,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=DESCRIPTION,
         epilog="Options not given fall back to COMMPRESS_* environment variables.",
     )
-    p.add_argument("--codec", metavar="SPEC", help="codec spec, e.g. int8, fp8, int8+zstd:level=3")
+    p.add_argument(
+        "--codec",
+        metavar="SPEC",
+        help="codec spec: auto (recommended: plain or a codec per call, chosen by a "
+        "model calibrated on this link), or a fixed one, e.g. int8, fp8, int8+zstd:level=3",
+    )
     p.add_argument(
         "--min-bytes",
         type=int,
