@@ -2,7 +2,8 @@
 
 On gloo, a collective whose ranks pass buffers of different sizes aborts
 the process. So before a compressed collective moves any packed buffer,
-every rank all-gathers one row, its *descriptor*::
+every rank sends every other rank one row, its *descriptor* (in a *frame*,
+below)::
 
     word  field
     0     magic + descriptor version (catches mixed commpress versions)
@@ -24,6 +25,17 @@ together. On a codec hash mismatch the ranks all-gather their spec strings,
 each padded to the longest (`spec_row`, `DescriptorTable.specs`), and raise
 `CodecMismatchError` naming every rank's spec. The descriptor is also how
 receivers learn the sizes of variable-size payloads (``zstd``, chains).
+
+Frames: on CPU the rows travel in one ``all_to_all_single`` of frames
+(`frame`): the row, one ``int64`` word with the number of payload bytes that
+follow, then those bytes: a rank's packed buffer rides along when the frame
+fits `frame_capacity` (`INLINE_BYTES` of payload, in groups of up to
+`INLINE_MAX_WORLD` ranks), so a small compressed call is one round. Every
+rank posts a receive of `frame_capacity` bytes for each peer whatever the
+peer sends: gloo accepts a message smaller than its receive (a larger one
+aborts), so ranks that disagree on the codec, the size or the op still get
+every row and raise on the table. Elsewhere (NCCL wants equal sizes) the rows
+are all-gathered and no payload rides along.
 
 Moving the rows is the algorithms' business (``algorithms.common.exchange``);
 building and reading them is this module's.
