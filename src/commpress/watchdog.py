@@ -58,6 +58,7 @@ waits are not sliced: NCCL's own watchdog and flight recorder cover them.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import ctypes
 import datetime
@@ -420,6 +421,7 @@ _TORCH_CALLS = frozenset(
 _C10D_FILE = os.path.join("torch", "distributed", "distributed_c10d.py")
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _responder: list[threading.Thread | None] = [None]
+_stopping = threading.Event()
 
 
 def _ask_key(incarnation: int, rank: int) -> str:
@@ -448,16 +450,25 @@ def _start_responder() -> None:
         thread = threading.Thread(target=_respond_forever, name="commpress-watchdog", daemon=True)
         _responder[0] = thread
     thread.start()
+    atexit.register(_stop_responder)
+
+
+def _stop_responder() -> None:
+    """Stop the responder before the interpreter finalizes: a daemon thread that comes
+    back from a store call (C++) after finalization began would abort the process."""
+    _stopping.set()
+    thread = _responder[0]
+    if thread is not None:
+        thread.join(timeout=2.0)
 
 
 def _respond_forever() -> None:
     answered: dict[int, int] = {}  # incarnation -> the ask count last answered
     warned: set[str] = set()
-    while True:
-        time.sleep(max(interval_s(), 0.2))
+    while not _stopping.wait(max(interval_s(), 0.2)):
         try:
             _respond(answered, warned)
-        except (RuntimeError, ValueError, AttributeError):  # no group, or the store is gone
+        except (RuntimeError, ValueError, AttributeError, OSError):  # no group, or the store is gone
             continue
 
 
