@@ -116,41 +116,101 @@ def _inter_algorithm(comm: Comm, op: Any) -> Any:
 
 @dataclasses.dataclass
 class _InFlight:
-    """An intra-host ``all_to_all_single`` posted asynchronously, and its buffers."""
+    """Intra-host point-to-point transfers posted asynchronously, and their buffers.
 
-    work: Any
-    out: torch.Tensor
-    send: torch.Tensor
+    ``parts[j]`` is local index ``j``'s piece (this rank's own piece is a view of its
+    input, never copied); ``keep`` holds what must live until the transfers end.
+    """
+
+    works: list[Any]
+    parts: list[torch.Tensor]
+    keep: Any = None
 
 
-def _intra_start(comm: Comm, topo: topology.Topology, send: torch.Tensor) -> _InFlight:
-    out = torch.empty_like(send)
+def _exchange(
+    comm: Comm,
+    topo: topology.Topology,
+    sends: Sequence[torch.Tensor],
+    recvs: Sequence[torch.Tensor],
+    tag: int,
+) -> list[Any]:
+    """Post ``sends[j]`` to / ``recvs[j]`` from local index ``j`` (this rank's own skipped).
+
+    Point-to-point, not ``all_to_all_single``: no piece is copied into a send buffer
+    (the all-gather sends one shard to every peer; an all-to-all would need it
+    repeated) and none out of a receive buffer. Every rank posts in local-index
+    order, sends first, one ``tag`` per step of a chunk.
+    """
+    me, works = topo.local_index, []
     with comm.rec.phase("transfer"):
-        work = dist.all_to_all_single(out, send, group=topo.intra, async_op=True)
-    comm.rec.bytes_wire += (
-        (topo.local_size - 1) * (send.numel() // topo.local_size) * (send.element_size())
+        for j in range(topo.local_size):
+            if j != me:
+                works.append(dist.isend(sends[j], topo.intra_ranks[j], group=topo.intra, tag=tag))
+        for j in range(topo.local_size):
+            if j != me:
+                works.append(dist.irecv(recvs[j], topo.intra_ranks[j], group=topo.intra, tag=tag))
+    comm.rec.bytes_wire += sum(
+        sends[j].numel() * sends[j].element_size() for j in range(topo.local_size) if j != me
     )
-    return _InFlight(work, out, send)
+    return works
 
 
 def _reduce_scatter_start(
-    comm: Comm, topo: topology.Topology, chunk: torch.Tensor, shard_len: int
+    comm: Comm, topo: topology.Topology, chunk: torch.Tensor, shard_len: int, tag: int
 ) -> _InFlight:
     """Step 1 posted: piece ``j`` of the (zero-padded) chunk goes to local index ``j``."""
     send = chunk
     if shard_len * topo.local_size != chunk.numel() or not chunk.is_contiguous():
         send = torch.zeros(shard_len * topo.local_size, dtype=chunk.dtype, device=chunk.device)
         send[: chunk.numel()] = chunk
-    return _intra_start(comm, topo, send)
+    pieces = list(send.split(shard_len))
+    me = topo.local_index
+    recv = torch.empty((topo.local_size - 1) * shard_len, dtype=send.dtype, device=send.device)
+    got = iter(recv.split(shard_len))
+    parts = [pieces[me] if j == me else next(got) for j in range(topo.local_size)]
+    return _InFlight(_exchange(comm, topo, pieces, parts, tag), parts, send)
 
 
-def _reduce_scatter_finish(comm: Comm, f: _InFlight, local: int, op: Any) -> torch.Tensor:
-    wait_timed(comm, f.work)
-    parts = f.out.view(local, -1)
-    shard = parts[0].clone()
-    for j in range(1, local):  # local-rank order: one owner per shard, deterministic
-        reduce_into(shard, parts[j], _inter_op(op))
-    return shard
+def _reduce_scatter_finish(
+    comm: Comm, f: _InFlight, op: Any, slot: torch.Tensor
+) -> None:
+    """The host's partial sum of this rank's shard, into ``slot``, in local-rank order."""
+    for w in f.works:
+        wait_timed(comm, w)
+    op = _inter_op(op)
+    parts = f.parts
+    if op == dist.ReduceOp.SUM and slot.dtype.is_floating_point and len(parts) > 1:
+        torch.add(parts[0], parts[1], out=slot)  # one pass: no copy of the first piece
+        rest = parts[2:]
+    else:
+        slot.copy_(parts[0])
+        rest = parts[1:]
+    for p in rest:  # local-rank order: one owner per shard, deterministic
+        reduce_into(slot, p, op)
+
+
+def _all_gather_start(
+    comm: Comm, topo: topology.Topology, shard: torch.Tensor, dest: torch.Tensor, tag: int
+) -> _InFlight:
+    """Step 3 posted: this rank's reduced shard to every local peer, theirs into ``dest``.
+
+    ``dest`` is the chunk of the result; where the chunk was zero-padded the pieces
+    land in a padded buffer that `_all_gather_finish` trims.
+    """
+    n, local = shard.numel(), topo.local_size
+    buf = dest if n * local == dest.numel() else torch.empty(n * local, dtype=dest.dtype, device=dest.device)
+    parts = list(buf.split(n))
+    parts[topo.local_index].copy_(shard)
+    works = _exchange(comm, topo, [shard] * local, parts, tag)
+    return _InFlight(works, parts, (buf, dest, shard))
+
+
+def _all_gather_finish(comm: Comm, f: _InFlight) -> None:
+    for w in f.works:
+        wait_timed(comm, w)
+    buf, dest, _ = f.keep
+    if buf is not dest:
+        dest.copy_(buf[: dest.numel()])
 
 
 def all_reduce(
@@ -209,9 +269,39 @@ def stages(
     Chunk ``k+1``'s intra-host reduce-scatter and chunk ``k-1``'s all-gather are in
     flight while chunk ``k`` crosses hosts; the inner exchange of a variable-size
     codec runs per chunk on the inter-host subgroup.
+
+    The driver's chunks (``Engine.chunk_bytes``) are merged ``L`` at a time (up to
+    shards of `PIPELINE_BYTES`): each chunk is cut into ``L`` shards, and shards
+    the size of the flat algorithms' chunks halve the rounds per call. Measured
+    on 2 emulated hosts x 2 ranks, 64 MiB, 1 Gbit/s, 2 cores: 4 MiB chunks (2 MiB
+    shards) 299 ms, 8 MiB chunks 238 ms in the same run. The stages of the merged
+    chunks run at the driver's steps ``0 .. M-1``; the later steps are no-ops.
     """
     topo = _describe(comms[0], flat, op, chunk=bounds[0][1] - bounds[0][0])
-    return _steps(topo, comms, flat, op, bounds, out)
+    group = _merge_factor(topo, bounds, flat.element_size())
+    if group == 1:
+        return _steps(topo, comms, flat, op, bounds, out)
+    merged = [
+        (bounds[i][0], bounds[min(i + group, len(bounds)) - 1][1])
+        for i in range(0, len(bounds), group)
+    ]
+    steps = _steps(topo, comms[::group], flat, op, merged, out)
+    count = len(merged)
+
+    def only_merged(fn: Any) -> Any:
+        return lambda k, state: fn(k, state) if k < count else state
+
+    return [(lag, only_merged(fn)) for lag, fn in steps]
+
+
+def _merge_factor(
+    topo: topology.Topology, bounds: Sequence[tuple[int, int]], itemsize: int
+) -> int:
+    """How many of the driver's chunks make one chunk of shards up to `PIPELINE_BYTES`."""
+    if topo.local_size == 1 or len(bounds) < 2:
+        return 1
+    chunk = max((bounds[0][1] - bounds[0][0]) * itemsize, 1)
+    return max(1, min(topo.local_size, PIPELINE_BYTES * topo.local_size // chunk))
 
 
 def _describe(comm: Comm, flat: torch.Tensor, op: Any, chunk: int = 0) -> topology.Topology:
@@ -256,12 +346,12 @@ def _steps(
         if local == 1:
             return None
         a, b = bounds[k]
-        return _reduce_scatter_start(comms[k], topo, x[a:b].to(adt), lens[k])
+        return _reduce_scatter_start(comms[k], topo, x[a:b].to(adt), lens[k], 2 * k)
 
     def shard(k: int, posted: _InFlight | None) -> None:
         (a, b), (lo, hi) = bounds[k], slots[k]
         if posted is not None:
-            shards[lo:hi] = _reduce_scatter_finish(comms[k], posted, local, op)
+            _reduce_scatter_finish(comms[k], posted, op, shards[lo:hi])
         elif shards is not x:
             shards[lo:hi] = x[a:b]
 
@@ -282,13 +372,11 @@ def _steps(
             if out[a:b].data_ptr() != shards[lo:hi].data_ptr():
                 out[a:b] = shards[lo:hi]
             return None
-        return _intra_start(comms[k], topo, shards[lo:hi].repeat(local))
+        return _all_gather_start(comms[k], topo, shards[lo:hi], out[a:b], 2 * k + 1)
 
     def land(k: int, posted: _InFlight | None) -> None:
         if posted is not None:
-            a, b = bounds[k]
-            wait_timed(comms[k], posted.work)
-            out[a:b] = posted.out[: b - a]
+            _all_gather_finish(comms[k], posted)
 
     return [
         (0, scatter),
