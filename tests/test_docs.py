@@ -17,7 +17,7 @@ import re
 import shlex
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -113,7 +113,7 @@ def test_documented_api_name_exists(name):
         pytest.fail(f"{name} (in {_api_names()[name]}) does not resolve: {exc!r}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _help(argv: tuple[str, ...]) -> str:
     proc = subprocess.run(
         [sys.executable, *argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
@@ -189,9 +189,15 @@ def test_documented_command_is_valid(where, command):
         no_python = "--no-python" in args
         while args and args[0].startswith("-"):  # torchrun's own options and their values
             option = args.pop(0)
-            if "=" not in option and args and not args[0].startswith("-") and option not in (
-                "--no-python",
-                "--standalone",
+            if (
+                "=" not in option
+                and args
+                and not args[0].startswith("-")
+                and option
+                not in (
+                    "--no-python",
+                    "--standalone",
+                )
             ):
                 args.pop(0)
         if no_python and args[:1] == ["commpress"]:

@@ -380,7 +380,9 @@ def _one_bad_rank(rank: int, world: int, case: str) -> str:
     x = torch.randn(n)
     try:
         if case == "output-too-small":
-            cdist.all_gather_into_tensor(torch.empty(world * n - (8 if bad else 0)), x, codec="int8")
+            cdist.all_gather_into_tensor(
+                torch.empty(world * n - (8 if bad else 0)), x, codec="int8"
+            )
         elif case == "output-dtype":
             out = torch.empty(world * n, dtype=torch.float64 if bad else torch.float32)
             cdist.all_gather_into_tensor(out, x, codec="int8")

@@ -468,7 +468,12 @@ def _respond_forever() -> None:
     while not _stopping.wait(max(interval_s(), 0.2)):
         try:
             _respond(answered, warned)
-        except (RuntimeError, ValueError, AttributeError, OSError):  # no group, or the store is gone
+        except (
+            RuntimeError,
+            ValueError,
+            AttributeError,
+            OSError,
+        ):  # no group, or the store is gone
             continue
 
 
@@ -491,7 +496,9 @@ def _respond(answered: dict[int, int], warned: set[str]) -> None:
         if group not in warned and store.check([error]):
             warned.add(group)
             found = store.get(error).decode("utf-8", "replace")
-            sys.stderr.write(f"commpress: rank {me} is blocked in a direct torch.distributed call: {found}\n")
+            sys.stderr.write(
+                f"commpress: rank {me} is blocked in a direct torch.distributed call: {found}\n"
+            )
 
 
 def direct_calls() -> list[tuple[str, str]]:

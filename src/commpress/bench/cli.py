@@ -6,7 +6,7 @@ row per case (see `commpress.bench.collectives` for every column's meaning).
 
 Example::
 
-    commpress bench                                   # all_reduce, 1M..16M, bf16/int8/int4/auto, 2 ranks
+    commpress bench              # all_reduce 1M..16M, bf16/int8/int4/auto, 2 ranks, + 1 Gbit/s
     commpress bench --ops all_reduce,all_gather -b 8K -e 256M -f 4 --codecs int8,fp8
     commpress bench --link 1gbit --json out.json --plot busbw.png
     commpress bench --ops all -b 64K -e 64M -f 16 --codecs auto,bf16,fp16,int8
