@@ -524,12 +524,13 @@ def direct_calls() -> list[tuple[str, str]]:
 
 
 def group_name(group: Any) -> str:
-    """The name the logs use for ``group`` (None: the default group)."""
+    """The name the logs use for ``group`` (None: the default group); the call driver's
+    key of the group (`commpress.distributed.call.group_key`) is this."""
     pg = group if group is not None else dist.group.WORLD
     try:
         return str(pg.group_name)
     except (AttributeError, RuntimeError):
-        return ""
+        return f"pg{id(pg)}"
 
 
 # ------------------------------------------------------------- rejections
