@@ -173,9 +173,7 @@ def _reduce_scatter_start(
     return _InFlight(_exchange(comm, topo, pieces, parts, tag), parts, send)
 
 
-def _reduce_scatter_finish(
-    comm: Comm, f: _InFlight, op: Any, slot: torch.Tensor
-) -> None:
+def _reduce_scatter_finish(comm: Comm, f: _InFlight, op: Any, slot: torch.Tensor) -> None:
     """The host's partial sum of this rank's shard, into ``slot``, in local-rank order."""
     for w in f.works:
         wait_timed(comm, w)
@@ -200,7 +198,11 @@ def _all_gather_start(
     land in a padded buffer that `_all_gather_finish` trims.
     """
     n, local = shard.numel(), topo.local_size
-    buf = dest if n * local == dest.numel() else torch.empty(n * local, dtype=dest.dtype, device=dest.device)
+    buf = (
+        dest
+        if n * local == dest.numel()
+        else torch.empty(n * local, dtype=dest.dtype, device=dest.device)
+    )
     parts = list(buf.split(n))
     parts[topo.local_index].copy_(shard)
     works = _exchange(comm, topo, [shard] * local, parts, tag)
@@ -296,9 +298,7 @@ def stages(
     return [(lag, only_merged(fn)) for lag, fn in steps]
 
 
-def _merge_factor(
-    topo: topology.Topology, bounds: Sequence[tuple[int, int]], itemsize: int
-) -> int:
+def _merge_factor(topo: topology.Topology, bounds: Sequence[tuple[int, int]], itemsize: int) -> int:
     """How many of the driver's chunks make one chunk of shards up to `PIPELINE_BYTES`."""
     if topo.local_size == 1 or len(bounds) < 2:
         return 1
