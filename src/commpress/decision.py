@@ -1,12 +1,14 @@
-"""The decision of one call: `decide`, its cached `plan`, and what they return.
+"""The decision of one call: the cached `plan`, and what it returns.
 
-`decide` turns one call (op, tensor, reduce op, requested codec) under a
-`commpress.policy.Policy` into a `Decision`: a codec and an algorithm, or
-``None`` for "hand it to plain ``torch.distributed``" (the rules are in
-`commpress.policy`'s docstring). `plan` is the same without the ``auto``
-step, cached for the repeated small calls of a training loop; the call
-driver (`commpress.distributed.call`) uses it. `commpress.policy`
-re-exports every public name here.
+`plan` turns one call (op, dtype, reduce op, requested codec, world, size)
+under a policy into a `Decision` -- a codec and an algorithm, or ``None``
+for "hand it to plain ``torch.distributed``" (the rules are in
+`commpress.policy`'s docstring) -- or the `AutoCall` that ``auto`` decides.
+It is cached for the repeated small calls of a training loop; the call
+driver (`commpress.distributed.call`) uses it. `commpress.policy.decide`
+is the same from a tensor, with the policy's defaults. `commpress.policy`
+re-exports every public name here; this module sits below it and imports
+nothing of it (`Policy` here is the protocol of the fields it reads).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -25,10 +27,19 @@ from .errors import ConfigError, UnsupportedDtypeError
 from .ops import OPS, REDUCTIONS
 from .registry import CodecLike, get_codec
 
-if TYPE_CHECKING:
-    from .policy import Policy
 
-__all__ = ["AUTO_MAX_ERR", "AutoCall", "Decision", "auto_budget", "decide", "plan"]
+class Policy(Protocol):
+    """What a decision reads of a `commpress.policy.Policy`. The class lives in
+    `commpress.policy`, which sits above this module (it re-exports the names here)."""
+
+    codec: Any
+    min_bytes: int
+    ops: frozenset[str] | None
+    error_feedback: bool | None
+    algorithm: str
+
+
+__all__ = ["AUTO_MAX_ERR", "AutoCall", "Decision", "auto_budget", "plan"]
 
 #: Public op name -> its family (aliases share a family).
 _FAMILY: dict[str, str] = {name: o.family for name, o in OPS.items()}
@@ -113,52 +124,10 @@ def _op_name(reduce_op: Any) -> str:
     return str(reduce_op).rsplit(".", 1)[-1]
 
 
-def decide(
-    op: str,
-    tensor: torch.Tensor,
-    reduce_op: Any = None,
-    codec: CodecLike | None = None,
-    *,
-    world_size: int | None = None,
-    nbytes: int | None = None,
-    policy: Policy | None = None,
-    auto: Callable[..., Decision] | None = None,
-) -> Decision:
-    """Decide codec and algorithm for one call.
-
-    Args:
-        op: public op name (``"all_reduce"``, ``"broadcast"``, ... see `OP_FAMILIES`).
-        tensor: the rank's contribution (dtype and, unless ``nbytes`` is given, size).
-        reduce_op: ``torch.distributed.ReduceOp`` for reductions, else None.
-        codec: the per-call ``codec=``; None means the policy's codec.
-        world_size: ranks in the group (default: the default group's size).
-        nbytes: the size to compare with ``min_bytes`` (default ``tensor.nbytes``).
-        policy: default `get_policy()`.
-        auto: what decides a call whose codec is ``"auto"`` once the checks every
-            codec shares have passed: ``auto(op, family, dtype, nbytes, world,
-            sum_like, max_err, policy) -> Decision`` (`commpress.auto.choose`, bound
-            to the call's group by the call driver). None: such calls go plain.
-
-    Raises:
-        ConfigError: unknown op; ``powersgd`` requested for an op it cannot do; a forced
-            ``algorithm`` that cannot run this call.
-        UnsupportedDtypeError: ``AVG`` of a non-floating tensor.
-    """
-    if policy is None:
-        from .policy import get_policy  # policy imports this module
-
-        policy = get_policy()
-    if world_size is None:
-        world_size = dist.get_world_size() if dist.is_initialized() else 1
-    size = tensor.numel() * tensor.element_size() if nbytes is None else nbytes
-    got = plan(op, tensor.dtype, reduce_op, codec, world_size, size, policy)
-    return got.decide(auto, policy) if isinstance(got, AutoCall) else got
-
-
 @dataclass(frozen=True)
 class AutoCall:
     """A call that the checks every codec shares leave to ``auto``: its callback's
-    arguments (see `decide`), the same for every call of one op, dtype, size, world
+    arguments (see `commpress.policy.decide`), the same for every call of one op, dtype, size, world
     and policy."""
 
     op: str
@@ -186,7 +155,7 @@ class AutoCall:
 
 
 #: The most plans `plan` keeps per policy, and the most policies it keeps plans for
-#: (past either, it starts again: a cache miss costs one `decide`).
+#: (past either, it starts again: a cache miss costs one `_decide`).
 PLAN_CACHE = 4096
 _PLAN_POLICIES = 16
 # id(policy) -> (policy, plans): the entry holds the policy, so its id is not reused.
@@ -203,7 +172,7 @@ def plan(
     nbytes: int,
     policy: Policy,
 ) -> Decision | AutoCall:
-    """`decide` without the ``auto`` step: a plain or compressed `Decision`, or the
+    """`commpress.policy.decide` without the ``auto`` step: a plain or compressed `Decision`, or the
     `AutoCall` to hand to ``auto`` (the call driver's fast path calls this).
 
     Plain decisions and `AutoCall` objects are pure functions of the arguments and

@@ -36,9 +36,12 @@ import contextlib
 import dataclasses
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import torch
+import torch.distributed as dist
 
 from .algorithms import algorithms
 from .codec import Codec
@@ -48,12 +51,11 @@ from .decision import (
     Decision,
     _auto_spec,
     auto_budget,
-    decide,
     plan,
 )
 from .errors import ConfigError
 from .ops import FAMILIES, OPS, REDUCTIONS
-from .registry import get_codec
+from .registry import CodecLike, get_codec
 from .units import parse_bool, parse_size
 
 __all__ = [
@@ -336,3 +338,43 @@ def using(policy: Policy | None = None, **changes: Any) -> Iterator[Policy]:
         yield effective
     finally:
         stack.pop()
+
+
+def decide(
+    op: str,
+    tensor: torch.Tensor,
+    reduce_op: Any = None,
+    codec: CodecLike | None = None,
+    *,
+    world_size: int | None = None,
+    nbytes: int | None = None,
+    policy: Policy | None = None,
+    auto: Callable[..., Decision] | None = None,
+) -> Decision:
+    """Decide codec and algorithm for one call.
+
+    Args:
+        op: public op name (``"all_reduce"``, ``"broadcast"``, ... see `OP_FAMILIES`).
+        tensor: the rank's contribution (dtype and, unless ``nbytes`` is given, size).
+        reduce_op: ``torch.distributed.ReduceOp`` for reductions, else None.
+        codec: the per-call ``codec=``; None means the policy's codec.
+        world_size: ranks in the group (default: the default group's size).
+        nbytes: the size to compare with ``min_bytes`` (default ``tensor.nbytes``).
+        policy: default `get_policy()`.
+        auto: what decides a call whose codec is ``"auto"`` once the checks every
+            codec shares have passed: ``auto(op, family, dtype, nbytes, world,
+            sum_like, max_err, policy) -> Decision`` (`commpress.auto.choose`, bound
+            to the call's group by the call driver). None: such calls go plain.
+
+    Raises:
+        ConfigError: unknown op; ``powersgd`` requested for an op it cannot do; a forced
+            ``algorithm`` that cannot run this call.
+        UnsupportedDtypeError: ``AVG`` of a non-floating tensor.
+    """
+    if policy is None:
+        policy = get_policy()
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+    size = tensor.numel() * tensor.element_size() if nbytes is None else nbytes
+    got = plan(op, tensor.dtype, reduce_op, codec, world_size, size, policy)
+    return got.decide(auto, policy) if isinstance(got, AutoCall) else got
