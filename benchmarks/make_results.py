@@ -723,14 +723,34 @@ def render(
     if bc is not None:
         md += ["## benchmarks/bench_collectives.py", ""]
         md += [_table(bc)] if isinstance(bc, list) else [f"Not run: {bc}", ""]
-    grid = HERE / "results" / "auto_grid.md"  # written by benchmarks/auto_grid.py, not here
-    if grid.exists():
-        md += ["## `codec=\"auto\"` against every option (`benchmarks/auto_grid.py`)", ""]
-        md += [grid.read_text().strip(), ""]
+    for name, title in INCLUDED:
+        path = HERE / "results" / name
+        if path.exists():
+            md += _included(path.read_text(), title)
     md += ["## Reading", ""]
     md += [f"- {line}" for line in _reading(data)]
     md += ["", READING_NOTES, ""]
     return "\n".join(md)
+
+
+#: Sections that their own scripts measure and write to benchmarks/results/ (not this
+#: one), included as they are: (file, title; None when the file has its own).
+INCLUDED = (
+    ("auto_grid.md", '## `codec="auto"` against every option (`benchmarks/auto_grid.py`)'),
+    ("small_calls.md", None),  # benchmarks/small_calls.py (issue 10)
+    ("multihost.md", None),  # benchmarks/bench_multihost.py, multihost_moves.py (issue 13)
+)
+
+
+def _included(text: str, title: str | None) -> list[str]:
+    """An included file's lines under ``title``, or under its own title with its headings
+    one level down when it starts at ``#`` (this page's sections are ``##``)."""
+    text = text.strip()
+    if title is not None:
+        return [title, "", text, ""]
+    if text.startswith("# "):
+        text = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+    return [text, ""]
 
 
 READING_NOTES = """\
