@@ -277,12 +277,7 @@ class _Watch:
 
     def reported(self) -> str | None:
         """What a rank that found this group's ranks diverged published, if one did."""
-        try:
-            if self.store is None or not self.store.check([self._key("error")]):
-                return None
-            return self.store.get(self._key("error")).decode("utf-8", "replace")
-        except RuntimeError:  # the store's host (rank 0) has gone: nothing to read
-            return None
+        return None if self.store is None else _get(self.store, self._key("error"))
 
     def check(self) -> None:
         if self.store is None:
@@ -378,10 +373,11 @@ class _Watch:
 
 def _read(store: Any, key: str, group: str) -> tuple[int, dict[int, Entry]] | None:
     """A peer's record: the call it is blocked in and its log by call number."""
-    if not store.check([key]):
+    text = _get(store, key)
+    if text is None:
         return None
     try:
-        got = json.loads(store.get(key).decode("utf-8"))
+        got = json.loads(text)
         log = {int(s): Entry(group, int(s), str(w), str(sh)) for s, w, sh in got["log"]}
         return int(got["blocked"]), log
     except (ValueError, UnicodeDecodeError, KeyError, TypeError):
@@ -433,13 +429,22 @@ def _where_key(incarnation: int, rank: int) -> str:
 
 
 def _answer(store: Any, incarnation: int, rank: int) -> dict[str, Any] | None:
-    key = _where_key(incarnation, rank)
+    text = _get(store, _where_key(incarnation, rank))
+    try:
+        got = None if text is None else json.loads(text)
+    except ValueError:
+        return None
+    return got if isinstance(got, dict) else None
+
+
+def _get(store: Any, key: str) -> str | None:
+    """The store's value of ``key`` as text, or None when it is not set or the store's
+    host (rank 0) has gone."""
     try:
         if not store.check([key]):
             return None
-        got = json.loads(store.get(key).decode("utf-8"))
-        return got if isinstance(got, dict) else None
-    except (RuntimeError, ValueError, UnicodeDecodeError):
+        return store.get(key).decode("utf-8", "replace")
+    except RuntimeError:
         return None
 
 
@@ -493,9 +498,9 @@ def _respond(answered: dict[int, int], warned: set[str]) -> None:
         store.set(_where_key(incarnation, me), json.dumps({"asked": asked, "calls": calls}))
     for _, group in calls:  # tell this rank's user too, once the peers found it
         error = f"{_PREFIX}{incarnation}/{group}/error"
-        if group not in warned and store.check([error]):
+        found = None if group in warned else _get(store, error)
+        if found is not None:
             warned.add(group)
-            found = store.get(error).decode("utf-8", "replace")
             sys.stderr.write(
                 f"commpress: rank {me} is blocked in a direct torch.distributed call: {found}\n"
             )
@@ -557,12 +562,7 @@ def rejections(group: str, ranks: list[int]) -> dict[int, str]:
     if store is None:
         return out
     for rank in ranks:
-        key = _rejection_key(group, rank)
-        try:
-            if store.check([key]):
-                out[rank] = store.get(key).decode("utf-8", "replace")
-        except RuntimeError:  # the store's host has gone
-            pass
+        out[rank] = _get(store, _rejection_key(group, rank)) or ""
     return out
 
 
