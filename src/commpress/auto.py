@@ -70,8 +70,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import calibration
+from . import calibration, topology
 from .algorithms import Algorithm, CodecSpeed, default_order, get_algorithm
+from .algorithms.hierarchical import Hierarchical
 from .calibration import Table
 from .codec import Codec
 from .engine import get_engine
@@ -112,6 +113,7 @@ DRIFT_MIN_S = 1e-3
 #: The longest interval the back-off reaches (calls).
 DRIFT_MAX_EVERY = 1 << 16
 _KEEP = 128  # observations kept per key and window (the newest)
+_LINK_FIGURES = 5  # `calibration.link_times`; a two-level group's `level_times` follow
 
 
 @dataclass(frozen=True)
@@ -347,18 +349,26 @@ def _table(group: Any, name: str, device: torch.device, dtype: torch.dtype, worl
     codecs = calibration.candidates(dtype, device)
     lkey = f"{name}|{device.type}"
 
-    probes = _probes(codecs, dtype)
-
     def calibrate() -> Table:
-        link = calibration.link_times(group, device) if lkey not in _links else []
+        topo = _two_levels(group, device)
+        probes = _probes(codecs, dtype, topo is not None)
+        link = []
+        if lkey not in _links:
+            link = calibration.link_times(group, device)
+            if topo is not None:
+                link += calibration.level_times(topo.intra, topo.inter, device)
         speeds = calibration.codec_times(codecs, dtype, device)
         timed = calibration.algorithm_times(group, device, dtype, probes)
         combined = calibration.combine(group, device, link + speeds + timed)
         if link:
             _links[lkey] = combined[: len(link)]
         n = len(link) + len(speeds)
-        base = calibration.fit(world, _links[lkey], codecs, combined[len(link) : n])
-        base = dataclasses.replace(base, backend=str(dist.get_backend(group)))
+        figures = _links[lkey]
+        base = calibration.fit(world, figures, codecs, combined[len(link) : n])
+        levels = None
+        if topo is not None:
+            levels = calibration.fit_levels(topo.hosts, topo.local_size, figures[_LINK_FIGURES:])
+        base = dataclasses.replace(base, backend=str(dist.get_backend(group)), levels=levels)
         return _corrected(base, probes, combined[n:], dtype, world)
 
     table = get_engine().run(name, calibrate, async_op=False, device=device)
@@ -366,11 +376,28 @@ def _table(group: Any, name: str, device: torch.device, dtype: torch.dtype, worl
     return table
 
 
-def _probes(codecs: list[Codec], dtype: torch.dtype) -> list[tuple[Algorithm, Codec]]:
+def _two_levels(group: Any, device: torch.device) -> topology.Topology | None:
+    """The group's `Topology` when it spans several hosts with several ranks on each (the
+    only shape where ``hierarchical`` differs from the flat algorithms), else None.
+
+    Collective: one small all-gather on the group's first calibration (`topology.shape`),
+    and on a two-level group `topology.of`'s subgroups, which every rank builds alike.
+    """
+    got = topology.shape(group, device)
+    if got is None or got[0] < 2 or got[1] < 2:
+        return None
+    return topology.of(group, device)
+
+
+def _probes(
+    codecs: list[Codec], dtype: torch.dtype, two_levels: bool = False
+) -> list[tuple[Algorithm, Codec]]:
     """One codec per reduction algorithm to time it with: the eligible candidate that
-    saves the most (ties: the spec); an algorithm no candidate can run has none."""
+    saves the most (ties: the spec); an algorithm no candidate can run has none.
+    ``hierarchical`` is timed only on a two-level group."""
     out = []
-    for algo in _movers("all_reduce"):
+    algos = _movers("all_reduce") + ([get_algorithm("hierarchical")] if two_levels else [])
+    for algo in algos:
         fits = [
             c for c in codecs if algo.eligible(c, True) is None and _ratio(c, dtype, 1 << 20) > 1
         ]
@@ -389,13 +416,25 @@ def _ratio(codec: Codec, dtype: torch.dtype, size: int) -> float:
 
 
 def _raw(
-    table: Table, algo: Algorithm, codec: Codec, size: int, world: int, dtype: torch.dtype
+    table: Table,
+    algo: Algorithm,
+    codec: Codec,
+    size: int,
+    world: int,
+    dtype: torch.dtype,
+    family: str = "all_reduce",
 ) -> float:
-    """The uncorrected model: ``algo.cost`` + fixed codec times + one descriptor round."""
+    """The uncorrected model: ``algo.cost`` + fixed codec times + one descriptor round.
+
+    ``hierarchical`` is modelled on the table's two levels, with its model of ``family``.
+    """
     speed = table.speeds[codec.spec]
-    link = table.reduce_link if algo.families & REDUCTIONS else table.gather_link
     cs = CodecSpeed(speed.encode_Bps, speed.decode_Bps, _ratio(codec, dtype, size))
     fixed = speed.encode_s + world * speed.decode_s + table.descriptor_s
+    if isinstance(algo, Hierarchical):
+        assert table.levels is not None
+        return algo.cost(size, world, table.levels, cs, family=family) + fixed
+    link = table.reduce_link if algo.families & REDUCTIONS else table.gather_link
     return algo.cost(size, world, link, cs) + fixed
 
 
@@ -452,23 +491,34 @@ def model(
     options: list[tuple[str, str | None, float]] = [("plain", None, plain_s)]
     best: tuple[float, Any, Any] | None = None
     forced = None if policy.algorithm == "auto" else policy.algorithm
+    algos = _movers(family)
+    if table.levels is not None and family in Hierarchical.families:
+        algos = [*algos, get_algorithm("hierarchical")]
     for spec in sorted(table.speeds):
         codec = get_codec(spec)
         if codec.typical_rel_err is None or codec.typical_rel_err > max_err:
             continue
         if _ratio(codec, dtype, size) <= 1:
             continue  # a cast to the dtype it already has saves nothing
-        for algo in _movers(family):
+        for algo in algos:
+            hier = isinstance(algo, Hierarchical)
             if reduction and algo.eligible(codec, sum_like) is not None:
                 continue
-            if reduction and forced is not None and algo.name != forced:
+            # A forced algorithm binds the reductions; ``hierarchical`` every family it runs.
+            if (
+                forced is not None
+                and algo.name != forced
+                and (reduction or forced == "hierarchical")
+            ):
                 continue
             # The moving ops' transport is timed as the gather all-reduce (one round of
-            # whole packets, decoded N times): the closest probed shape.
-            fixed, factor = table.corrections.get(algo.name if reduction else "gather", (0, 0))
+            # whole packets, decoded N times): the closest probed shape; hierarchical's
+            # moves take its all-reduce's correction (the same levels and steps).
+            probed = algo.name if reduction or hier else "gather"
+            fixed, factor = table.corrections.get(probed, (0, 0))
             if factor == 0:
                 continue  # never timed on this group: not trusted
-            seconds = fixed + factor * _raw(table, algo, codec, size, world, dtype)
+            seconds = fixed + factor * _raw(table, algo, codec, size, world, dtype, family)
             options.append((spec, algo.name, seconds))
             if best is None or seconds < best[0]:
                 best = (seconds, codec, algo.name)

@@ -58,8 +58,10 @@ __all__ = [
     "codec_times",
     "link_times",
     "algorithm_times",
+    "level_times",
     "combine",
     "fit",
+    "fit_levels",
     "stats",
 ]
 
@@ -116,6 +118,10 @@ class Table:
             by `commpress.auto`); an algorithm without one is never chosen.
         backend: the group's backend (``"gloo"``, ``"nccl"``, ...): gloo reduce-scatters
             by all-reducing the whole input, so its plain reduce-scatter is modelled so.
+        levels: for a group on several hosts with several ranks each, the two levels
+            (`level_times`, `fit_levels`): alpha and bandwidth across hosts, per rank
+            while every rank of a host crosses at once, and ``local`` and the intra-host
+            figures; None for one host or one rank per host (no hierarchical option).
     """
 
     reduce_link: Link
@@ -124,6 +130,7 @@ class Table:
     speeds: dict[str, Speed]
     corrections: dict[str, tuple[float, float]] = field(default_factory=dict)
     backend: str = ""
+    levels: Link | None = None
 
 
 def candidates(dtype: torch.dtype, device: torch.device) -> list[Codec]:
@@ -279,6 +286,25 @@ def link_times(group: Any, device: torch.device) -> list[float]:
     return out
 
 
+def level_times(intra: Any, inter: Any, device: torch.device) -> list[float]:
+    """In-band, on every rank of a two-level group: median seconds of an all-reduce of each
+    of `LINK_SIZES` per rank on this rank's ``intra`` group (its host), then on its
+    ``inter`` group (the ranks of its local index, one per host).
+
+    Every host times its intra group at once, then every local index its inter group at
+    once, so the inter figure is what one rank gets while its host's other ranks cross
+    too: the per-rank share of the host's link, as in a hierarchical call.
+    """
+    stats["link_measurements"] += 1
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = []
+    for group in (intra, inter):
+        for nbytes in LINK_SIZES:
+            x = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+            out.append(_median(lambda x=x, g=group: dist.all_reduce(x, group=g), sync))
+    return out
+
+
 def algorithm_times(
     group: Any, device: torch.device, dtype: torch.dtype, probes: list[tuple[Algorithm, Codec]]
 ) -> list[float]:
@@ -326,6 +352,17 @@ def _line(sizes: tuple[int, int], t: tuple[float, float], scale: float) -> tuple
         rate = scale * s1 / t1 if t1 > 0 else math.inf
     fixed = max(t0 - scale * s0 / rate, 0.0)
     return fixed, rate
+
+
+def fit_levels(hosts: int, local: int, times: list[float]) -> Link:
+    """The two-level `Link` from combined `level_times`: each level's ring all-reduce
+    model (``2 (n-1) alpha + 2 (n-1)/n S / B`` on its ``n`` ranks) through its two points."""
+    ring = 2 * (local - 1)
+    fixed, intra_bw = _line(LINK_SIZES, (times[0], times[1]), ring / local)
+    intra_alpha = max(fixed / ring, 1e-7)
+    ring = 2 * (hosts - 1)
+    fixed, inter_bw = _line(LINK_SIZES, (times[2], times[3]), ring / hosts)
+    return Link(max(fixed / ring, 1e-7), inter_bw, local, intra_alpha, intra_bw)
 
 
 def fit(world: int, link: list[float], codecs: list[Codec], codec: list[float]) -> Table:

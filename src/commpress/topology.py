@@ -65,7 +65,7 @@ import torch.distributed as dist
 
 from .errors import ConfigError
 
-__all__ = ["Topology", "host_key", "of", "clear_cache"]
+__all__ = ["Topology", "host_key", "of", "shape", "clear_cache"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,7 @@ def host_key(global_rank: int, environ: dict[str, str] | None = None) -> str:
 
 _lock = threading.Lock()
 _topologies: dict[tuple[str, str, str], Topology] = {}
+_layouts: dict[tuple[str, str, str], _Layout] = {}
 _subgroups: dict[tuple[int, ...], Any] = {}
 
 
@@ -139,6 +140,7 @@ def clear_cache() -> None:
     """Forget learned topologies (the subgroups stay: torch cannot un-create them cheaply)."""
     with _lock:
         _topologies.clear()
+        _layouts.clear()
 
 
 def _hash63(text: str) -> int:
@@ -157,6 +159,54 @@ def _is_world(group: Any) -> bool:
     return group is None or group is dist.GroupMember.WORLD
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """The gathered host of every group rank: what `of` and `shape` derive from."""
+
+    ranks: tuple[int, ...]
+    host_of: tuple[int, ...]
+    members: tuple[tuple[int, ...], ...]  # group ranks of each host, ascending global rank
+
+
+def _layout(group: Any, device: torch.device | str) -> tuple[tuple[str, str, str], _Layout]:
+    """The group's `_Layout` and its cache key; collective (one all-gather) on first need."""
+    rank = dist.get_rank()
+    key = host_key(rank)
+    # The layout variable is part of the key: with LOCAL_WORLD_SIZE changed from 2 to 4 the
+    # host key of rank 0 stays "block:0" while rank 2's changes, and they must agree to re-learn.
+    cache_key = (_group_name(group), key, os.environ.get("LOCAL_WORLD_SIZE", ""))
+    with _lock:
+        layout = _layouts.get(cache_key)
+    if layout is not None:
+        return cache_key, layout
+    size = dist.get_world_size(group)
+    ranks = tuple(range(size)) if _is_world(group) else tuple(dist.get_process_group_ranks(group))
+    row = torch.tensor([_hash63(key)], dtype=torch.int64, device=device)
+    out = torch.empty(size, dtype=torch.int64, device=device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, row, group=group)
+    first: dict[int, int] = {}
+    host_of = tuple(first.setdefault(h, len(first)) for h in out.tolist())
+    # Ascending global rank inside a host: the rank order of the intra group torch makes.
+    members = tuple(
+        tuple(sorted((r for r in range(size) if host_of[r] == h), key=ranks.__getitem__))
+        for h in range(len(first))
+    )
+    layout = _Layout(ranks, host_of, members)
+    with _lock:
+        _layouts[cache_key] = layout
+    return cache_key, layout
+
+
+def shape(group: Any = None, device: torch.device | str = "cpu") -> tuple[int, int] | None:
+    """``(hosts, ranks per host)`` of ``group``, or None when hosts hold different numbers
+    of its ranks; collective on the first call per group (the all-gather of `of`, which it
+    shares), and it creates no subgroup. `commpress.auto` asks it before calibrating."""
+    _, layout = _layout(group, device)
+    counts = {len(m) for m in layout.members}
+    return (len(layout.members), counts.pop()) if len(counts) == 1 else None
+
+
 def of(group: Any = None, device: torch.device | str = "cpu") -> Topology:
     """The `Topology` of ``group`` for this rank; collective on the first call per group.
 
@@ -168,30 +218,13 @@ def of(group: Any = None, device: torch.device | str = "cpu") -> Topology:
         ConfigError: the hosts hold different numbers of the group's ranks (no
             two-level split exists; every rank raises alike).
     """
-    rank = dist.get_rank()
-    key = host_key(rank)
-    # The layout variable is part of the key: with LOCAL_WORLD_SIZE changed from 2 to 4 the
-    # host key of rank 0 stays "block:0" while rank 2's changes, and they must agree to re-learn.
-    cache_key = (_group_name(group), key, os.environ.get("LOCAL_WORLD_SIZE", ""))
+    cache_key, layout = _layout(group, device)
     with _lock:
         topo = _topologies.get(cache_key)
     if topo is not None:
         return topo
-    size = dist.get_world_size(group)
-    ranks = tuple(range(size)) if _is_world(group) else tuple(dist.get_process_group_ranks(group))
-    row = torch.tensor([_hash63(key)], dtype=torch.int64, device=device)
-    out = torch.empty(size, dtype=torch.int64, device=device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, row, group=group)
-    hashes = out.tolist()
-    first: dict[int, int] = {}
-    host_of = tuple(first.setdefault(h, len(first)) for h in hashes)
-    hosts = len(first)
-    # Ascending global rank inside a host: the rank order of the intra group torch makes.
-    members = [
-        sorted((r for r in range(size) if host_of[r] == h), key=ranks.__getitem__)
-        for h in range(hosts)
-    ]
+    ranks, host_of, members = layout.ranks, layout.host_of, layout.members
+    hosts = len(members)
     counts = sorted({len(m) for m in members})
     if len(counts) != 1:
         listing = "; ".join(
@@ -203,7 +236,7 @@ def of(group: Any = None, device: torch.device | str = "cpu") -> Topology:
             "host (torchrun --nproc-per-node)"
         )
     local_size = counts[0]
-    me = ranks.index(rank)
+    me = ranks.index(dist.get_rank())
     host_index = host_of[me]
     local_index = members[host_index].index(me)
     intra_sets = [tuple(ranks[r] for r in m) for m in members]

@@ -9,10 +9,11 @@ every rank sends every rank one fixed-size ``int64`` row, its *descriptor*
 ``all_to_all_single`` whose receives are large enough for any frame; a
 small packed buffer rides along (`exchange`'s ``payload``, `inline`), so the
 call needs no round of its own. Every rank then holds the same table and
-checks it the same way, so all ranks raise together or proceed together. On a codec hash mismatch the ranks run one more
-all-gather of their spec strings and raise `CodecMismatchError` naming every
-rank's spec. The descriptor is also how receivers learn the sizes of
-variable-size payloads (``zstd``, chains).
+checks it the same way, so all ranks raise together or proceed together. On
+a codec hash mismatch the ranks run one more all-gather of their spec strings
+and raise `CodecMismatchError` naming every rank's spec. The descriptor is
+also how receivers learn the sizes of variable-size payloads (``zstd``,
+chains).
 
 With ``Policy(verify=False)`` and a codec of fixed size
 (``encoded_nbytes`` not None), no descriptor is exchanged: every rank
