@@ -71,6 +71,7 @@ def measured_rows(
             "time_s": statistics.median(slowest),
             "out_per_host": out_host,
             "rel_err": max(p["rel_err"] for p in per_rank),
+            "chose": per_rank[0].get("chose", ""),
         }
         if algorithm == "hierarchical" and codec is not None:
             formula, ratio = multihost.expected_cross_bytes(
@@ -157,8 +158,9 @@ def print_measured(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = r.get("formula")
+        name = f"{r['config']} ({r['chose']})" if r.get("chose") else r["config"]
         print(
-            f"| {r['config']} | {r['time_s'] * 1e3:.0f} ms | {r.get('vs_plain-fp32', 0):.2f}x "
+            f"| {name} | {r['time_s'] * 1e3:.0f} ms | {r.get('vs_plain-fp32', 0):.2f}x "
             f"| {r.get('vs_plain-bf16', 0):.2f}x | {r.get('vs_flat-int8', 0):.2f}x "
             f"| {_fmt_bytes(r['out_per_host'])} | {_fmt_bytes(f) if f else '-'} "
             f"| {'%+.2f%%' % (100 * r['deviation']) if f else '-'} | {r['rel_err']:.1e} |"

@@ -9,7 +9,8 @@ input, the all-gather's output), 1 Gbit/s each way between hosts::
 
 Prints one markdown row per op and config: the slowest rank's median of 3 calls,
 bytes out of each host's NIC per call (barrier baseline subtracted), the 3 times.
-``flat-int8`` is ``two_phase`` (reduce-scatter) / ``auto``'s transport (all-gather).
+``flat-int8`` is ``two_phase`` (reduce-scatter) / ``auto``'s transport (all-gather);
+``auto`` is ``codec="auto"`` (its warm-up call calibrates), with what it chose.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import torch.distributed as dist
 
 
 def run(  # noqa: D103 - one rank's side of main, through run_function
-    mib=64, iters=3, configs=("plain-fp32", "plain-bf16", "flat-int8", "hier-int8", "hier-int4")
+    mib=64,
+    iters=3,
+    configs=("plain-fp32", "plain-bf16", "flat-int8", "hier-int8", "hier-int4", "auto"),
 ):
     import commpress.distributed as cdist
-    from commpress.bench.multihost import nic_bytes
+    from commpress.bench.multihost import auto_choice, nic_bytes
     from commpress.policy import Policy, using
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -36,9 +39,9 @@ def run(  # noqa: D103 - one rank's side of main, through run_function
     res = {}
     for op in ("reduce_scatter", "all_gather"):
         for name in configs:
-            kind, codec = name.split("-")
+            kind, codec = name.split("-") if name != "auto" else ("auto", "auto")
             dtype = torch.bfloat16 if codec == "bf16" else torch.float32
-            algo = "two_phase" if kind == "flat" else "hierarchical"
+            algo = {"flat": "two_phase", "auto": "auto"}.get(kind, "hierarchical")
             if op == "all_gather" and kind == "flat":
                 algo = "auto"
             if op == "reduce_scatter":
@@ -82,7 +85,8 @@ def run(  # noqa: D103 - one rank's side of main, through run_function
             ) / iters
             t = torch.tensor(times, dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            res[f"{op} {name}"] = {"times": t.tolist(), "out": out_b}
+            chose = auto_choice(op, src.numel() * src.element_size()) if kind == "auto" else ""
+            res[f"{op} {name}"] = {"times": t.tolist(), "out": out_b, "chose": chose}
     return {"rank": rank, "host": os.environ.get("GROUP_RANK"), "res": res}
 
 
@@ -101,8 +105,10 @@ def main() -> None:
     for key in ranks[0]["res"]:
         byh = {x["host"]: x["res"][key]["out"] for x in ranks}
         t = ranks[0]["res"][key]["times"]
+        chose = ranks[0]["res"][key].get("chose")
+        label = f"{key} ({chose})" if chose else key
         print(
-            f"| {hosts} x {local} | {key} | {statistics.median(t) * 1e3:.0f} ms "
+            f"| {hosts} x {local} | {label} | {statistics.median(t) * 1e3:.0f} ms "
             f"| {statistics.mean(byh.values()) / (1 << 20):.2f} MiB "
             f"| {', '.join(f'{v * 1e3:.0f}' for v in t)} |"
         )

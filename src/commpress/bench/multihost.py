@@ -53,6 +53,7 @@ __all__ = [
     "measure_all_reduce",
     "expected_cross_bytes",
     "CONFIGS",
+    "auto_choice",
     "host_addr",
     "NIC",
     "SUBNET",
@@ -228,6 +229,8 @@ def nic_bytes() -> dict[str, int]:
 #: ``torch.distributed`` on a tensor already in that dtype. ``*-whole`` hand the whole
 #: tensor to the algorithm in one call (``Engine(chunk_bytes=0)``): hierarchical then
 #: pipelines its three steps itself (`algorithms.hierarchical.PIPELINE_BYTES`).
+#: ``auto`` is ``codec="auto"``: its first (warm-up) call calibrates the group, levels
+#: included, and the row names what it chose.
 CONFIGS: dict[str, tuple[str | None, str | None, str, int | None]] = {
     "plain-fp32": (None, None, "float32", None),
     "plain-bf16": (None, None, "bfloat16", None),
@@ -238,7 +241,29 @@ CONFIGS: dict[str, tuple[str | None, str | None, str, int | None]] = {
     "hier-int8-whole": ("int8", "hierarchical", "float32", 0),
     "hier-int4-whole": ("int4", "hierarchical", "float32", 0),
     "hier-bf16": ("bf16", "hierarchical", "float32", None),
+    "auto": ("auto", "auto", "float32", None),
 }
+
+
+def auto_choice(op: str, nbytes: int) -> str:
+    """What ``auto`` chose in this process for ``op`` calls of ``nbytes``, with the
+    modelled time of plain and of the best flat and hierarchical options (``"int8
+    two_phase; modelled plain 812, flat 301, hier 344 ms"``), or ``"-"`` when it
+    decided none."""
+    from commpress import auto
+    from commpress.ops import OPS
+
+    family = OPS[op].family
+    for c in auto.decisions():
+        if OPS[c.op].family == family and c.bucket == auto.bucket(nbytes):
+            won = "plain" if c.codec is None else f"{c.codec} {c.algorithm}"
+            best = {}
+            for spec, algo, seconds in c.options:
+                kind = "plain" if spec == "plain" else "hier" if algo == "hierarchical" else "flat"
+                best[kind] = min(best.get(kind, seconds), seconds)
+            figures = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in best.items())
+            return f"{won}; modelled {figures} ms"
+    return "-"
 
 
 def expected_cross_bytes(
@@ -347,6 +372,9 @@ def measure_all_reduce(
             "out_packets": per_call("tx_packets"),
             "rel_err": rel_err,
             "bytes_wire": wire_b,
+            "chose": auto_choice("all_reduce", numel * src.element_size())
+            if codec == "auto"
+            else "",
         }
     return {"rank": rank, "host": os.environ.get("GROUP_RANK"), "configs": out}
 
