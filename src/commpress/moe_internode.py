@@ -570,12 +570,12 @@ def combine(
         group=topo.intra,
         codec="none",
     )
-    contrib = back.to(acc)
-    if slot_weights is not None:
-        contrib = contrib * slot_weights
     s = layout.forward_sum_order
+    contrib = back.index_select(0, s).to(acc)  # a new tensor: scaled in place below
+    if slot_weights is not None:
+        contrib.mul_(slot_weights.index_select(0, s))
     partial = y.new_zeros((arrived, width), dtype=acc)
-    partial.index_add_(0, layout.forward_rows[s], contrib[s])
+    partial.index_add_(0, layout.forward_rows.index_select(0, s), contrib)
 
     returned = y.new_empty((layout.inter_tokens.numel(), width))
     work = cdist.all_to_all_single(
