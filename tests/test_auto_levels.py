@@ -207,3 +207,58 @@ def test_one_host_has_no_levels_and_builds_no_subgroup(gloo4):
     for r in gloo4.run(_levels_body, 4):
         assert r["levels"] is None and r["made"] == []
         assert "hierarchical" not in r["corrections"]
+
+
+def _emulated_body(mib: int = 16) -> dict:
+    """One rank of a real ``torchrun --nnodes 2`` job: auto on all_reduce, reduce_scatter
+    and all_gather of ``mib`` MiB, with what it chose and a digest of each result."""
+    import hashlib
+
+    import commpress.distributed as cdist
+    from commpress.policy import using
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n = (mib << 20) // 4 // world * world
+    x = _input(rank, n)
+    xs = [_input(r, n) for r in range(world)]
+    out = {"rank": rank}
+    with using(Policy(codec="auto")):
+        t = x.clone()
+        cdist.all_reduce(t)
+        shard = torch.empty(n // world)
+        cdist.reduce_scatter_tensor(shard, x)
+        gathered = torch.empty(world * n)
+        cdist.all_gather_into_tensor(gathered, x)
+    total = sum(xs)
+    out["errors"] = [
+        _rel(t, total),
+        _rel(shard, total[rank * (n // world) : (rank + 1) * (n // world)]),
+        _rel(gathered, torch.cat(xs)),
+    ]
+    digest = lambda y: hashlib.sha256(y.numpy().tobytes()).hexdigest()  # noqa: E731
+    out["digests"] = [digest(t), digest(gathered)]
+    out["choices"] = [(c.op, c.bucket, c.codec, c.algorithm) for c in auto.decisions()]
+    out["levels"] = [repr(tb.levels) for tb in auto.tables().values()]
+    return out
+
+
+def test_auto_across_emulated_hosts_agrees_and_stays_within_bounds():
+    """2 emulated hosts x 2 ranks at 1 Gbit/s, real torchrun: every rank calibrates the same
+    levels and makes the same choices; results are identical and within int8's bound."""
+    from commpress.bench import multihost
+
+    ok, why = multihost.available()
+    if not ok:
+        pytest.skip(f"no multi-host emulation here: {why}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = multihost.run_function(
+        2, 2, "test_auto_levels:_emulated_body", {}, rate="1gbit", pythonpath=[here], timeout=240
+    )
+    ranks = result["ranks"]
+    first = ranks[0]
+    assert first["levels"] and all(lv != "None" for lv in first["levels"])
+    for r in ranks[1:]:
+        assert r["choices"] == first["choices"] and r["levels"] == first["levels"]
+        assert r["digests"] == first["digests"]
+    for r in ranks:
+        assert all(e <= 2e-2 for e in r["errors"]), r["errors"]
