@@ -18,6 +18,7 @@ falls back to flat.
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -121,10 +122,15 @@ def table(rows_: list[dict]) -> str:
     return "\n".join([head, *body])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """``bench_moe_multihost.py HOSTS RANKS_PER_HOST``: print the table (needs root)."""
     from commpress.bench import multihost
 
-    hosts, local = int(sys.argv[1]), int(sys.argv[2])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("hosts", type=int, help="emulated hosts")
+    parser.add_argument("local", type=int, help="ranks per host")
+    ns = parser.parse_args(argv)
+    hosts, local = ns.hosts, ns.local
     ok, why = multihost.available()
     if not ok:
         sys.exit(f"bench_moe_multihost: skipped: {why}")
