@@ -14,6 +14,14 @@ headers included, about 0.1% at the emulation's 65000-byte MTU), averaged
 over hosts. ``formula`` is ``2 (H-1)/H * S / ratio`` for the hierarchical
 rows, with the ratio of the packets actually sent.
 
+``--ddp`` times a DDP training step instead (`commpress.bench.ddp.step_rank`: a
+2-layer MLP of 67 MB of float32 gradients, 3 buckets) for each of ``--methods``
+(``plain``, a hook codec, ``codec@algorithm`` for a codec under that algorithm,
+``auto``), one after another in the same job::
+
+    sudo .venv/bin/python benchmarks/bench_multihost.py --ddp \
+        --methods plain,int8,int8@hierarchical,auto
+
 ``--model`` prints the *model* (no measurement) for 8-1024 GPUs on NVLink +
 InfiniBand instead; see ``docs/cluster.md`` for its assumptions.
 """
@@ -85,6 +93,74 @@ def measured_rows(
             if ref in base:
                 r[f"vs_{ref}"] = base[ref] / r["time_s"]
     return rows
+
+
+DDP_METHODS = ("plain", "int8", "int8@hierarchical", "auto")
+
+
+def ddp_rank(methods: list[str], width: int = 2900, steps: int = 5, warmup: int = 2) -> dict:
+    """One rank of `ddp_rows` (called through `multihost.run_function`)."""
+    import torch.distributed as dist
+
+    from commpress.bench.ddp import step_rank
+    from commpress.policy import Policy, get_policy, set_policy
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = {}
+    for method in methods:
+        codec, _, algorithm = method.partition("@")
+        saved = get_policy()
+        if algorithm:
+            set_policy(Policy(algorithm=algorithm))
+        try:
+            dist.barrier()
+            out[method] = step_rank(rank, world, codec, width, steps, warmup)
+        finally:
+            set_policy(saved)
+    return out
+
+
+def ddp_rows(
+    hosts: int = 2, local: int = 2, rate: str = "1gbit", methods: tuple[str, ...] = DDP_METHODS
+) -> list[dict]:
+    """The DDP step of every method in one multi-host job; the slowest rank's median each."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = multihost.run_function(
+        hosts,
+        local,
+        "bench_multihost:ddp_rank",
+        {"methods": list(methods)},
+        rate=rate,
+        pythonpath=[here],
+        timeout=600,
+    )
+    ranks = result["ranks"]
+    rows = []
+    for m in methods:
+        step = max(r[m]["step_s"] for r in ranks)
+        row = {"method": m, "step_ms": step * 1e3, "spread_ms": ranks[0][m]["spread"]}
+        row["chosen"] = ranks[0][m].get("chosen", "")
+        rows.append(row)
+    plain = next((r["step_ms"] for r in rows if r["method"] == "plain"), None)
+    for r in rows:
+        r["x_plain"] = plain / r["step_ms"] if plain else None
+    return rows
+
+
+def print_ddp(rows: list[dict], hosts: int, local: int, rate: str) -> None:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
+    print(
+        f"DDP step, {hosts} hosts x {local} ranks, {rate} each way between hosts, 67 MB of "
+        f"float32 gradients; {now} UTC, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
+    )
+    print("| method | step | spread | vs plain | auto chose |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        x = f"{r['x_plain']:.2f}x" if r["x_plain"] else "-"
+        print(
+            f"| {r['method']} | {r['step_ms']:.0f} ms | {r['spread_ms']} ms | {x} "
+            f"| {r['chosen'] or '-'} |"
+        )
 
 
 def model_rows(
@@ -187,8 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default=",".join(HEADLINE), help="names of multihost.CONFIGS")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--model", action="store_true", help="print the scale model instead")
+    p.add_argument("--ddp", action="store_true", help="time a DDP step per --methods instead")
+    p.add_argument("--methods", default=",".join(DDP_METHODS), help="DDP methods (--ddp)")
     a = p.parse_args(argv)
-    if a.model:
+    if a.ddp:
+        ok, why = multihost.available()
+        if not ok:
+            print(f"bench_multihost: skipped: {why}", file=sys.stderr)
+            return 3
+        rows = ddp_rows(a.hosts, a.local, a.rate, tuple(a.methods.split(",")))
+        print_ddp(rows, a.hosts, a.local, a.rate)
+    elif a.model:
         rows = []
         for nics in (8, 1):
             part = model_rows(nics_per_node=nics)
