@@ -61,6 +61,7 @@ Decision cost once cached (2-rank gloo, one shared CPU core): see ``docs/auto.md
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import threading
 from collections.abc import Callable
@@ -423,8 +424,12 @@ def _raw(
     world: int,
     dtype: torch.dtype,
     family: str = "all_reduce",
-) -> float:
-    """The uncorrected model: ``algo.cost`` + fixed codec times + one descriptor round.
+) -> tuple[float, float]:
+    """The uncorrected model in two parts, ``(link, codec)`` seconds: ``algo.cost`` with
+    an infinitely fast codec plus one descriptor round, and what the codec adds to it
+    (``algo.cost`` at the codec's rates, minus that, plus its fixed encode and ``N``
+    fixed decode times). `_corrected` fits a factor to the codec part only: the link
+    figures were measured in-band already, while the codec rates were measured alone.
 
     ``hierarchical`` is modelled on the table's two levels: a reduce-scatter with its
     all-reduce model, as the flat reduce-scatters are (`two_phase`'s all-reduce cost), so
@@ -434,14 +439,19 @@ def _raw(
     flat, and took 274-342 ms against 247 ms.
     """
     speed = table.speeds[codec.spec]
-    cs = CodecSpeed(speed.encode_Bps, speed.decode_Bps, _ratio(codec, dtype, size))
-    fixed = speed.encode_s + world * speed.decode_s + table.descriptor_s
+    ratio = _ratio(codec, dtype, size)
+    cs = CodecSpeed(speed.encode_Bps, speed.decode_Bps, ratio)
+    free = CodecSpeed(math.inf, math.inf, ratio)
     if isinstance(algo, Hierarchical):
         assert table.levels is not None
         shape = "all_gather" if family == "all_gather" else "all_reduce"
-        return algo.cost(size, world, table.levels, cs, family=shape) + fixed
-    link = table.reduce_link if algo.families & REDUCTIONS else table.gather_link
-    return algo.cost(size, world, link, cs) + fixed
+        with_codec = algo.cost(size, world, table.levels, cs, family=shape)
+        link_only = algo.cost(size, world, table.levels, free, family=shape)
+    else:
+        link = table.reduce_link if algo.families & REDUCTIONS else table.gather_link
+        with_codec, link_only = algo.cost(size, world, link, cs), algo.cost(size, world, link, free)
+    codec_s = with_codec - link_only + speed.encode_s + world * speed.decode_s
+    return link_only + table.descriptor_s, codec_s
 
 
 def _corrected(
@@ -451,19 +461,30 @@ def _corrected(
     dtype: torch.dtype,
     world: int,
 ) -> Table:
-    """``base`` with each probed algorithm's ``(fixed, factor)``: the line through its two
-    measured times against the model's (factor at least 1: the model is never trusted to
-    be pessimistic; fixed at least 0)."""
+    """``base`` with each probed algorithm's ``(fixed, factor)``: a call takes ``fixed +
+    link + factor * codec`` (`_raw`'s parts), the line through its two measured times
+    (factor at least 1: the codec model is never trusted to be pessimistic; fixed at
+    least 0).
+
+    The factor scales the codec part alone. Scaling the whole model instead (until
+    2026-12-02) carried the codec's slowdown on a busy CPU onto the link term: on 2
+    emulated hosts x 2 ranks at 1 Gbit/s the int2 probe fitted a factor of 4, which
+    modelled a 16 MiB int8 all-reduce at 252 ms against plain's 187 ms (measured: 65-90
+    ms), and a DDP job under auto stayed plain where int8 was 1.2x faster.
+    """
     small, large = calibration.ALGORITHM_SIZES
     corrections = {}
     for i, (algo, codec) in enumerate(probes):
         if codec.spec not in base.speeds:
             continue
         t_small, t_large = timed[2 * i], timed[2 * i + 1]
-        m_small = _raw(base, algo, codec, small, world, dtype)
-        m_large = _raw(base, algo, codec, large, world, dtype)
-        factor = max((t_large - t_small) / (m_large - m_small), 1.0) if m_large > m_small else 1.0
-        corrections[algo.name] = (max(t_small - factor * m_small, 0.0), factor)
+        link_small, codec_small = _raw(base, algo, codec, small, world, dtype)
+        link_large, codec_large = _raw(base, algo, codec, large, world, dtype)
+        rest_small, rest_large = t_small - link_small, t_large - link_large
+        factor = 1.0
+        if codec_large > codec_small:
+            factor = max((rest_large - rest_small) / (codec_large - codec_small), 1.0)
+        corrections[algo.name] = (max(rest_small - factor * codec_small, 0.0), factor)
     return dataclasses.replace(base, corrections=corrections)
 
 
@@ -524,7 +545,8 @@ def model(
             fixed, factor = table.corrections.get(probed, (0, 0))
             if factor == 0:
                 continue  # never timed on this group: not trusted
-            seconds = fixed + factor * _raw(table, algo, codec, size, world, dtype, family)
+            link_s, codec_s = _raw(table, algo, codec, size, world, dtype, family)
+            seconds = fixed + link_s + factor * codec_s
             options.append((spec, algo.name, seconds))
             if best is None or seconds < best[0]:
                 best = (seconds, codec, algo.name)
