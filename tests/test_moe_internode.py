@@ -122,12 +122,17 @@ def _crossing_counts(ids, num_experts, host_of, rank):
     return int(remote.sum()), distinct
 
 
-def body_compare(rank, world, local, cases, layout=None):
+def body_compare(rank, world, local, cases, layout=None, subgroup=False):
+    import torch.distributed as dist
+
     from commpress import topology
     from commpress.policy import using
 
     _fake_hosts(rank, local, layout)
-    topo = topology.of(None)
+    # A group other than the world (all ranks, so the group rank is the global rank):
+    # the topology's subgroup path (use_local_synchronization), and group= passed through.
+    group = dist.new_group(list(range(world))) if subgroup else None
+    topo = topology.of(group)
     results = []
     with using(min_bytes=0):  # compress even these small test tensors
         for i, case in enumerate(cases):
@@ -135,7 +140,7 @@ def body_compare(rank, world, local, cases, layout=None):
             E, (cd, cc), async_op = case["experts"], case["codecs"], case.get("async", False)
             r = {"x": x, "ids": ids, "w": w, "host_of": topo.host_of}
             for name, mod in (("flat", moe), ("inter", moe_internode)):
-                recv, handle = mod.dispatch(x, ids, E, codec=cd, async_op=async_op)
+                recv, handle = mod.dispatch(x, ids, E, group=group, codec=cd, async_op=async_op)
                 handle.wait()
                 lay = handle.layout
                 y = _expert(recv, lay.recv_expert_ids)
@@ -152,7 +157,7 @@ def body_compare(rank, world, local, cases, layout=None):
                 }
                 if name == "inter":  # moe.combine takes the internode handle (flat return)
                     r["mixed"] = moe.combine(y, handle, weights=w, codec=cc)
-            r["crossings"] = moe_internode.crossings(ids, E)
+            r["crossings"] = moe_internode.crossings(ids, E, group=group)
             results.append(r)
     return results
 
@@ -249,6 +254,11 @@ def test_scattered_hosts_match_flat(gloo4):
     results = gloo4.run(body_compare, 2, cases, layout=[[0, 3], [1, 2]])
     assert results[0][0]["host_of"] == (0, 1, 1, 0)
     _check(results, cases, 4)
+
+
+def test_subgroup_matches_flat(gloo4):
+    cases = [CASES[i] for i in (1, 4)]
+    _check(gloo4.run(body_compare, 2, cases, subgroup=True), cases, 4)
 
 
 def test_one_host_falls_back_to_flat(gloo4):
