@@ -74,7 +74,7 @@ def test_auto_checks_before_the_model():
         ("all_reduce", torch.zeros(1 << 18, dtype=torch.int32), R.SUM, 2, "never lossy"),
         ("all_reduce", x, R.MAX, 2, "never reduced lossily"),
         ("all_reduce", x, R.SUM, 1, "single rank"),
-        ("all_to_all_single", x, None, 2, "all_to_all goes plain"),
+        ("all_to_all", x, None, 2, "tensor lists goes plain"),
         ("all_reduce", torch.zeros(0), R.SUM, 2, "empty"),
     ]
     for op, t, rop, world, why in cases:
@@ -241,6 +241,49 @@ def test_a_small_call_goes_plain_with_no_descriptor(gloo2, tmp_path):
     ):
         assert calls == [] and compressed == 0 and bytes_wire == bytes_in > 0
         assert total == 2 * (1 << 10)
+
+
+def _all_to_all_body(rank, world, shared):
+    """``all_to_all_single`` under auto on a slow emulated link (the same table everywhere):
+    even splits compress, split sizes go plain, both against torch's own."""
+    os.environ[calibration.CACHE_ENV] = _cache(rank, shared)
+    auto.reset()
+    n = world * (1 << 16)  # 256 KiB per rank
+    with using(Policy(codec="auto", min_bytes=0)):
+        cdist.all_reduce(torch.zeros(1 << 14))  # calibrates the group
+        for key, table in auto.tables().items():
+            auto._tables[key] = dataclasses.replace(
+                table, gather_link=Link(1e-4, 1e6), corrections={"gather": (0.0, 1.0)}
+            )
+        auto._decisions.clear()
+        auto._choices.clear()
+        xs = [gaussian(n, seed=7 * r + 1) for r in range(world)]
+        out, ref = torch.empty(n), torch.empty(n)
+        commpress.reset_stats()
+        cdist.all_to_all_single(out, xs[rank])
+        even = commpress.stats()["all_to_all_single"].compressed
+        dist.all_to_all_single(ref, xs[rank])
+        # Uneven: rank r sends r + 1 + j rows to rank j (rows of 1 element).
+        ins = [rank + 1 + j for j in range(world)]
+        outs = [r + 1 + rank for r in range(world)]
+        x = gaussian(sum(ins), seed=rank)
+        got, want = torch.empty(sum(outs)), torch.empty(sum(outs))
+        commpress.reset_stats()
+        cdist.all_to_all_single(got, x, outs, ins)
+        uneven = commpress.stats()["all_to_all_single"].compressed
+        dist.all_to_all_single(want, x, outs, ins)
+    chosen = [(c.op, c.codec, c.algorithm) for c in auto.decisions() if c.op != "all_reduce"]
+    pieces = ref.chunk(world)
+    bound = torch.cat([piece_bound(chosen[0][1] or "none", p) for p in pieces])
+    err_ok = bool(((out.double() - ref.double()).abs() <= bound).all())
+    return even, uneven, chosen, err_ok, torch.equal(got, want)
+
+
+def test_an_even_all_to_all_is_decided_and_one_with_split_sizes_goes_plain(gloo, tmp_path):
+    for even, uneven, chosen, err_ok, uneven_exact in gloo.run(_all_to_all_body, str(tmp_path)):
+        assert chosen == [("all_to_all_single", "int8", "transport")], chosen
+        assert even == 1 and err_ok
+        assert uneven == 0 and uneven_exact
 
 
 def _calibrate_body(rank, world):

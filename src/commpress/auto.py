@@ -1,7 +1,8 @@
 """``codec="auto"``: per call, the fastest of plain and every eligible codec x algorithm.
 
 `commpress.policy.decide` runs the checks every codec shares (non-floating data,
-``MIN``/``MAX``, one rank, ``min_bytes``, ``all_to_all`` and ``p2p``: plain) and
+``MIN``/``MAX``, one rank, ``min_bytes``, ``p2p``, list ``all_to_all`` and an
+``all_to_all_single`` with split sizes: plain) and
 hands the rest to `choose`, which the call driver binds to the call's group.
 `choose` looks the call up in a cache keyed by (group, op family, dtype, device,
 size bucket, world, reduce kind, budget, policy knobs); on a miss it models
@@ -449,7 +450,10 @@ def _raw(
         link_only = algo.cost(size, world, table.levels, free, family=shape)
     else:
         link = table.reduce_link if algo.families & REDUCTIONS else table.gather_link
-        with_codec, link_only = algo.cost(size, world, link, cs), algo.cost(size, world, link, free)
+        # An all-to-all of S bytes is transport's model of one piece of S/N: (N-1) pieces
+        # out, N decoded (it encodes S/N where the call encodes (N-1)/N of S).
+        n = size // world if family == "all_to_all" else size
+        with_codec, link_only = algo.cost(n, world, link, cs), algo.cost(n, world, link, free)
     codec_s = with_codec - link_only + speed.encode_s + world * speed.decode_s
     return link_only + table.descriptor_s, codec_s
 
@@ -496,6 +500,8 @@ def _plain_cost(family: str, size: int, world: int, table: Table) -> float:
         return table.reduce_link.seconds((world - 1) / world * size, world - 1)
     if family == "reduce_scatter":  # gloo all-reduces the whole input, then keeps its block
         return get_algorithm("direct").cost(size, world, table.reduce_link, CodecSpeed.plain())
+    if family == "all_to_all":  # S of input, (N-1)/N of it to the others
+        return table.gather_link.seconds((world - 1) / world * size, world - 1)
     return table.gather_link.seconds((world - 1) * size, world - 1)
 
 

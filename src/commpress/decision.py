@@ -284,8 +284,12 @@ def _auto_checks(
 ) -> Decision | AutoCall:
     """Plain for the calls ``auto`` never compresses, else the `AutoCall` for ``auto``.
 
-    ``all_to_all`` and ``p2p`` go plain: their sizes differ between ranks (or only two
-    ranks take part), so no decision could be shared by the whole group.
+    ``p2p`` goes plain (two ranks take part, no group to share a decision), and so
+    does ``all_to_all`` of tensor lists (their sizes may differ between ranks).
+    ``all_to_all_single`` reaches here only with even splits
+    (`commpress.distributed.all_to_all_single` sends a call with split sizes plain),
+    where torch requires the same input size on every rank, so ``size`` is the same
+    everywhere and so is the decision.
     """
     if world <= 1:
         return _plain("single rank: nothing crosses a wire")
@@ -294,8 +298,10 @@ def _auto_checks(
     sum_like = any(reduce_op == r for r in _SUM_LIKE)
     if family in REDUCTIONS and not sum_like:
         return _plain(f"ReduceOp.{_op_name(reduce_op)} is never reduced lossily")
-    if family in ("all_to_all", "p2p"):
-        return _plain(f"auto: {family} goes plain (no decision shared by the group)")
+    if family == "p2p":
+        return _plain("auto: p2p goes plain (no decision shared by the group)")
+    if op == "all_to_all":
+        return _plain("auto: all_to_all of tensor lists goes plain (sizes differ by rank)")
     if size == 0 or size < policy.min_bytes:
         return _plain(f"{size} bytes < min_bytes={policy.min_bytes}" if size else "empty tensor")
     return AutoCall(op, family, dtype, size, world, sum_like, budget)

@@ -92,11 +92,15 @@ def _gather_rows(
     and receives up to `frame_capacity` bytes from each. Every rank posts the same
     receive size whatever the others send, so ranks that disagree (another codec, size
     or op) never make gloo abort; they raise on the table. Elsewhere (NCCL wants equal
-    sizes) one all-gather of the rows, and no payload rides along.
+    sizes), and for the all-to-alls, one all-gather of the rows, and no payload rides
+    along: a frame round of an all-to-all could meet a peer's plain ``all_to_all_single``
+    of the same call (``auto`` decides all-to-alls by size, and a wrong program's ranks
+    pass different sizes) and be taken for its data; an all-gather cannot, and the
+    watchdog names the two calls.
     """
     world = comm.size
     words = desc.words(world)
-    if comm.device.type != "cpu":
+    if comm.device.type != "cpu" or comm.op in ("all_to_all", "all_to_all_single"):
         row = torch.tensor(words, dtype=torch.int64, device=comm.device)
         out = torch.empty(world * row.numel(), dtype=torch.int64, device=comm.device)
         with comm.rec.phase("transfer"):

@@ -1,6 +1,18 @@
 """The compressed ops that move data: broadcast, all_gather(_into_tensor), gather,
 scatter, all_to_all(_single). Each encodes once, moves packets and decodes on arrival
-(`commpress.algorithms.transport`)."""
+(`commpress.algorithms.transport`).
+
+Under ``codec="auto"`` an ``all_to_all_single`` without split sizes is decided like
+the other ops (torch requires the same input size on every rank then, so every rank
+decides alike); one with ``input_split_sizes`` / ``output_split_sizes`` goes plain,
+since the ranks' sizes may differ and no size-based decision could be shared without
+a round of its own; so does ``all_to_all`` of tensor lists. Pass split sizes on every
+rank of a call or on none: a call that has them on some ranks only (legal in torch
+when they happen to be even) is plain there and may compress elsewhere, and then
+fails with the watchdog's `CollectiveError` naming both calls. The descriptor round
+of a compressed all-to-all is an all-gather of rows, never an ``all_to_all_single``
+(`commpress.algorithms.common`), so it cannot be taken for a peer's plain one.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +25,10 @@ import torch.distributed as dist
 
 from ..algorithms import get_algorithm, transport
 from ..algorithms.common import Comm
+from ..decision import auto_budget
 from ..engine import Handle
 from ..errors import ConfigError
+from ..policy import get_policy
 from ..registry import CodecLike
 from .call import (
     Call,
@@ -386,6 +400,12 @@ def all_to_all(
     )
 
 
+def _is_auto(codec: CodecLike | None) -> bool:
+    """Whether ``codec`` (None: the policy's) is ``"auto"`` (with or without a budget)."""
+    spec = get_policy().codec if codec is None else codec
+    return isinstance(spec, str) and auto_budget(spec) is not None
+
+
 def _splits(sizes: Sequence[int] | None, total: int, world: int, what: str) -> list[int] | str:
     if sizes is None or len(sizes) == 0:
         if total % world:
@@ -424,6 +444,10 @@ def all_to_all_single(
     if not_member(group, "all_to_all_single"):
         return None
     world = dist.get_world_size(group)
+    if (input_split_sizes or output_split_sizes) and _is_auto(codec):
+        # auto decides from the call's size, which must be the same on every rank: with
+        # split sizes the ranks' inputs may differ, so the call goes plain (module doc).
+        codec = "none"
 
     def plain(a: bool) -> Any:
         return dist.all_to_all_single(
