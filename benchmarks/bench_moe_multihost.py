@@ -22,7 +22,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -38,7 +37,8 @@ CONFIGS = {
 def run(tokens=4096, hidden=2048, topk=8, experts=32, iters=3, configs=tuple(CONFIGS)):
     """One rank's side (through `multihost.run_function`): times, NIC bytes, formula, error."""
     from commpress import moe, moe_internode
-    from commpress.bench.multihost import nic_bytes
+    from commpress.bench.collectives import timed_calls
+    from commpress.bench.multihost import counted
 
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(rank)
@@ -58,20 +58,8 @@ def run(tokens=4096, hidden=2048, topk=8, experts=32, iters=3, configs=tuple(CON
         out = call()  # warm-up: subgroups, connections, buffers
         ref = out if ref is None else ref
         err = float((out - ref).norm() / ref.norm())
-        dist.barrier()
-        c0 = nic_bytes()
-        dist.barrier()
-        c1 = nic_bytes()
-        times = []
-        for _ in range(iters):
-            dist.barrier()
-            t0 = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t0)
-        dist.barrier()
-        c2 = nic_bytes()
-        tx = "tx_bytes"
-        out_b = ((c2[tx] - c1[tx]) - (iters + 1) * (c1[tx] - c0[tx])) / iters
+        times, per_call = counted(lambda: timed_calls(lambda _: call(), torch.empty(0), iters))
+        out_b = per_call["tx_bytes"]
         slowest = torch.tensor([statistics.median(times)], dtype=torch.float64)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         formula = crossings.nbytes(hidden, dispatch_codec=cd, combine_codec=cc)[kind]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -30,7 +29,8 @@ def run(  # noqa: D103 - one rank's side of main, through run_function
     configs=("plain-fp32", "plain-bf16", "flat-int8", "hier-int8", "hier-int4", "auto"),
 ):
     import commpress.distributed as cdist
-    from commpress.bench.multihost import auto_choice, nic_bytes
+    from commpress.bench.collectives import timed_calls
+    from commpress.bench.multihost import auto_choice, counted
     from commpress.policy import Policy, using
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -68,21 +68,8 @@ def run(  # noqa: D103 - one rank's side of main, through run_function
                         f(outp, src, codec=codec)
 
             call()
-            dist.barrier()
-            c0 = nic_bytes()
-            dist.barrier()
-            c1 = nic_bytes()
-            times = []
-            for _ in range(iters):
-                dist.barrier()
-                t0 = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t0)
-            dist.barrier()
-            c2 = nic_bytes()
-            out_b = (
-                (c2["tx_bytes"] - c1["tx_bytes"]) - (iters + 1) * (c1["tx_bytes"] - c0["tx_bytes"])
-            ) / iters
+            times, per_call = counted(lambda: timed_calls(lambda _: call(), torch.empty(0), iters))
+            out_b = per_call["tx_bytes"]
             t = torch.tensor(times, dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             chose = auto_choice(op, src.numel() * src.element_size()) if kind == "auto" else ""

@@ -32,7 +32,7 @@ from .stats import reset_stats, stats
 __version__ = "0.1.0"
 
 # The faces come last: each builds on the core imported above.
-from . import distributed, hooks, moe  # noqa: E402
+from . import distributed, hooks, moe, moe_internode  # noqa: E402
 from .patch import is_patched, patch, unpatch  # noqa: E402
 
 # fmt: off
@@ -43,7 +43,7 @@ __all__ = [
     # collectives
     "distributed", "Policy", "Engine", "Handle", "stats", "reset_stats",
     # drop-in
-    "patch", "unpatch", "is_patched", "hooks", "moe",
+    "patch", "unpatch", "is_patched", "hooks", "moe", "moe_internode",
     # errors
     "CommpressError", "ConfigError", "UnknownCodecError", "UnsupportedDtypeError",
     "UnsupportedDeviceError", "WireError", "CodecMismatchError", "CollectiveError",

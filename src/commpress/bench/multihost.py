@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .netem import format_rate
@@ -224,6 +224,31 @@ def nic_bytes() -> dict[str, int]:
     return out
 
 
+def counted(timed: Callable[[], list[float]]) -> tuple[list[float], dict[str, float]]:
+    """Run ``timed`` (every rank at once: it times its calls and returns their seconds,
+    e.g. `collectives.timed_calls`) and count what it put on this rank's host NIC.
+
+    The counters (`nic_bytes`) are read around one barrier alone and around ``timed``;
+    per call is ``(its interval - (calls + 1) x the barrier's interval) / calls``, so
+    the barriers before each timed call are not counted (run the warm-up call before).
+
+    Returns:
+        ``(the seconds ``timed`` returned, {counter name: per call})``.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    c0 = nic_bytes()
+    dist.barrier()
+    c1 = nic_bytes()
+    times = timed()
+    dist.barrier()
+    c2 = nic_bytes()
+    n = len(times)
+    per_call = {k: ((c2[k] - c1[k]) - (n + 1) * (c1[k] - c0[k])) / n for k in c0}
+    return times, per_call
+
+
 #: Benchmark configurations of `measure_all_reduce`: name -> (codec, algorithm, tensor
 #: dtype, ``Engine.chunk_bytes`` or None for the default engine). ``plain-*`` are plain
 #: ``torch.distributed`` on a tensor already in that dtype. ``*-whole`` hand the whole
@@ -349,27 +374,17 @@ def measure_all_reduce(
         t = src.clone()
         call(t)
         rel_err = ((t.double() - ref.double()).norm() / ref.double().norm()).item()
-        dist.barrier()
-        c0 = nic_bytes()
-        dist.barrier()
-        c1 = nic_bytes()
         commpress.reset_stats()
-        times = timed_calls(call, src, iters)
-        dist.barrier()
-        c2 = nic_bytes()
+        times, per_call = counted(lambda src=src: timed_calls(call, src, iters))
         if chunk_bytes is not None:
             set_engine(None)  # a fresh default engine (the replaced one has stopped)
         st = commpress.stats()
         wire_b = st["all_reduce"].bytes_wire / iters if "all_reduce" in st else None
-
-        def per_call(key: str, c0=c0, c1=c1, c2=c2) -> float:
-            return ((c2[key] - c1[key]) - (iters + 1) * (c1[key] - c0[key])) / iters
-
         out[name] = {
             "times": times,
-            "out_bytes": per_call("tx_bytes"),
-            "in_bytes": per_call("rx_bytes"),
-            "out_packets": per_call("tx_packets"),
+            "out_bytes": per_call["tx_bytes"],
+            "in_bytes": per_call["rx_bytes"],
+            "out_packets": per_call["tx_packets"],
             "rel_err": rel_err,
             "bytes_wire": wire_b,
             "chose": auto_choice("all_reduce", numel * src.element_size())
