@@ -216,7 +216,7 @@ def _plain_small_body(rank, world, shared):
     with using(Policy(codec="auto", min_bytes=0)):
         cdist.all_reduce(torch.zeros(1 << 10))  # calibration gathers; then count
         # A link on which 4 KiB cannot pay (alpha 20 us, 10 GB/s, a 100 us descriptor):
-        # the measured one will not do, since gloo's 4 KiB all-reduce on a loaded
+        # the measured one will not do, since gloo's 4 KiB all-reduce on this
         # 2-core machine is bimodal (median 2 ms, min 0.3 ms: an fp16 gather of the
         # same call, 0.9 ms, then honestly wins and this test would be about timing).
         fast = Link(2e-5, 1e10)
