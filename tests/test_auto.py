@@ -28,7 +28,7 @@ from commpress import ConfigError, auto, calibration, get_codec
 from commpress.algorithms import Link
 from commpress.calibration import Speed, Table
 from commpress.policy import Policy, decide, using
-from commpress.testing import DistPool, gaussian
+from commpress.testing import DistPool, gaussian, override_tables
 from commpress.testing.collective import Report, assert_reports, piece_bound, reduce_bound
 
 R = dist.ReduceOp
@@ -136,15 +136,11 @@ def _same_decisions_body(rank, world, shared, slow):
     with using(Policy(codec="auto", min_bytes=0)):
         cdist.all_reduce(torch.zeros(1 << 14))  # calibrates the group
         if slow:  # the same emulated slow link on every rank: compressed decisions
-            for key, table in auto.tables().items():
-                auto._tables[key] = dataclasses.replace(
-                    table,
-                    reduce_link=Link(1e-4, 1e6),
-                    gather_link=Link(1e-4, 1e6),
-                    corrections={a: (0.0, 1.0) for a in ("direct", "gather", "two_phase")},
-                )
-            auto._decisions.clear()
-            auto._choices.clear()
+            override_tables(
+                reduce_link=Link(1e-4, 1e6),
+                gather_link=Link(1e-4, 1e6),
+                corrections={a: (0.0, 1.0) for a in ("direct", "gather", "two_phase")},
+            )
         for numel in (s // 4 for s in SIZES):
             xs = [gaussian(numel, seed=10 * r + numel % 7) for r in range(world)]
             for op in (R.SUM, R.AVG):
@@ -220,12 +216,7 @@ def _plain_small_body(rank, world, shared):
         # 2-core machine is bimodal (median 2 ms, min 0.3 ms: an fp16 gather of the
         # same call, 0.9 ms, then honestly wins and this test would be about timing).
         fast = Link(2e-5, 1e10)
-        for key, table in auto.tables().items():
-            auto._tables[key] = dataclasses.replace(
-                table, reduce_link=fast, gather_link=fast, descriptor_s=1e-4
-            )
-        auto._decisions.clear()
-        auto._choices.clear()
+        override_tables(reduce_link=fast, gather_link=fast, descriptor_s=1e-4)
         calls = []
         saved = {
             n: getattr(dist, n)
@@ -262,12 +253,7 @@ def _all_to_all_body(rank, world, shared):
     n = world * (1 << 16)  # 256 KiB per rank
     with using(Policy(codec="auto", min_bytes=0)):
         cdist.all_reduce(torch.zeros(1 << 14))  # calibrates the group
-        for key, table in auto.tables().items():
-            auto._tables[key] = dataclasses.replace(
-                table, gather_link=Link(1e-4, 1e6), corrections={"gather": (0.0, 1.0)}
-            )
-        auto._decisions.clear()
-        auto._choices.clear()
+        override_tables(gather_link=Link(1e-4, 1e6), corrections={"gather": (0.0, 1.0)})
         xs = [gaussian(n, seed=7 * r + 1) for r in range(world)]
         out, ref = torch.empty(n), torch.empty(n)
         commpress.reset_stats()

@@ -23,7 +23,7 @@ from commpress import auto
 from commpress.algorithms import Link
 from commpress.calibration import Speed, Table, fit_levels
 from commpress.policy import Policy
-from commpress.testing import DistPool
+from commpress.testing import DistPool, override_tables
 
 F32 = torch.float32
 SIZE = 16 << 20
@@ -146,15 +146,13 @@ def _levels_body(rank, world, local_size):
         if table.levels is None:
             return out
         # The same slow levels on every rank: the large calls pay hierarchically only.
-        for key, t in auto.tables().items():
-            auto._tables[key] = dataclasses.replace(
-                t,
-                reduce_link=Link(1e-4, 1e7),
-                gather_link=Link(1e-4, 1e7),
-                levels=LEVELS,
-                corrections={a: (0.0, 1.0) for a in ("direct", "gather", "two_phase")}
-                | {"hierarchical": (0.0, 1.0)},
-            )
+        override_tables(
+            reduce_link=Link(1e-4, 1e7),
+            gather_link=Link(1e-4, 1e7),
+            levels=LEVELS,
+            corrections={a: (0.0, 1.0) for a in ("direct", "gather", "two_phase")}
+            | {"hierarchical": (0.0, 1.0)},
+        )
         n = (4 << 20) // 4  # 4 MiB per rank: a bucket the slow levels make pay
         xs = [_input(r, n) for r in range(world)]
         got = {}

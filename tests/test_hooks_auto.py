@@ -12,7 +12,6 @@ against the bound of whatever codec auto chose. No test is timed.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import threading
 import time
@@ -27,7 +26,7 @@ from commpress.algorithms import Link
 from commpress.calibration import Speed
 from commpress.errors import CodecMismatchError, ConfigError
 from commpress.hooks import CompressionState, compress_hook, register
-from commpress.testing import DistPool
+from commpress.testing import DistPool, override_tables
 
 PG_TIMEOUT = 20  # a rank out of order fails in seconds, not at torch's 30 minutes
 JOB_TIMEOUT = 150  # calibration included (1-3 s on an idle machine)
@@ -79,19 +78,14 @@ def _force(group: dist.ProcessGroup, kind: str) -> None:
     """Replace the calibrated tables of ``group`` by a synthetic link; forget decisions."""
     fast = Speed(1e-5, 1e10, 1e-5, 1e10)
     bandwidth = 1e12 if kind == FAST else 1e7
-    for key, table in auto.tables().items():
-        if key[0] != group.group_name:
-            continue
-        auto._tables[key] = dataclasses.replace(
-            table,
-            reduce_link=Link(1e-4, bandwidth),
-            gather_link=Link(1e-4, bandwidth),
-            descriptor_s=1e-4,
-            speeds={"int8": fast},  # the only candidate: one bound covers every choice
-            corrections={a: (2e-3, 1.0) for a in ("gather", "two_phase")},
-        )
-    auto._decisions.clear()
-    auto._choices.clear()
+    override_tables(
+        group.group_name,
+        reduce_link=Link(1e-4, bandwidth),
+        gather_link=Link(1e-4, bandwidth),
+        descriptor_s=1e-4,
+        speeds={"int8": fast},  # the only candidate: one bound covers every choice
+        corrections={a: (2e-3, 1.0) for a in ("gather", "two_phase")},
+    )
 
 
 @contextlib.contextmanager

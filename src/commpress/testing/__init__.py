@@ -21,7 +21,7 @@ from .checks import (
     structured,
     zeros,
 )
-from .collective import Report, assert_reports, piece_bound, reduce_bound
+from .collective import Report, assert_reports, override_tables, piece_bound, reduce_bound
 from .dist import DistPool, RankDied, RemoteError, free_port
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     # collectives against plain torch.distributed
     "Report",
     "assert_reports",
+    "override_tables",
     "piece_bound",
     "reduce_bound",
     # multi-process runner

@@ -35,6 +35,7 @@ order and the division of AVG):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from collections.abc import Iterator
 from typing import Any
@@ -163,3 +164,20 @@ def piece_bound(spec: str, ref: torch.Tensor) -> torch.Tensor:
     if codec.lossless:
         return torch.zeros(ref.shape, dtype=torch.float64)
     return _b(codec, ref).view(ref.shape)
+
+
+def override_tables(group_name: str | None = None, **fields: Any) -> None:
+    """Replace ``fields`` of this rank's calibrated ``auto`` tables (those of group
+    ``group_name``, or all) and forget the decisions made from them.
+
+    For a test that must not depend on timing: it calibrates as usual, then decides
+    on a link (or codec speeds, corrections, levels) it states. Call it on every rank
+    with the same fields, so that every rank decides alike.
+    """
+    from .. import auto
+
+    for key, table in auto.tables().items():
+        if group_name is None or key[0] == group_name:
+            auto._tables[key] = dataclasses.replace(table, **fields)
+    auto._decisions.clear()
+    auto._choices.clear()
