@@ -360,7 +360,7 @@ def _table(group: Any, name: str, device: torch.device, dtype: torch.dtype, worl
             if topo is not None:
                 link += calibration.level_times(topo.intra, topo.inter, device)
         speeds = calibration.codec_times(codecs, dtype, device)
-        timed = calibration.algorithm_times(group, device, dtype, probes)
+        timed = calibration.algorithm_times(group, device, dtype, probes, get_engine())
         combined = calibration.combine(group, device, link + speeds + timed)
         if link:
             _links[lkey] = combined[: len(link)]

@@ -41,10 +41,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .algorithms import Algorithm, Link
+from .algorithms import Algorithm, Link, chunked
 from .algorithms.comm import Comm
 from .cli_codecs import measure_codec
 from .codec import Codec
+from .engine import Engine
 from .registry import get_codec, list_codecs
 
 __all__ = [
@@ -306,26 +307,45 @@ def level_times(intra: Any, inter: Any, device: torch.device) -> list[float]:
 
 
 def algorithm_times(
-    group: Any, device: torch.device, dtype: torch.dtype, probes: list[tuple[Algorithm, Codec]]
+    group: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    probes: list[tuple[Algorithm, Codec]],
+    engine: Engine,
 ) -> list[float]:
     """In-band, on every rank of ``group``: median seconds of each probe's compressed
-    all-reduce (the algorithm's own work, descriptor included) at both `ALGORITHM_SIZES`.
+    all-reduce at both `ALGORITHM_SIZES`, the way a call runs it: through the chunked
+    driver (`commpress.algorithms.chunked`) with ``engine``'s chunk size and encode
+    threads, descriptors included, the result written back into the input.
 
-    What the codec and link models leave out (allocation, the engine, Python, cache
-    misses at size) shows up here; `fit` turns it into a fixed cost and a factor.
+    What the codec and link models leave out (allocation, the engine, the encode
+    threads competing with the transfers for the cores, Python, cache misses at size)
+    shows up here; `fit` turns it into a fixed cost and a factor. Until 2026-12-03 the
+    probe called the algorithm on the whole tensor, unchunked and without the encode
+    thread: on 2 gloo ranks sharing 2 cores its 16 MiB int8 gather all-reduce was 2-3x
+    faster than the call, and auto chose it where it took 4.5x plain.
+
+    Called on the group's engine thread (calibration runs there, in issue order): the
+    driver only hands encodes to the encode threads, never work to the group's queue.
     """
     stats["algorithm_measurements"] += 1
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     gen = torch.Generator(device=device).manual_seed(rank)
     out = []
+
+    def call(algo: Algorithm, comm: Comm, x: torch.Tensor) -> None:
+        # SUM in place: the values grow by ``world`` a run, harmless over a few runs.
+        result = chunked.all_reduce(algo, comm, x, dist.ReduceOp.SUM, engine)
+        if result.data_ptr() != x.data_ptr():
+            x.copy_(result)  # what the call does with a result in another dtype
+
     for algo, codec in probes:
         comm = Comm("all_reduce", group, rank, world, device, codec)
         for nbytes in ALGORITHM_SIZES:
             numel = nbytes // torch.empty((), dtype=dtype).element_size()
             x = torch.randn(numel, generator=gen, device=device).to(dtype)
-            run = algo.all_reduce
-            out.append(_median(lambda x=x, c=comm, run=run: run(c, x, dist.ReduceOp.SUM), sync))
+            out.append(_median(lambda x=x, c=comm, a=algo: call(a, c, x), sync))
     return out
 
 

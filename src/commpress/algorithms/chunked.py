@@ -139,7 +139,7 @@ def _prepare_ahead(
 
     def finish(k: int, prepared: Any) -> None:
         a, b = bounds[k]
-        out[a:b] = algo.all_reduce(comms[k], flat[a:b], op, prepared)
+        algo.all_reduce(comms[k], flat[a:b], op, prepared, out=out[a:b])
 
     prepare_ahead(len(bounds), prepare, finish, engine, flat.device)
 

@@ -71,12 +71,18 @@ def _sizes(
 
 
 def _reduce(
-    comm: Comm, flat: torch.Tensor, x: torch.Tensor, bufs: list[torch.Tensor], op: Any
+    comm: Comm,
+    flat: torch.Tensor,
+    x: torch.Tensor,
+    bufs: list[torch.Tensor],
+    op: Any,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     adt = acc_dtype(flat.dtype)
     if comm.feedback is None and op in _SUMS and adt.is_floating_point:
-        # Decode-and-add in rank order, straight into the accumulator: no temporaries.
-        acc = torch.empty(flat.numel(), dtype=adt, device=flat.device)
+        # Decode-and-add in rank order, straight into the result (``out``, which may be
+        # ``flat``: it was encoded already) or a new accumulator: no temporaries.
+        acc = out if out is not None else torch.empty(flat.numel(), dtype=adt, device=flat.device)
         for r, b in enumerate(bufs):
             unpack_decode(comm, b, flat.numel(), r, out=acc, accumulate=r > 0)
         return average(acc, op, comm.size)
@@ -103,7 +109,9 @@ def all_reduce(
     """Reduce the 1-D ``flat`` over the group; returns the result (accumulation dtype).
 
     ``prepared``: `prepare`'s output when the encode already ran (pipelining);
-    ``out``: where to write the result (a copy: the reduction needs a temporary).
+    ``out``: 1-D destination in the accumulation dtype, which may be ``flat`` itself
+    (it was encoded before anything is written). Sums decode straight into it; the
+    other ops and error feedback reduce in a temporary and copy it there.
     """
     p = prepared or prepare(comm, flat)
     x, buf = p.x, p.buf
@@ -112,8 +120,8 @@ def all_reduce(
         parts = inline(d, range(comm.size)) or allgatherv(comm, buf, d.first_sizes())
     else:
         parts = allgatherv(comm, buf, _sizes(comm, flat, x, buf, op, -1))
-    acc = _reduce(comm, flat, x, parts, op)
-    return acc if out is None else out.copy_(acc)
+    acc = _reduce(comm, flat, x, parts, op, out)
+    return acc if out is None or acc is out else out.copy_(acc)
 
 
 def reduce(
@@ -146,6 +154,7 @@ class Gather(Algorithm):
     name = "gather"
     code = 3
     auto_order = 1
+    in_place = True
 
     def fits(self, codec: Codec, nbytes: int, world: int, policy: Any) -> bool:
         """Small calls on small worlds: up to ``Policy.gather_bytes`` and 8 ranks."""
