@@ -25,7 +25,7 @@ import torch.distributed as dist
 import commpress
 import commpress.distributed as cdist
 from commpress import ConfigError, auto, calibration, get_codec
-from commpress.algorithms import Link
+from commpress.algorithms import CodecSpeed, Link
 from commpress.calibration import Speed, Table
 from commpress.policy import Policy, decide, using
 from commpress.testing import DistPool, gaussian, override_tables
@@ -121,6 +121,47 @@ def test_plain_reduce_scatter_is_an_all_reduce_on_gloo_and_a_ring_elsewhere():
     plain = lambda table, family: auto.model(table, family, f32, size, 4, True, 1e-2, policy)[0][3]  # noqa: E731
     assert plain(gloo, "reduce_scatter") == pytest.approx(plain(gloo, "all_reduce"))
     assert plain(ring, "reduce_scatter") == pytest.approx(plain(ring, "all_reduce") / 2, rel=0.01)
+
+
+def test_the_link_fit_goes_through_all_three_measured_sizes():
+    """A link whose middle size runs faster than its rate (a NIC's or token bucket's
+    burst) is fitted by two lines bent there: each measured time comes back."""
+    world, small, middle, large = 3, *calibration.LINK_SIZES
+    true = Link(1e-4, 1e8, knee_bytes=middle / world, small_bandwidth_Bps=1e10)
+    ring = 2 * (world - 1)
+    reduce_times = [true.seconds(ring / world * s, ring) for s in (small, middle, large)]
+    gathered = Link(3e-4, 5e7, knee_bytes=middle, small_bandwidth_Bps=2e9)
+    gather_times = [gathered.seconds((world - 1) * s, world - 1) for s in (small, middle, large)]
+    table = calibration.fit(world, [*reduce_times, *gather_times, 2e-4], [], [])
+    astuple = dataclasses.astuple
+    assert astuple(table.reduce_link) == pytest.approx(astuple(true))
+    assert astuple(table.gather_link) == pytest.approx(astuple(gathered))
+    assert table.descriptor_s == 2e-4
+    # The bend matters: the 64 KiB plain all-reduce is the burst's, not the rate's.
+    straight = Link(true.latency_s, true.bandwidth_Bps)
+    assert table.reduce_link.seconds(ring / world * middle, ring) < 0.5 * straight.seconds(
+        ring / world * middle, ring
+    )
+
+
+def test_a_reduce_scatter_is_modelled_as_its_own_round():
+    """`two_phase` reduce-scatters with its first round only: one round of pieces, half
+    the wire bytes of its all-reduce, and less codec work."""
+    two_phase = commpress.algorithms.get_algorithm("two_phase")
+    link, speed = Link(1e-4, 1e8), CodecSpeed(1e9, 1e9, 4.0)
+    size, world = 16 << 20, 4
+    rs = two_phase.cost(size, world, link, speed, family="reduce_scatter")
+    ar = two_phase.cost(size, world, link, speed)
+    wire = (world - 1) / world * size / 4.0
+    codec = size / 1e9 + (world - 1) / world * size / 1e9
+    assert rs == pytest.approx(codec + link.seconds(wire, world - 1) + link.seconds(0, world - 1))
+    assert rs < ar
+    # auto compares it with gloo's plain reduce-scatter (an all-reduce) at its own cost.
+    gloo = dataclasses.replace(_table(1e8), backend="gloo")
+    options = auto.model(gloo, "reduce_scatter", torch.float32, size, world, True, 1e-2, Policy())
+    ar_options = auto.model(gloo, "all_reduce", torch.float32, size, world, True, 1e-2, Policy())
+    two_phase_s = {(c, a): t for c, a, t in options[0][4]}[("int8", "two_phase")]
+    assert two_phase_s < {(c, a): t for c, a, t in ar_options[0][4]}[("int8", "two_phase")]
 
 
 # =================================================================== on gloo

@@ -115,7 +115,7 @@ DRIFT_MIN_S = 1e-3
 #: The longest interval the back-off reaches (calls).
 DRIFT_MAX_EVERY = 1 << 16
 _KEEP = 128  # observations kept per key and window (the newest)
-_LINK_FIGURES = 5  # `calibration.link_times`; a two-level group's `level_times` follow
+_LINK_FIGURES = 2 * len(calibration.LINK_SIZES) + 1  # `link_times`; `level_times` follow
 
 
 @dataclass(frozen=True)
@@ -432,12 +432,11 @@ def _raw(
     fixed decode times). `_corrected` fits a factor to the codec part only: the link
     figures were measured in-band already, while the codec rates were measured alone.
 
-    ``hierarchical`` is modelled on the table's two levels: a reduce-scatter with its
-    all-reduce model, as the flat reduce-scatters are (`two_phase`'s all-reduce cost), so
-    that both sides of the comparison carry the same second round; an all-gather with
-    its own model, as `transport`'s is. With its one-round model against flat's two, a
-    64 MiB reduce-scatter on 2 x 2 emulated hosts was modelled 190 ms hierarchical, 318 ms
-    flat, and took 274-342 ms against 247 ms.
+    Every algorithm is modelled for the call's ``family``: a flat reduce-scatter is
+    `two_phase`'s first round alone, a hierarchical one `hierarchical_moves`' model of
+    it. Until 2026-12-03 both took their all-reduce's model (twice the rounds, so that
+    the two sides carried the same second round), and auto kept 16 MiB reduce-scatters
+    on loopback plain at 17.6 ms where int8 took 9.3 ms.
     """
     speed = table.speeds[codec.spec]
     ratio = _ratio(codec, dtype, size)
@@ -445,7 +444,7 @@ def _raw(
     free = CodecSpeed(math.inf, math.inf, ratio)
     if isinstance(algo, Hierarchical):
         assert table.levels is not None
-        shape = "all_gather" if family == "all_gather" else "all_reduce"
+        shape = family if family in ("all_gather", "reduce_scatter") else "all_reduce"
         with_codec = algo.cost(size, world, table.levels, cs, family=shape)
         link_only = algo.cost(size, world, table.levels, free, family=shape)
     else:
@@ -453,7 +452,8 @@ def _raw(
         # An all-to-all of S bytes is transport's model of one piece of S/N: (N-1) pieces
         # out, N decoded (it encodes S/N where the call encodes (N-1)/N of S).
         n = size // world if family == "all_to_all" else size
-        with_codec, link_only = algo.cost(n, world, link, cs), algo.cost(n, world, link, free)
+        with_codec = algo.cost(n, world, link, cs, family=family)
+        link_only = algo.cost(n, world, link, free, family=family)
     codec_s = with_codec - link_only + speed.encode_s + world * speed.decode_s
     return link_only + table.descriptor_s, codec_s
 

@@ -51,6 +51,7 @@ from .registry import get_codec, list_codecs
 __all__ = [
     "CACHE_ENV",
     "LINK_SIZES",
+    "LEVEL_SIZES",
     "CODEC_SIZES",
     "Speed",
     "Table",
@@ -68,8 +69,14 @@ __all__ = [
 
 #: Environment variable naming the directory of the codec-speed cache.
 CACHE_ENV = "COMMPRESS_CACHE_DIR"
-#: Bytes per rank of the two timed link transfers.
-LINK_SIZES = (4 << 10, 4 << 20)
+#: Bytes per rank of the three timed link transfers: the fit is a line through the first
+#: two and another through the last two (`Link.knee_bytes`). The middle one is where the
+#: smallest calls that can compress are (64 KiB): a shaped loopback's token bucket lets
+#: them through at memory speed, so the line from 4 KiB to 4 MiB modelled a 64 KiB plain
+#: all-reduce at 100 Mbit/s at 10x its time, and auto compressed it at 3-9x plain.
+LINK_SIZES = (4 << 10, 64 << 10, 4 << 20)
+#: Bytes per rank of the two timed transfers of each level of a two-level group.
+LEVEL_SIZES = (4 << 10, 4 << 20)
 #: Bytes per rank of the two timed compressed all-reduces of each algorithm. The large
 #: one spans two of the engine's default 8 MiB chunks, so the chunked driver's overlap
 #: (encode chunk k+1 while chunk k travels) is in the fit: with a 4 MiB probe (one
@@ -289,7 +296,7 @@ def link_times(group: Any, device: torch.device) -> list[float]:
 
 def level_times(intra: Any, inter: Any, device: torch.device) -> list[float]:
     """In-band, on every rank of a two-level group: median seconds of an all-reduce of each
-    of `LINK_SIZES` per rank on this rank's ``intra`` group (its host), then on its
+    of `LEVEL_SIZES` per rank on this rank's ``intra`` group (its host), then on its
     ``inter`` group (the ranks of its local index, one per host).
 
     Every host times its intra group at once, then every local index its inter group at
@@ -300,7 +307,7 @@ def level_times(intra: Any, inter: Any, device: torch.device) -> list[float]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = []
     for group in (intra, inter):
-        for nbytes in LINK_SIZES:
+        for nbytes in LEVEL_SIZES:
             x = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
             out.append(_median(lambda x=x, g=group: dist.all_reduce(x, group=g), sync))
     return out
@@ -378,20 +385,30 @@ def fit_levels(hosts: int, local: int, times: list[float]) -> Link:
     """The two-level `Link` from combined `level_times`: each level's ring all-reduce
     model (``2 (n-1) alpha + 2 (n-1)/n S / B`` on its ``n`` ranks) through its two points."""
     ring = 2 * (local - 1)
-    fixed, intra_bw = _line(LINK_SIZES, (times[0], times[1]), ring / local)
+    fixed, intra_bw = _line(LEVEL_SIZES, (times[0], times[1]), ring / local)
     intra_alpha = max(fixed / ring, 1e-7)
     ring = 2 * (hosts - 1)
-    fixed, inter_bw = _line(LINK_SIZES, (times[2], times[3]), ring / hosts)
+    fixed, inter_bw = _line(LEVEL_SIZES, (times[2], times[3]), ring / hosts)
     return Link(max(fixed / ring, 1e-7), inter_bw, local, intra_alpha, intra_bw)
+
+
+def _bent(times: list[float], messages: int, per_message: float) -> Link:
+    """The `Link` through three times of `LINK_SIZES`: ``messages`` messages of
+    ``per_message * size`` bytes each, a line through the first two sizes (alpha and
+    ``small_bandwidth_Bps`` up to the middle size's message, `Link.knee_bytes`) and one
+    through the last two (``bandwidth_Bps`` beyond it)."""
+    scale = messages * per_message
+    fixed, small_bw = _line(LINK_SIZES[:2], (times[0], times[1]), scale)
+    _, bw = _line(LINK_SIZES[1:], (times[1], times[2]), scale)
+    knee = per_message * LINK_SIZES[1]
+    return Link(max(fixed / messages, 1e-7), bw, knee_bytes=knee, small_bandwidth_Bps=small_bw)
 
 
 def fit(world: int, link: list[float], codecs: list[Codec], codec: list[float]) -> Table:
     """The `Table` from combined figures (`link_times` and `codec_times` layouts)."""
-    ring = 2 * (world - 1)
-    fixed, bw = _line(LINK_SIZES, (link[0], link[1]), ring / world)
-    reduce_link = Link(max(fixed / ring, 1e-7), bw)
-    fixed, bw = _line(LINK_SIZES, (link[2], link[3]), world - 1)
-    gather_link = Link(max(fixed / (world - 1), 1e-7), bw)
+    n = len(LINK_SIZES)
+    reduce_link = _bent(link[:n], 2 * (world - 1), 1 / world)  # the ring all-reduce
+    gather_link = _bent(link[n : 2 * n], world - 1, 1.0)  # the all-gather
     speeds = {}
     for i, c in enumerate(codecs):
         figures = codec[_CODEC_FIGURES * i : _CODEC_FIGURES * (i + 1)]
@@ -401,4 +418,4 @@ def fit(world: int, link: list[float], codecs: list[Codec], codec: list[float]) 
         enc_s, enc_bps = _line(CODEC_SIZES, (enc_small, enc_large), 1.0)
         dec_s, dec_bps = _line(CODEC_SIZES, (dec_small, dec_large), 1.0)
         speeds[c.spec] = Speed(enc_s, enc_bps, dec_s, dec_bps)
-    return Table(reduce_link, gather_link, link[4], speeds)
+    return Table(reduce_link, gather_link, link[2 * n], speeds)

@@ -191,7 +191,9 @@ class Direct(Algorithm):
             return None
         return "needs a summable codec (fp16, bf16) and SUM/AVG"
 
-    def cost(self, nbytes: int, world: int, link: Link, speed: CodecSpeed) -> float:
+    def cost(
+        self, nbytes: int, world: int, link: Link, speed: CodecSpeed, family: str = "all_reduce"
+    ) -> float:
         """``S/enc + 2 (N-1)/N * S/r / B + 2 (N-1) alpha + S/dec`` (a ring all-reduce)."""
         wire = 2 * (world - 1) / world * nbytes / speed.ratio
         return (

@@ -160,7 +160,9 @@ class Gather(Algorithm):
         """Small calls on small worlds: up to ``Policy.gather_bytes`` and 8 ranks."""
         return nbytes <= policy.gather_bytes and world <= AUTO_MAX_WORLD
 
-    def cost(self, nbytes: int, world: int, link: Link, speed: CodecSpeed) -> float:
+    def cost(
+        self, nbytes: int, world: int, link: Link, speed: CodecSpeed, family: str = "all_reduce"
+    ) -> float:
         """``S/enc + (N-1) * S/r / B + N * S/dec``: one round, whole packets."""
         wire = (world - 1) * nbytes / speed.ratio
         return (

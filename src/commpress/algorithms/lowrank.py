@@ -32,7 +32,9 @@ class PowerSGDAlgorithm(Algorithm):
     by_codec = True
     flat = False
 
-    def cost(self, nbytes: int, world: int, link: Link, speed: CodecSpeed) -> float:
+    def cost(
+        self, nbytes: int, world: int, link: Link, speed: CodecSpeed, family: str = "all_reduce"
+    ) -> float:
         """Two ring all-reduces of the factors (``S/r`` bytes together) plus the codec work."""
         wire = 2 * (world - 1) / world * nbytes / speed.ratio
         return (

@@ -83,6 +83,11 @@ class Link:
         local: ranks per host that share a faster link (1: every rank on its own host).
         intra_latency_s: alpha of the link inside a host.
         intra_bandwidth_Bps: bytes per second inside a host.
+        knee_bytes: message size up to which ``small_bandwidth_Bps`` holds instead of
+            ``bandwidth_Bps`` (0: one bandwidth for every size). Calibration measures a
+            middle size, where a message's time is not yet its bytes at the link's rate:
+            a NIC's or a token bucket's burst, the backend's small-message protocol.
+        small_bandwidth_Bps: bytes per second of messages up to ``knee_bytes``.
     """
 
     latency_s: float
@@ -90,10 +95,21 @@ class Link:
     local: int = 1
     intra_latency_s: float = 5e-6
     intra_bandwidth_Bps: float = math.inf
+    knee_bytes: float = 0.0
+    small_bandwidth_Bps: float = math.inf
 
     def seconds(self, nbytes: float, messages: int = 1) -> float:
-        """``messages`` latencies plus ``nbytes`` at the link's bandwidth."""
-        return messages * self.latency_s + nbytes / self.bandwidth_Bps
+        """``messages`` latencies plus ``nbytes`` in messages of equal size: each one's
+        bytes up to ``knee_bytes`` at ``small_bandwidth_Bps``, the rest at
+        ``bandwidth_Bps`` (a line through the calibrated sizes, bent at the middle one)."""
+        if self.knee_bytes <= 0 or messages <= 0:
+            return messages * self.latency_s + nbytes / self.bandwidth_Bps
+        small = min(nbytes, messages * self.knee_bytes)
+        return (
+            messages * self.latency_s
+            + small / self.small_bandwidth_Bps
+            + (nbytes - small) / self.bandwidth_Bps
+        )
 
 
 @dataclass(frozen=True)
@@ -156,8 +172,14 @@ class Algorithm(abc.ABC):
         return True
 
     @abc.abstractmethod
-    def cost(self, nbytes: int, world: int, link: Link, speed: CodecSpeed) -> float:
-        """Modelled seconds of one call of ``nbytes`` per rank over ``world`` ranks."""
+    def cost(
+        self, nbytes: int, world: int, link: Link, speed: CodecSpeed, family: str = "all_reduce"
+    ) -> float:
+        """Modelled seconds of one call of ``nbytes`` per rank over ``world`` ranks.
+
+        ``family``: the op family of the call (`commpress.ops`); an algorithm that runs
+        several models each (``two_phase``'s reduce-scatter is its first round alone).
+        """
 
     # The work: algorithms bind their module's functions here (``staticmethod``).
     def all_reduce(

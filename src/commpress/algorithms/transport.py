@@ -86,7 +86,9 @@ class Transport(Algorithm):
     families = frozenset({"all_gather", "broadcast", "gather", "scatter", "all_to_all", "p2p"})
     auto_order = 0
 
-    def cost(self, nbytes: int, world: int, link: Link, speed: CodecSpeed) -> float:
+    def cost(
+        self, nbytes: int, world: int, link: Link, speed: CodecSpeed, family: str = "all_reduce"
+    ) -> float:
         """An all-gather's: ``S/enc + (N-1) S/r / B + (N-1) alpha + N S/dec``."""
         return (
             nbytes / speed.encode_Bps

@@ -349,17 +349,22 @@ class TwoPhase(Algorithm):
     auto_order = 2
     in_place = True
 
-    def cost(self, nbytes: int, world: int, link: Link, speed: CodecSpeed) -> float:
+    def cost(
+        self, nbytes: int, world: int, link: Link, speed: CodecSpeed, family: str = "all_reduce"
+    ) -> float:
         """Two rounds of ``(N-1)/N * S/r`` bytes, plus the codec work.
 
         ``S/enc`` (phase-1 pieces) + ``(N-1)/N * S/dec`` (decode-and-add) +
         ``S/N/enc`` (the sum) + ``S/dec`` (phase 2) + one small descriptor round.
+        A reduce-scatter is phase 1 alone: one round, ``S/enc + (N-1)/N * S/dec``.
         """
         part = (world - 1) / world * nbytes / speed.ratio
-        codec = (nbytes + nbytes / world) / speed.encode_Bps + (
-            (world - 1) / world * nbytes + nbytes
-        ) / speed.decode_Bps
-        return codec + link.seconds(2 * part, 2 * (world - 1)) + link.seconds(0, world - 1)
+        descriptor = link.seconds(0, world - 1)
+        phase1 = nbytes / speed.encode_Bps + (world - 1) / world * nbytes / speed.decode_Bps
+        if family == "reduce_scatter":
+            return phase1 + link.seconds(part, world - 1) + descriptor
+        phase2 = nbytes / world / speed.encode_Bps + nbytes / speed.decode_Bps
+        return phase1 + phase2 + link.seconds(2 * part, 2 * (world - 1)) + descriptor
 
     all_reduce = staticmethod(all_reduce)
     reduce = staticmethod(reduce)
