@@ -132,7 +132,7 @@ def test_the_link_fit_goes_through_all_three_measured_sizes():
     reduce_times = [true.seconds(ring / world * s, ring) for s in (small, middle, large)]
     gathered = Link(3e-4, 5e7, knee_bytes=middle, small_bandwidth_Bps=2e9)
     gather_times = [gathered.seconds((world - 1) * s, world - 1) for s in (small, middle, large)]
-    table = calibration.fit(world, [*reduce_times, *gather_times, 2e-4], [], [])
+    table = calibration.fit(world, [*reduce_times, *gather_times, 2e-4, large], [], [])
     astuple = dataclasses.astuple
     assert astuple(table.reduce_link) == pytest.approx(astuple(true))
     assert astuple(table.gather_link) == pytest.approx(astuple(gathered))

@@ -115,7 +115,7 @@ DRIFT_MIN_S = 1e-3
 #: The longest interval the back-off reaches (calls).
 DRIFT_MAX_EVERY = 1 << 16
 _KEEP = 128  # observations kept per key and window (the newest)
-_LINK_FIGURES = 2 * len(calibration.LINK_SIZES) + 1  # `link_times`; `level_times` follow
+_LINK_FIGURES = 2 * len(calibration.LINK_SIZES) + 2  # `link_times`; `level_times` follow
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ Two kinds of figures, measured differently:
 Then `combine` all-reduces every time with ``MAX`` over the group: every rank
 holds the identical `Table`, whether it read its codec times from disk or
 measured them, and the slowest rank sets the pace (max of times = min of
-speeds). `fit` turns the two sizes of each figure into a fixed cost plus a
-rate: for the links ``alpha`` and bandwidth of the ring all-reduce and of the
-all-gather models (``docs/auto.md``), for the codecs ``t(S) = t0 + S/rate``.
+speeds). `fit` turns the sizes of each figure into a fixed cost plus rates: for
+the links ``alpha`` and two bandwidths (below and above the middle size, a
+`Link` bent there) of the ring all-reduce and of the all-gather models
+(``docs/auto.md``), for the codecs ``t(S) = t0 + S/rate``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ __all__ = [
     "CACHE_ENV",
     "LINK_SIZES",
     "LEVEL_SIZES",
+    "LINK_LARGE",
     "CODEC_SIZES",
     "Speed",
     "Table",
@@ -75,6 +77,13 @@ CACHE_ENV = "COMMPRESS_CACHE_DIR"
 #: them through at memory speed, so the line from 4 KiB to 4 MiB modelled a 64 KiB plain
 #: all-reduce at 100 Mbit/s at 10x its time, and auto compressed it at 3-9x plain.
 LINK_SIZES = (4 << 10, 64 << 10, 4 << 20)
+#: The large link size where the link is fast (`link_times`): a 16 MiB all-reduce on
+#: loopback took 1.5-2x what the line through 64 KiB and 4 MiB said (caches, then
+#: memory), so plain was modelled faster than it is next to the codecs' 16 MiB probes.
+LINK_LARGE = 16 << 20
+#: The largest `LINK_SIZES` all-reduce at most this long (seconds) takes `LINK_LARGE`
+#: too: about 0.25 s more calibration at most; a 1 Gbit/s link (70 ms) does not.
+LINK_LARGE_IF_S = 0.01
 #: Bytes per rank of the two timed transfers of each level of a two-level group.
 LEVEL_SIZES = (4 << 10, 4 << 20)
 #: Bytes per rank of the two timed compressed all-reduces of each algorithm. The large
@@ -277,21 +286,44 @@ def _median(fn: Callable[[], Any], sync: Callable[[], Any]) -> float:
     return statistics.median(times)
 
 
-def link_times(group: Any, device: torch.device) -> list[float]:
-    """In-band, on every rank of ``group`` at once: median seconds of an all-reduce and an
-    all-gather of each of `LINK_SIZES` per rank, and of a descriptor-sized all-gather."""
-    stats["link_measurements"] += 1
+def _link_pair(
+    group: Any, device: torch.device, sizes: tuple[int, ...], gather_only: tuple[int, ...] = ()
+) -> list[float]:
+    """Median seconds of a backend all-reduce of each of ``sizes`` bytes per rank, then
+    of an all-gather of each of ``sizes`` and ``gather_only``."""
     world = dist.get_world_size(group)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = []
-    for nbytes in LINK_SIZES:
+    for nbytes in sizes:
         x = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
         out.append(_median(lambda x=x: dist.all_reduce(x, group=group), sync))
-    for nbytes in (*LINK_SIZES, DESCRIPTOR_BYTES):
+    for nbytes in (*sizes, *gather_only):
         x = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         y = torch.empty(world * nbytes, dtype=torch.uint8, device=device)
         out.append(_median(lambda x=x, y=y: _ALL_GATHER(y, x, group=group), sync))
     return out
+
+
+def link_times(group: Any, device: torch.device) -> list[float]:
+    """In-band, on every rank of ``group`` at once, combined over it (`combine`): median
+    seconds of an all-reduce and an all-gather of each of `LINK_SIZES` per rank, and of a
+    descriptor-sized all-gather; then the large size's bytes (the last figure).
+
+    Where the largest `LINK_SIZES` all-reduce took at most `LINK_LARGE_IF_S` (a fast
+    link, where caches and memory bend the line above 4 MiB), both large figures are
+    measured again at `LINK_LARGE` bytes, which then is the large size. Layout: all-reduce
+    x3, all-gather x3, descriptor, large size.
+    """
+    stats["link_measurements"] += 1
+    n = len(LINK_SIZES)
+    out = combine(group, device, _link_pair(group, device, LINK_SIZES, (DESCRIPTOR_BYTES,)))
+    large = LINK_SIZES[-1]
+    if out[n - 1] <= LINK_LARGE_IF_S:  # combined: every rank takes the same branch
+        out[n - 1], out[2 * n - 1] = combine(
+            group, device, _link_pair(group, device, (LINK_LARGE,))
+        )
+        large = LINK_LARGE
+    return [*out, float(large)]
 
 
 def level_times(intra: Any, inter: Any, device: torch.device) -> list[float]:
@@ -392,23 +424,26 @@ def fit_levels(hosts: int, local: int, times: list[float]) -> Link:
     return Link(max(fixed / ring, 1e-7), inter_bw, local, intra_alpha, intra_bw)
 
 
-def _bent(times: list[float], messages: int, per_message: float) -> Link:
-    """The `Link` through three times of `LINK_SIZES`: ``messages`` messages of
+def _bent(
+    sizes: tuple[int, int, int], times: list[float], messages: int, per_message: float
+) -> Link:
+    """The `Link` through three ``times`` of ``sizes``: ``messages`` messages of
     ``per_message * size`` bytes each, a line through the first two sizes (alpha and
     ``small_bandwidth_Bps`` up to the middle size's message, `Link.knee_bytes`) and one
     through the last two (``bandwidth_Bps`` beyond it)."""
     scale = messages * per_message
-    fixed, small_bw = _line(LINK_SIZES[:2], (times[0], times[1]), scale)
-    _, bw = _line(LINK_SIZES[1:], (times[1], times[2]), scale)
-    knee = per_message * LINK_SIZES[1]
+    fixed, small_bw = _line(sizes[:2], (times[0], times[1]), scale)
+    _, bw = _line(sizes[1:], (times[1], times[2]), scale)
+    knee = per_message * sizes[1]
     return Link(max(fixed / messages, 1e-7), bw, knee_bytes=knee, small_bandwidth_Bps=small_bw)
 
 
 def fit(world: int, link: list[float], codecs: list[Codec], codec: list[float]) -> Table:
     """The `Table` from combined figures (`link_times` and `codec_times` layouts)."""
     n = len(LINK_SIZES)
-    reduce_link = _bent(link[:n], 2 * (world - 1), 1 / world)  # the ring all-reduce
-    gather_link = _bent(link[n : 2 * n], world - 1, 1.0)  # the all-gather
+    sizes = (LINK_SIZES[0], LINK_SIZES[1], int(link[2 * n + 1]))
+    reduce_link = _bent(sizes, link[:n], 2 * (world - 1), 1 / world)  # the ring all-reduce
+    gather_link = _bent(sizes, link[n : 2 * n], world - 1, 1.0)  # the all-gather
     speeds = {}
     for i, c in enumerate(codecs):
         figures = codec[_CODEC_FIGURES * i : _CODEC_FIGURES * (i + 1)]
