@@ -92,8 +92,11 @@ LEVEL_SIZES = (4 << 10, 4 << 20)
 #: chunk) auto preferred gather to two_phase for 64 MiB on 2 ranks at 1 Gbit/s, where
 #: a DDP step took 391 ms with gather and 334 ms with two_phase.
 ALGORITHM_SIZES = (64 << 10, 16 << 20)
-#: Bytes of the two timed codec runs.
-CODEC_SIZES = (16 << 10, 1 << 20)
+#: Bytes of the two timed codec runs. The large one is where the calls that can pay are:
+#: past the caches, at memory speed. At 1 MiB (until 2026-12-03) fp16 ran 16-28 GB/s, at
+#: 64 MiB 12-13 (int8 about the same at both), and auto chose fp16 two_phase for 16-64
+#: MiB all-reduces on loopback that took 1.5x plain.
+CODEC_SIZES = (16 << 10, 16 << 20)
 #: Timed runs per figure (after one warm-up); the median counts.
 REPEAT = 5
 #: Bytes of the descriptor-sized all-gather.
@@ -195,7 +198,8 @@ def _device_model(device: torch.device) -> str:
 def _machine_key(device: torch.device) -> str:
     return (
         f"{socket.gethostname()}|{device.type}|{_device_model(device)}|"
-        f"threads={torch.get_num_threads()}|torch {torch.__version__}|commpress {_version()}"
+        f"threads={torch.get_num_threads()}|torch {torch.__version__}|commpress {_version()}|"
+        f"sizes={','.join(map(str, CODEC_SIZES))}"
     )
 
 
