@@ -82,7 +82,8 @@ LINK_SIZES = (4 << 10, 64 << 10, 4 << 20)
 #: memory), so plain was modelled faster than it is next to the codecs' 16 MiB probes.
 LINK_LARGE = 16 << 20
 #: The largest `LINK_SIZES` all-reduce at most this long (seconds) takes `LINK_LARGE`
-#: too: about 0.25 s more calibration at most; a 1 Gbit/s link (70 ms) does not.
+#: too (an all-reduce and an all-gather: about 0.5 s more calibration at most); a
+#: 1 Gbit/s link (70 ms at 4 MiB) does not.
 LINK_LARGE_IF_S = 0.01
 #: Bytes per rank of the two timed transfers of each level of a two-level group.
 LEVEL_SIZES = (4 << 10, 4 << 20)
