@@ -100,6 +100,11 @@ ALGORITHM_SIZES = (64 << 10, 16 << 20)
 CODEC_SIZES = (16 << 10, 16 << 20)
 #: Timed runs per figure (after one warm-up); the median counts.
 REPEAT = 5
+#: Timed runs of a figure of 1 MiB or more: a large transfer or codec run varies less
+#: than a small one, and these are most of calibration's time (the test suite, which
+#: calibrates afresh many times, took 1140 s with 5 here).
+REPEAT_LARGE = 3
+_LARGE = 1 << 20
 #: Bytes of the descriptor-sized all-gather.
 DESCRIPTOR_BYTES = 16
 _CODEC_FIGURES = 4  # encode x2, decode x2
@@ -250,7 +255,7 @@ def _measure(codec: Codec, dtype: torch.dtype, device: torch.device) -> list[flo
     for nbytes in CODEC_SIZES:
         numel = nbytes // torch.empty((), dtype=dtype).element_size()
         x = torch.randn(numel, generator=gen, device=device).to(dtype)
-        row = measure_codec(codec, x, REPEAT)
+        row = measure_codec(codec, x, REPEAT_LARGE if nbytes >= _LARGE else REPEAT)
         if not row.encode_gbps or not row.decode_gbps:
             return [math.inf] * _CODEC_FIGURES
         out.append(nbytes / (row.encode_gbps * 1e9))
@@ -279,10 +284,12 @@ def codec_times(codecs: list[Codec], dtype: torch.dtype, device: torch.device) -
 
 
 # ----------------------------------------------------------------- link times
-def _median(fn: Callable[[], Any], sync: Callable[[], Any]) -> float:
+def _median(fn: Callable[[], Any], sync: Callable[[], Any], nbytes: int = 0) -> float:
+    """Median seconds of `REPEAT` timed runs of ``fn`` after a warm-up (`REPEAT_LARGE`
+    for ``nbytes`` of 1 MiB or more)."""
     fn()  # warm-up: connections, buffers
     times = []
-    for _ in range(REPEAT):
+    for _ in range(REPEAT_LARGE if nbytes >= _LARGE else REPEAT):
         sync()
         t0 = time.perf_counter()
         fn()
@@ -301,11 +308,11 @@ def _link_pair(
     out = []
     for nbytes in sizes:
         x = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
-        out.append(_median(lambda x=x: dist.all_reduce(x, group=group), sync))
+        out.append(_median(lambda x=x: dist.all_reduce(x, group=group), sync, nbytes))
     for nbytes in (*sizes, *gather_only):
         x = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         y = torch.empty(world * nbytes, dtype=torch.uint8, device=device)
-        out.append(_median(lambda x=x, y=y: _ALL_GATHER(y, x, group=group), sync))
+        out.append(_median(lambda x=x, y=y: _ALL_GATHER(y, x, group=group), sync, nbytes))
     return out
 
 
@@ -346,7 +353,7 @@ def level_times(intra: Any, inter: Any, device: torch.device) -> list[float]:
     for group in (intra, inter):
         for nbytes in LEVEL_SIZES:
             x = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
-            out.append(_median(lambda x=x, g=group: dist.all_reduce(x, group=g), sync))
+            out.append(_median(lambda x=x, g=group: dist.all_reduce(x, group=g), sync, nbytes))
     return out
 
 
@@ -389,7 +396,7 @@ def algorithm_times(
         for nbytes in ALGORITHM_SIZES:
             numel = nbytes // torch.empty((), dtype=dtype).element_size()
             x = torch.randn(numel, generator=gen, device=device).to(dtype)
-            out.append(_median(lambda x=x, c=comm, a=algo: call(a, c, x), sync))
+            out.append(_median(lambda x=x, c=comm, a=algo: call(a, c, x), sync, nbytes))
     return out
 
 
