@@ -14,14 +14,16 @@ error budget) and auto's time over it (``auto/best``; the target is at most 1.05
 and ``spread``: the widest p10..p90 range of the row's cells, in percent of its
 median.
 
-Repeats: each case is timed ``--iters`` times (5) or as many as fit in
-``--budget`` seconds (1.5) at its first call's pace, at least once: a 64 MiB
+Repeats: each case is timed ``--iters`` times (25) or as many as fit in
+``--budget`` seconds (1.5) at its first call's pace, at least once. 25, not 5 (until
+2026-12-03): at 64 KiB and 1 MiB a call is 0.3-5 ms and five of them left spreads
+of 84-768% and cells where auto (plain) and plain, the same path, differed 1.5-2x;
+slow cells get no more calls than before, the budget caps them: a 64 MiB
 all-reduce at 100 Mbit/s (about 10 s a call on the shaped loopback, which all
 ranks share) is timed once, so its row has no spread; a tbf-shaped transfer of
-seconds varies little between calls. Estimated at 9-10 minutes for 2 ranks
-(not measured: from the 1075 ms of a 64 MiB plain all-reduce at 1 Gbit/s in
-`commpress.bench.netem`), about 5.5 of them at 100 Mbit/s; the elapsed seconds
-of each link are printed.
+seconds varies little between calls. About 11 minutes for 2 ranks with 5 calls
+(measured 2026-12-03), about 5.5 of them at 100 Mbit/s; the elapsed seconds of each
+link are printed.
 
 A link that cannot be emulated (not root, no ``tc``) is reported and skipped; the
 exit code is then 3.
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops", default=",".join(OPS), help="comma list of ops")
     p.add_argument("--codecs", default=",".join(CODECS), help="codecs beside plain and auto")
     p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5, help="most timed calls per case")
+    p.add_argument("--iters", type=int, default=25, help="most timed calls per case")
     p.add_argument("--budget", type=float, default=1.5, help="seconds of timed calls per case")
     p.add_argument("--out", help="write the markdown table here (else print it)")
     p.add_argument("--json", help="write every sweep row here")

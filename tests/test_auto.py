@@ -112,6 +112,34 @@ def test_model_picks_by_cost_within_the_budget():
     assert codec in ("fp16", "bf16")  # untimed algorithms are never chosen
 
 
+def test_an_overlapped_call_pays_for_its_codec_work_on_the_compute_cores():
+    """A DDP bucket on CPU (``overlapped``): an option is weighed with its codec seconds
+    charged once more, since they are taken from the backward pass it overlaps."""
+    policy, f32, size = Policy(codec="auto"), torch.float32, 32 << 20
+    codec_speed = Speed(1e-4, 5e9, 1e-4, 5e9)
+
+    def table(bandwidth):
+        t = _table(bandwidth)
+        return dataclasses.replace(t, speeds={"int8": codec_speed})
+
+    def decide_it(bandwidth, overlapped):
+        args = (table(bandwidth), "all_reduce", f32, size, 2, True, 1e-2, policy)
+        return auto.model(*args, overlapped=overlapped)
+
+    # 1 GB/s: int8 is modelled at 0.86x plain, paying alone; charged its codec, it does not.
+    (codec, _, seconds, plain_s, _), d = decide_it(1e9, False)
+    assert codec == "int8" and d.compressed and seconds < auto.PAYS * plain_s
+    (codec, _, seconds, plain_s, _), d = decide_it(1e9, True)
+    assert codec is None and not d.compressed and seconds == plain_s
+    # 100 MB/s: it pays either way; the modelled seconds are the call's own, uncharged.
+    alone, overlapped = decide_it(1e8, False), decide_it(1e8, True)
+    assert overlapped[1].compressed and overlapped[0][:4] == alone[0][:4]
+    assert "codec work" in overlapped[1].reason and "codec work" not in alone[1].reason
+    assert auto.pays_below(table(1e8), f32, size, 2, 1e-2, policy, overlapped=True)
+    assert not auto.pays_below(table(1e9), f32, size, 2, 1e-2, policy, overlapped=True)
+    assert auto.pays_below(table(1e9), f32, size, 2, 1e-2, policy)
+
+
 def test_plain_reduce_scatter_is_an_all_reduce_on_gloo_and_a_ring_elsewhere():
     """gloo reduce-scatters by all-reducing the whole input (its bytes on the wire are an
     all-reduce's: measured 1.5 S per host on 2 x 2 hosts), so it costs what one does."""
@@ -166,8 +194,8 @@ def test_a_reduce_scatter_is_modelled_as_its_own_round():
 
 # =================================================================== on gloo
 def _cache(rank: int, shared: str) -> str:
-    """Rank 0 shares ``shared``; the others get an empty directory of their own."""
-    return shared if rank == 0 else tempfile.mkdtemp(prefix=f"commpress-auto-{rank}-")
+    """Rank 0 shares ``shared``; the others get an empty directory of their own (in it)."""
+    return shared if rank == 0 else tempfile.mkdtemp(prefix=f"rank{rank}-", dir=shared)
 
 
 def _same_decisions_body(rank, world, shared, slow):
@@ -247,8 +275,7 @@ def test_every_rank_makes_the_same_decision(gloo, tmp_path):
     assert_reports(gloo.run(_same_decisions_body, str(tmp_path), True))
 
 
-def _plain_small_body(rank, world, shared):
-    os.environ[calibration.CACHE_ENV] = _cache(rank, shared)
+def _plain_small_body(rank, world):
     auto.reset()
     with using(Policy(codec="auto", min_bytes=0)):
         cdist.all_reduce(torch.zeros(1 << 10))  # calibration gathers; then count
@@ -278,18 +305,15 @@ def _plain_small_body(rank, world, shared):
     return calls, s.compressed, s.bytes_in, s.bytes_wire, x.sum().item()
 
 
-def test_a_small_call_goes_plain_with_no_descriptor(gloo2, tmp_path):
-    for calls, compressed, bytes_in, bytes_wire, total in gloo2.run(
-        _plain_small_body, str(tmp_path)
-    ):
+def test_a_small_call_goes_plain_with_no_descriptor(gloo2):
+    for calls, compressed, bytes_in, bytes_wire, total in gloo2.run(_plain_small_body):
         assert calls == [] and compressed == 0 and bytes_wire == bytes_in > 0
         assert total == 2 * (1 << 10)
 
 
-def _all_to_all_body(rank, world, shared):
+def _all_to_all_body(rank, world):
     """``all_to_all_single`` under auto on a slow emulated link (the same table everywhere):
     even splits compress, split sizes go plain, both against torch's own."""
-    os.environ[calibration.CACHE_ENV] = _cache(rank, shared)
     auto.reset()
     n = world * (1 << 16)  # 256 KiB per rank
     with using(Policy(codec="auto", min_bytes=0)):
@@ -317,8 +341,8 @@ def _all_to_all_body(rank, world, shared):
     return even, uneven, chosen, err_ok, torch.equal(got, want)
 
 
-def test_an_even_all_to_all_is_decided_and_one_with_split_sizes_goes_plain(gloo, tmp_path):
-    for even, uneven, chosen, err_ok, uneven_exact in gloo.run(_all_to_all_body, str(tmp_path)):
+def test_an_even_all_to_all_is_decided_and_one_with_split_sizes_goes_plain(gloo):
+    for even, uneven, chosen, err_ok, uneven_exact in gloo.run(_all_to_all_body):
         assert chosen == [("all_to_all_single", "int8", "transport")], chosen
         assert even == 1 and err_ok
         assert uneven == 0 and uneven_exact

@@ -8,9 +8,6 @@ so that drift, or its absence, does not depend on how busy the machine is.
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import torch
 
 import commpress.distributed as cdist
@@ -43,7 +40,6 @@ def _body(rank, world, scales, min_s, busy):
     ``busy``: an async int8 all-reduce is in flight on the group's engine queue while
     each iteration's auto calls are made (so a check goes behind it on a rank whose
     queue is still busy, straight to the backend on one whose queue is idle)."""
-    os.environ[calibration.CACHE_ENV] = tempfile.mkdtemp(prefix=f"commpress-drift-{rank}-")
     saved = auto.DRIFT_EVERY, auto.DRIFT_MIN_S, call_module.observe
     auto.reset()
     auto.DRIFT_EVERY = EVERY

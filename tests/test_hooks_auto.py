@@ -12,7 +12,6 @@ against the bound of whatever codec auto chose. No test is timed.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 
@@ -21,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import commpress
-from commpress import auto, calibration, hook_group
+from commpress import auto, hook_group
 from commpress.algorithms import Link
 from commpress.calibration import Speed
 from commpress.errors import CodecMismatchError, ConfigError
@@ -212,8 +211,7 @@ def _train(
     }
 
 
-def _job(rank, world, cache, runs):
-    os.environ[calibration.CACHE_ENV] = cache
+def _job(rank, world, runs):
     auto.reset()
     return {name: _train(rank, world, *args, **kwargs) for name, (args, kwargs) in runs.items()}
 
@@ -262,9 +260,9 @@ def _runs(**ours):
 # ------------------------------------------------------------------------------- tests
 
 
-def test_nothing_pays_register_leaves_the_model_on_plain_ddp(pool, tmp_path):
+def test_nothing_pays_register_leaves_the_model_on_plain_ddp(pool):
     world = pool.world_size
-    res = pool.run(_job, str(tmp_path), _runs(table=FAST), timeout=JOB_TIMEOUT)
+    res = pool.run(_job, _runs(table=FAST), timeout=JOB_TIMEOUT)
     assert _check(res, world) == set()
     for r in range(world):
         ours = res[r]["ours"]
@@ -272,10 +270,10 @@ def test_nothing_pays_register_leaves_the_model_on_plain_ddp(pool, tmp_path):
         assert ours["stats"][0] == 0  # DDP's own all-reduce, no commpress call at all
 
 
-def test_plain_buckets_through_the_hook_are_plain_ddp_bit_for_bit(pool, tmp_path):
+def test_plain_buckets_through_the_hook_are_plain_ddp_bit_for_bit(pool):
     """Hooked without `register` (nothing decides it away): every bucket decided plain."""
     world = pool.world_size
-    res = pool.run(_job, str(tmp_path), _runs(table=FAST, how="comm_hook"), timeout=JOB_TIMEOUT)
+    res = pool.run(_job, _runs(table=FAST, how="comm_hook"), timeout=JOB_TIMEOUT)
     assert _check(res, world) == set()
     for r in range(world):
         ours = res[r]["ours"]
@@ -288,9 +286,9 @@ def test_plain_buckets_through_the_hook_are_plain_ddp_bit_for_bit(pool, tmp_path
         assert all(d[3] is None for d in ours["decisions"])
 
 
-def test_slow_link_compresses_large_buckets_and_keeps_small_ones_plain(pool, tmp_path):
+def test_slow_link_compresses_large_buckets_and_keeps_small_ones_plain(pool):
     world = pool.world_size
-    res = pool.run(_job, str(tmp_path), _runs(table=MIXED), timeout=JOB_TIMEOUT)
+    res = pool.run(_job, _runs(table=MIXED), timeout=JOB_TIMEOUT)
     assert _check(res, world) == {"int8"}
     chosen = res[0]["ours"]["chosen"]
     assert None in chosen.values()  # plain buckets between compressed ones, in one step
@@ -300,33 +298,33 @@ def test_slow_link_compresses_large_buckets_and_keeps_small_ones_plain(pool, tmp
         assert {d[4] for d in res[r]["ours"]["decisions"] if d[3]} <= {"gather", "two_phase"}
 
 
-def test_a_plain_bucket_never_overtakes_a_queued_compressed_one(pool2, tmp_path):
-    res = pool2.run(_job, str(tmp_path), _runs(table=MIXED, skew=True), timeout=JOB_TIMEOUT)
+def test_a_plain_bucket_never_overtakes_a_queued_compressed_one(pool2):
+    res = pool2.run(_job, _runs(table=MIXED, skew=True), timeout=JOB_TIMEOUT)
     assert _check(res, 2) == {"int8"}
     assert None in res[0]["ours"]["chosen"].values()
     assert res[0]["ours"]["overtaking"] == []
 
 
-def test_static_graph_under_auto(pool2, tmp_path):
+def test_static_graph_under_auto(pool2):
     runs = {
         "plain": ((None,), {"ddp_kwargs": {"static_graph": True}}),
         "ours": (("auto",), {"table": MIXED, "ddp_kwargs": {"static_graph": True}}),
     }
-    res = pool2.run(_job, str(tmp_path), runs, timeout=JOB_TIMEOUT)
+    res = pool2.run(_job, runs, timeout=JOB_TIMEOUT)
     assert _check(res, 2) == {"int8"}
 
 
-def test_hook_registered_by_ddp_calibrates_at_the_first_bucket(pool, tmp_path):
+def test_hook_registered_by_ddp_calibrates_at_the_first_bucket(pool):
     """``ddp.register_comm_hook(state, compress_hook)`` (Lightning's way): no `register`,
     so the first bucket calibrates, from inside backward, in the group's queue."""
-    res = pool.run(_job, str(tmp_path), _runs(how="comm_hook"), timeout=JOB_TIMEOUT)
+    res = pool.run(_job, _runs(how="comm_hook"), timeout=JOB_TIMEOUT)
     _check(res, pool.world_size)
     assert res[0]["ours"]["decisions"]
 
 
 @pytest.mark.parametrize("table", [MIXED, FAST])
-def test_patch_with_auto_hooks_ddp_where_a_bucket_pays(pool2, tmp_path, table):
-    res = pool2.run(_job, str(tmp_path), _runs(how="patch", table=table), timeout=JOB_TIMEOUT)
+def test_patch_with_auto_hooks_ddp_where_a_bucket_pays(pool2, table):
+    res = pool2.run(_job, _runs(how="patch", table=table), timeout=JOB_TIMEOUT)
     assert _check(res, 2) == ({"int8"} if table == MIXED else set())
     for r in range(2):
         assert res[r]["ours"]["hooked"] == (table == MIXED)
@@ -334,14 +332,14 @@ def test_patch_with_auto_hooks_ddp_where_a_bucket_pays(pool2, tmp_path, table):
             assert res[r]["ours"]["spec"] == "auto" and res[r]["ours"]["chosen"]
 
 
-def test_patch_with_auto_on_the_measured_link(pool2, tmp_path):
-    res = pool2.run(_job, str(tmp_path), _runs(how="patch"), timeout=JOB_TIMEOUT)
+def test_patch_with_auto_on_the_measured_link(pool2):
+    res = pool2.run(_job, _runs(how="patch"), timeout=JOB_TIMEOUT)
     _check(res, 2)
 
 
-def test_error_feedback_under_auto_keeps_residuals_of_the_chosen_codec(pool2, tmp_path):
+def test_error_feedback_under_auto_keeps_residuals_of_the_chosen_codec(pool2):
     runs = {"ours": (("auto",), {"table": MIXED, "state_kwargs": {"error_feedback": True}})}
-    res = pool2.run(_job, str(tmp_path), runs, timeout=JOB_TIMEOUT)
+    res = pool2.run(_job, runs, timeout=JOB_TIMEOUT)
     for r in range(2):
         state = res[r]["ours"]["state"]
         compressed = {i for i, c in state["chosen"].items() if c is not None}

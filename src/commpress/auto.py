@@ -32,7 +32,9 @@ DDP buckets (`commpress.hooks` under ``codec="auto"``) are decided by `choose`
 too, on the hook's own group; `calibrate` measures a group ahead of its first
 call (the hook's `register` does it where every rank is at the same point), and
 `pays_below` says whether any size bucket up to a model's gradients would
-compress (when none would, `register` leaves the model on plain DDP).
+compress (when none would, `register` leaves the model on plain DDP). On a CPU device
+a bucket is modelled ``overlapped``: its codec work takes cores from the backward pass
+it overlaps, and is charged for that (`model`).
 
 Drift: the call driver reports each call's measured seconds (`observe`: the
 engine job of a compressed call, the wait of a blocking plain one). Every
@@ -215,12 +217,14 @@ def choose(
     sum_like: bool,
     max_err: float,
     policy: Policy,
+    overlapped: bool = False,
 ) -> Decision:
     """The decision for one call (the ``auto`` callback of `commpress.policy.decide`).
 
     The first call of a group calibrates it (in-band, in issue order on the engine);
     the first of a key models it; later calls of the key are one dict lookup, and
-    every `DRIFT_EVERY`-th call of the group runs the drift check.
+    every `DRIFT_EVERY`-th call of the group runs the drift check. ``overlapped``: the
+    call runs beside compute on the same cores (`model`; a DDP bucket on CPU).
     """
     watch = _watches.get(group_name)
     if watch is not None:
@@ -240,6 +244,7 @@ def choose(
         policy.verify,
         policy.algorithm,
         policy.error_feedback,
+        overlapped,
     )
     decision = _decisions.get(key)
     if decision is not None:
@@ -247,8 +252,9 @@ def choose(
     with _lock:
         table = _table(group, group_name, device, dtype, world)
         args = (family, dtype, size, world, sum_like, max_err, policy)
-        choice, decision = model(table, *args)
-        half = model(table, family, dtype, max(size // 2, 1), *args[3:])[0][4]
+        choice, decision = model(table, *args, overlapped=overlapped)
+        half = model(table, family, dtype, max(size // 2, 1), *args[3:], overlapped=overlapped)
+        half = half[0][4]
         label = (choice[0] or "plain", choice[1])
         low = next((s for c, a, s in half if (c, a) == label), choice[2])
         _choices[key] = Choice(group_name, op, dtype, size, world, *choice)
@@ -514,8 +520,18 @@ def model(
     sum_like: bool,
     max_err: float,
     policy: Policy,
+    overlapped: bool = False,
 ) -> tuple[tuple[Any, ...], Decision]:
     """Every option's modelled seconds and the decision: a pure function of its arguments.
+
+    ``overlapped``: the call runs beside compute that needs the same cores (a DDP
+    bucket on a CPU device, issued while backward goes on). The codec's work then is
+    not hidden by the overlap: every second of it is a second the compute loses, so an
+    option is weighed at its modelled seconds plus its codec seconds (``factor *
+    codec``, `_raw`'s second part) once more. The modelled seconds recorded (and
+    watched for drift) stay the call's own. Without it, DDP on loopback under auto
+    compressed 32 MiB buckets with int8, modelled just under `PAYS` of plain, and its
+    steps took 1.1-1.2x plain DDP's (``docs/auto.md``).
 
     Returns ``((codec, algorithm, modelled_s, plain_s, options), decision)``.
     """
@@ -554,23 +570,32 @@ def model(
             link_s, codec_s = _raw(table, algo, codec, size, world, dtype, family)
             seconds = fixed + link_s + factor * codec_s
             options.append((spec, algo.name, seconds))
-            if best is None or seconds < best[0]:
-                best = (seconds, codec, algo.name)
-    if best is None or best[0] > PAYS * plain_s:
+            weighed = seconds + factor * codec_s if overlapped else seconds
+            if best is None or weighed < best[3]:
+                best = (seconds, codec, algo.name, weighed)
+    if best is None or best[3] > PAYS * plain_s:
         why = "no codec fits the error budget" if best is None else "no codec pays"
         reason = f"auto: plain ({why}; plain modelled {plain_s * 1e6:.0f} us)"
         return (None, None, plain_s, plain_s, tuple(options)), Decision(None, None, False, reason)
-    seconds, codec, name = best
+    seconds, codec, name, weighed = best
     ef = reduction and bool(policy.error_feedback)
     reason = (
         f"auto: {codec.spec} {name} modelled {seconds * 1e6:.0f} us, plain {plain_s * 1e6:.0f} us"
     )
+    if overlapped:
+        reason += f" (with its codec work on the compute's cores {weighed * 1e6:.0f} us)"
     choice = (codec.spec, name, seconds, plain_s, tuple(options))
     return choice, Decision(codec, name, ef, reason)
 
 
 def pays_below(
-    table: Table, dtype: torch.dtype, nbytes: int, world: int, max_err: float, policy: Policy
+    table: Table,
+    dtype: torch.dtype,
+    nbytes: int,
+    world: int,
+    max_err: float,
+    policy: Policy,
+    overlapped: bool = False,
 ) -> bool:
     """Whether a sum-like all-reduce of some size up to ``nbytes`` would compress.
 
@@ -581,7 +606,8 @@ def pays_below(
     """
     size = bucket(max(policy.min_bytes, 1))
     while size <= bucket(nbytes):
-        if model(table, "all_reduce", dtype, size, world, True, max_err, policy)[1].compressed:
+        args = ("all_reduce", dtype, size, world, True, max_err, policy)
+        if model(table, *args, overlapped=overlapped)[1].compressed:
             return True
         size *= 2
     return False

@@ -61,12 +61,24 @@ from .algorithms import powersgd
 from .codec import Codec, is_float
 from .errors import CodecMismatchError, ConfigError
 from .feedback import ErrorFeedback
-from .fsdp import FSDPReduceScatter  # FSDP2's hook: its own module, this API
 from .policy import Decision, Policy, auto_budget, get_policy
 from .registry import CodecLike, get_codec
 from .stats import CallRecord, record
 
-__all__ = ["CompressionState", "compress_hook", "register", "FSDPReduceScatter"]
+__all__ = ["CompressionState", "compress_hook", "register", "FSDPReduceScatter"]  # noqa: F822
+
+
+def __getattr__(name: str) -> Any:
+    """``FSDPReduceScatter`` (FSDP2's hook, its own module `commpress.fsdp`), imported on
+    first use: it subclasses FSDP2's ``ReduceScatter``, and importing
+    ``torch.distributed.fsdp`` took 1.0 of the 3.6 s that ``import commpress`` took
+    here (``python -X importtime``), in every rank of every job, FSDP or not."""
+    if name == "FSDPReduceScatter":
+        from .fsdp import FSDPReduceScatter
+
+        return FSDPReduceScatter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _STATE_VERSION = 1
 _state_ids = itertools.count()
@@ -296,7 +308,11 @@ class CompressionState:
 
         if self.iteration < self.start_iter:
             return Decision(None, None, False, f"step {self.iteration} < start_iter")
-        bound = functools.partial(choose, group, group.group_name, buffer.device)
+        # On CPU the codec's work takes cores from the backward pass the bucket overlaps.
+        overlapped = buffer.device.type == "cpu"
+        bound = functools.partial(
+            choose, group, group.group_name, buffer.device, overlapped=overlapped
+        )
         return decide(
             "all_reduce",
             buffer,
@@ -507,5 +523,6 @@ def _auto_may_pay(state: CompressionState, model: Any, group: dist.ProcessGroup)
     pays = False
     for (device, dtype), total in sorted(totals.items(), key=str):  # same order everywhere
         table = calibrate(group, device, dtype)  # every dtype, also once one pays
-        pays = pays or pays_below(table, dtype, total, world, budget, policy)
+        overlapped = device.type == "cpu"  # as `_decide` models the buckets
+        pays = pays or pays_below(table, dtype, total, world, budget, policy, overlapped)
     return pays
