@@ -253,8 +253,8 @@ def choose(
         table = _table(group, group_name, device, dtype, world)
         args = (family, dtype, size, world, sum_like, max_err, policy)
         choice, decision = model(table, *args, overlapped=overlapped)
-        half = model(table, family, dtype, max(size // 2, 1), *args[3:], overlapped=overlapped)
-        half = half[0][4]
+        halved = (family, dtype, max(size // 2, 1), *args[3:])
+        half = model(table, *halved, overlapped=overlapped)[0][4]
         label = (choice[0] or "plain", choice[1])
         low = next((s for c, a, s in half if (c, a) == label), choice[2])
         _choices[key] = Choice(group_name, op, dtype, size, world, *choice)

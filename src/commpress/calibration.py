@@ -105,6 +105,13 @@ REPEAT = 5
 #: calibrates afresh many times, took 1140 s on a clean clone with 5, 985 s with 3).
 REPEAT_LARGE = 3
 _LARGE = 1 << 20
+
+
+def _repeats(nbytes: int) -> int:
+    """Timed runs of a figure of ``nbytes``: `REPEAT_LARGE` from 1 MiB, else `REPEAT`."""
+    return REPEAT_LARGE if nbytes >= _LARGE else REPEAT
+
+
 #: Bytes of the descriptor-sized all-gather.
 DESCRIPTOR_BYTES = 16
 _CODEC_FIGURES = 4  # encode x2, decode x2
@@ -255,7 +262,7 @@ def _measure(codec: Codec, dtype: torch.dtype, device: torch.device) -> list[flo
     for nbytes in CODEC_SIZES:
         numel = nbytes // torch.empty((), dtype=dtype).element_size()
         x = torch.randn(numel, generator=gen, device=device).to(dtype)
-        row = measure_codec(codec, x, REPEAT_LARGE if nbytes >= _LARGE else REPEAT)
+        row = measure_codec(codec, x, _repeats(nbytes))
         if not row.encode_gbps or not row.decode_gbps:
             return [math.inf] * _CODEC_FIGURES
         out.append(nbytes / (row.encode_gbps * 1e9))
@@ -289,7 +296,7 @@ def _median(fn: Callable[[], Any], sync: Callable[[], Any], nbytes: int = 0) -> 
     for ``nbytes`` of 1 MiB or more)."""
     fn()  # warm-up: connections, buffers
     times = []
-    for _ in range(REPEAT_LARGE if nbytes >= _LARGE else REPEAT):
+    for _ in range(_repeats(nbytes)):
         sync()
         t0 = time.perf_counter()
         fn()

@@ -308,10 +308,8 @@ class CompressionState:
 
         if self.iteration < self.start_iter:
             return Decision(None, None, False, f"step {self.iteration} < start_iter")
-        # On CPU the codec's work takes cores from the backward pass the bucket overlaps.
-        overlapped = buffer.device.type == "cpu"
         bound = functools.partial(
-            choose, group, group.group_name, buffer.device, overlapped=overlapped
+            choose, group, group.group_name, buffer.device, overlapped=_overlapped(buffer.device)
         )
         return decide(
             "all_reduce",
@@ -322,6 +320,12 @@ class CompressionState:
             policy=self._policy(),
             auto=bound,
         )
+
+
+def _overlapped(device: torch.device) -> bool:
+    """Whether auto models a bucket on ``device`` as ``overlapped`` (`commpress.auto.model`):
+    on CPU the codec's work takes cores from the backward pass the bucket overlaps."""
+    return device.type == "cpu"
 
 
 def compress_hook(
@@ -523,6 +527,6 @@ def _auto_may_pay(state: CompressionState, model: Any, group: dist.ProcessGroup)
     pays = False
     for (device, dtype), total in sorted(totals.items(), key=str):  # same order everywhere
         table = calibrate(group, device, dtype)  # every dtype, also once one pays
-        overlapped = device.type == "cpu"  # as `_decide` models the buckets
+        overlapped = _overlapped(device)
         pays = pays or pays_below(table, dtype, total, world, budget, policy, overlapped)
     return pays
