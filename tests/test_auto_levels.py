@@ -23,16 +23,10 @@ from commpress import auto
 from commpress.algorithms import Link
 from commpress.calibration import Speed, Table, fit_levels
 from commpress.policy import Policy
-from commpress.testing import DistPool, override_tables
+from commpress.testing import override_tables
 
 F32 = torch.float32
 SIZE = 16 << 20
-
-
-@pytest.fixture(scope="module")
-def gloo4():
-    with DistPool(4, pg_timeout=60, job_timeout=200) as pool:
-        yield pool
 
 
 def _table(flat_Bps: float, levels: Link | None, hier: bool = True) -> Table:
@@ -240,19 +234,11 @@ def _emulated_body(mib: int = 16) -> dict:
     return out
 
 
-def test_auto_across_emulated_hosts_agrees_and_stays_within_bounds():
+def test_auto_across_emulated_hosts_agrees_and_stays_within_bounds(emulated_hosts):
     """2 emulated hosts x 2 ranks at 1 Gbit/s, real torchrun: every rank calibrates the same
-    levels and makes the same choices; results are identical and within int8's bound."""
-    from commpress.bench import multihost
-
-    ok, why = multihost.available()
-    if not ok:
-        pytest.skip(f"no multi-host emulation here: {why}")
-    here = os.path.dirname(os.path.abspath(__file__))
-    result = multihost.run_function(
-        2, 2, "test_auto_levels:_emulated_body", {}, rate="1gbit", pythonpath=[here], timeout=240
-    )
-    ranks = result["ranks"]
+    levels and makes the same choices; results are identical and within int8's bound
+    (the 2x2 layout's shared job: ``tests/conftest.py``)."""
+    ranks = emulated_hosts.ranks(2, 2, "auto")
     first = ranks[0]
     assert first["levels"] and all(lv != "None" for lv in first["levels"])
     for r in ranks[1:]:

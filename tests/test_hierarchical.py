@@ -18,21 +18,8 @@ import torch.distributed as dist
 
 from commpress import ConfigError
 from commpress.policy import Policy, decide
-from commpress.testing import DistPool
 
 R = dist.ReduceOp
-
-
-@pytest.fixture(scope="module")
-def gloo4():
-    with DistPool(4, pg_timeout=60, job_timeout=150) as pool:
-        yield pool
-
-
-@pytest.fixture(scope="module")
-def gloo3h():
-    with DistPool(3, pg_timeout=60, job_timeout=150) as pool:
-        yield pool
 
 
 def _input(rank: int, case: int, numel: int, dtype: torch.dtype, integer: bool) -> torch.Tensor:
@@ -164,9 +151,9 @@ def test_one_host_is_exact(gloo4):
     assert results[0][1][:2] == (1, 4)
 
 
-def test_three_hosts_by_one(gloo3h):
+def test_three_hosts_by_one(gloo3):
     cases = [c for c in CASES if c[2] < 1 << 20]
-    results = gloo3h.run(body_all_reduce, 1, cases)
+    results = gloo3.run(body_all_reduce, 1, cases)
     _check(results, cases, 3)
     assert [r[1][:2] for r in results] == [(3, 1)] * 3
 
@@ -184,8 +171,8 @@ def body_uneven(rank, world):
     return None
 
 
-def test_uneven_hosts_raise_on_every_rank(gloo3h):
-    messages = gloo3h.run(body_uneven)
+def test_uneven_hosts_raise_on_every_rank(gloo3):
+    messages = gloo3.run(body_uneven)
     assert all(m and "same number of ranks on every host" in m for m in messages), messages
 
 
@@ -208,26 +195,16 @@ def test_cost_model_formula():
 
 
 @pytest.mark.parametrize("hosts, local", [(2, 2), (3, 1)], ids=["2x2", "3x1"])
-def test_bytes_across_emulated_hosts(hosts, local):
+def test_bytes_across_emulated_hosts(emulated_hosts, hosts, local):
     """Bytes out of each emulated host's NIC per call (kernel counters minus a barrier
-    baseline) against ``2 (H-1)/H * S / ratio``, within 2%; real torchrun across namespaces."""
+    baseline) against ``2 (H-1)/H * S / ratio``, within 2%; real torchrun across namespaces
+    (the layout's shared job: ``tests/conftest.py``, 16 MiB, 2 calls)."""
     from commpress.bench import multihost
 
-    ok, why = multihost.available()
-    if not ok:
-        pytest.skip(f"no multi-host emulation here: {why}")
     mib = 16
-    result = multihost.run_function(
-        hosts,
-        local,
-        "commpress.bench.multihost:measure_all_reduce",
-        {"mib": mib, "configs": ["hier-int8"], "iters": 2},
-        rate="1gbit",
-        timeout=120,
-    )
+    ranks = emulated_hosts.ranks(hosts, local, "hierarchical")
     expected, ratio = multihost.expected_cross_bytes("int8", mib << 18, hosts, local)
     assert 3.9 < ratio < 4.0
-    ranks = result["ranks"]
     assert sorted(r["host"] for r in ranks) == sorted(
         str(h) for h in range(hosts) for _ in range(local)
     )

@@ -32,12 +32,6 @@ ONE_PER_HOST = [[0], [1], [2], [3]]
 BOUND = {"int8": 2e-2, "int4": 0.25, "zstd": 0.0}
 
 
-@pytest.fixture(scope="module")
-def gloo4():
-    with DistPool(4, pg_timeout=60, job_timeout=150) as pool:
-        yield pool
-
-
 def _fake_hosts(rank: int, hosts: list[list[int]]) -> None:
     """Make ``hosts`` (lists of global ranks) the layout `topology.of` learns next."""
     from commpress import topology
@@ -326,25 +320,12 @@ def measure_moves(mib: float, iters: int = 2) -> dict:
     return out
 
 
-def test_bytes_across_emulated_hosts():
+def test_bytes_across_emulated_hosts(emulated_hosts):
     """Bytes out of each emulated host's NIC (kernel counters; real torchrun across network
-    namespaces, 1 Gbit/s) against ``(H-1)/H * S / ratio`` per host, within 2%, for both ops."""
-    from commpress.bench import multihost
-
-    ok, why = multihost.available()
-    if not ok:
-        pytest.skip(f"no multi-host emulation here: {why}")
+    namespaces, 1 Gbit/s) against ``(H-1)/H * S / ratio`` per host, within 2%, for both ops
+    (the 2x2 layout's shared job: ``tests/conftest.py``, 8 MiB)."""
     hosts, local, mib = 2, 2, 8
-    result = multihost.run_function(
-        hosts,
-        local,
-        "test_hierarchical_moves:measure_moves",
-        {"mib": mib},
-        rate="1gbit",
-        timeout=120,
-        pythonpath=[os.path.dirname(__file__)],
-    )
-    for r in result["ranks"]:
+    for r in emulated_hosts.ranks(hosts, local, "moves"):
         S, packed = mib << 20, _packed("int8", r["n"])
         expected = (hosts - 1) / hosts * S / (S / (hosts * local * packed))  # ratio of packets
         for name in ("rs", "ag"):

@@ -10,7 +10,6 @@ exist (skips with the reason elsewhere).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ import torch
 import commpress
 from commpress import moe, moe_internode
 from commpress.errors import ConfigError
-from commpress.testing import DistPool
 
 HIDDEN = 128  # one fp8 scale block per row: a row decodes alike in any piece
 FIELDS = (
@@ -33,18 +31,6 @@ FIELDS = (
     "tokens_per_expert",
     "codec",
 )
-
-
-@pytest.fixture(scope="module")
-def gloo4():
-    with DistPool(4, pg_timeout=60, job_timeout=150) as pool:
-        yield pool
-
-
-@pytest.fixture(scope="module")
-def gloo3h():
-    with DistPool(3, pg_timeout=60, job_timeout=150) as pool:
-        yield pool
 
 
 def _fake_hosts(rank: int, local_size: int, layout: list[list[int]] | None = None) -> None:
@@ -269,9 +255,9 @@ def test_one_host_falls_back_to_flat(gloo4):
     assert all(r["crossings"].flat == r["crossings"].internode == 0 for res in results for r in res)
 
 
-def test_three_hosts_by_one_falls_back_to_flat(gloo3h):
+def test_three_hosts_by_one_falls_back_to_flat(gloo3):
     cases = [CASES[i] for i in (1, 3, 6)]
-    results = gloo3h.run(body_compare, 1, cases)
+    results = gloo3.run(body_compare, 1, cases)
     _check(results, cases, 3)
     assert all(r["inter"]["kind"] == "DispatchLayout" for res in results for r in res)
     assert all(r["crossings"].flat == r["crossings"].internode for res in results for r in res)
@@ -374,24 +360,11 @@ def measure_cross_bytes(tokens=512, hidden=1024, topk=4, experts=16, iters=2):
 
 
 @pytest.mark.parametrize("hosts, local", [(2, 2), (3, 1)], ids=["2x2", "3x1"])
-def test_bytes_across_emulated_hosts(hosts, local):
+def test_bytes_across_emulated_hosts(emulated_hosts, hosts, local):
     """Bytes out of the hosts' NICs per dispatch + combine (counters minus a barrier
-    baseline, summed over hosts) against the formula summed over ranks, within 5%."""
-    from commpress.bench import multihost
-
-    ok, why = multihost.available()
-    if not ok:
-        pytest.skip(f"no multi-host emulation here: {why}")
-    result = multihost.run_function(
-        hosts,
-        local,
-        "test_moe_internode:measure_cross_bytes",
-        {},
-        rate="1gbit",
-        timeout=150,
-        pythonpath=[str(Path(__file__).parent)],
-    )
-    ranks = result["ranks"]
+    baseline, summed over hosts) against the formula summed over ranks, within 5%
+    (the layout's shared job: ``tests/conftest.py``)."""
+    ranks = emulated_hosts.ranks(hosts, local, "moe")
     one_per_host = {r["host"]: r["out"] for r in ranks}  # a host's ranks read one NIC
     assert len(one_per_host) == hosts
     for name in ("flat", "internode"):

@@ -7,7 +7,8 @@ joined by a bridge over links shaped per direction (see that module).
 namespace: c10d rendezvous on host 0's address (host 0 hosts the store),
 ``--local-addr`` the host's address, ``GLOO_SOCKET_IFNAME=cpnic``.
 `run_function` calls ``"package.module:function"`` on every rank of such a
-job and returns the ranks' JSON results.
+job and returns the ranks' JSON results; `run_functions` calls several in one
+job (one start-up for all).
 
 Counting bytes: ``COMMPRESS_MH_NIC`` tells a rank the name of its host's NIC;
 `nic_bytes` reads its kernel counters (``/sys/class/net/cpnic/statistics``,
@@ -49,6 +50,7 @@ __all__ = [
     "Cluster",
     "launch",
     "run_function",
+    "run_functions",
     "nic_bytes",
     "measure_all_reduce",
     "expected_cross_bytes",
@@ -187,6 +189,33 @@ def run_function(
         ``{"ranks": [each rank's value, by global rank], "links": [per host: bytes and
         packets out of / into it over the whole job], "rate": label}``.
     """
+    out = run_functions(
+        hosts, local, {"call": (target, kwargs)}, rate=rate, timeout=timeout,
+        pythonpath=pythonpath,
+    )  # fmt: skip
+    return {**out, "ranks": out["ranks"]["call"]}
+
+
+def run_functions(
+    hosts: int,
+    local: int,
+    calls: dict[str, tuple[str, dict[str, Any] | None]],
+    *,
+    rate: str | int | None = "1gbit",
+    timeout: float = 300,
+    pythonpath: Sequence[str] = (),
+) -> dict[str, Any]:
+    """`run_function` for several functions in one job: one cluster and one torchrun
+    start-up (seconds per rank) for all of them.
+
+    ``calls`` maps a name to ``(target, kwargs)``; every rank calls them in that order,
+    with a barrier before each. A function that raises ends its rank, and so the job,
+    as in `run_function`: the others' results are lost with it.
+
+    Returns:
+        ``{"ranks": {name: [each rank's value, by global rank]}, "links": ..., "rate": ...}``.
+    """
+    spec = {name: [target, kwargs or {}] for name, (target, kwargs) in calls.items()}
     with Cluster(hosts, rate) as cluster, tempfile.TemporaryDirectory(prefix="cpmh-") as tmp:
         os.chmod(tmp, 0o755)
         path = os.pathsep.join(
@@ -196,17 +225,29 @@ def run_function(
         launch(
             cluster,
             local,
-            ["-m", "commpress.bench.multihost", "--rank-call", target,
-             "--kwargs", json.dumps(kwargs or {}), "--result-dir", tmp],
+            ["-m", "commpress.bench.multihost", "--rank-call", "commpress.bench.multihost:_each",
+             "--kwargs", json.dumps({"calls": spec}), "--result-dir", tmp],
             env=env,
             timeout=timeout,
         )  # fmt: skip
         links = [cluster.counters(i) for i in range(hosts)]
-        ranks = []
+        ranks: dict[str, list[Any]] = {name: [] for name in spec}
         for r in range(hosts * local):
             with open(os.path.join(tmp, f"rank{r}.json")) as f:
-                ranks.append(json.load(f))
+                for name, value in json.load(f).items():
+                    ranks[name].append(value)
     return {"ranks": ranks, "links": links, "rate": format_rate(cluster.bits)}
+
+
+def _each(calls: dict[str, list[Any]]) -> dict[str, Any]:
+    """One rank's side of `run_functions`: each ``[target, kwargs]`` in turn."""
+    import torch.distributed as dist
+
+    out: dict[str, Any] = {}
+    for name, (target, kwargs) in calls.items():
+        dist.barrier()
+        out[name] = _resolve(target)(**kwargs)
+    return out
 
 
 def nic_bytes() -> dict[str, int]:
@@ -394,15 +435,19 @@ def measure_all_reduce(
     return {"rank": rank, "host": os.environ.get("GROUP_RANK"), "configs": out}
 
 
-def _rank_call(target: str, kwargs_json: str, result_dir: str) -> None:
+def _resolve(target: str) -> Callable[..., Any]:
     import importlib
 
+    module_name, _, func_name = target.partition(":")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def _rank_call(target: str, kwargs_json: str, result_dir: str) -> None:
     import torch.distributed as dist
 
-    module_name, _, func_name = target.partition(":")
     dist.init_process_group("gloo")
     try:
-        value = getattr(importlib.import_module(module_name), func_name)(**json.loads(kwargs_json))
+        value = _resolve(target)(**json.loads(kwargs_json))
         with open(os.path.join(result_dir, f"rank{dist.get_rank()}.json"), "w") as f:
             json.dump(value, f)
     finally:
