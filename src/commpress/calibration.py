@@ -3,7 +3,7 @@
 Two kinds of figures, measured differently:
 
 - **link times**, in-band on the group, the first time an ``auto`` call on that
-  group needs them: median seconds of a backend ``all_reduce`` and
+  group needs them: seconds (`_timed`) of a backend ``all_reduce`` and
   ``all_gather`` of `LINK_SIZES` bytes per rank and of a 16-byte
   ``all_gather`` (what a compressed call's descriptor exchange costs). Every
   rank of the group takes part at the same call: the first ``auto`` call on a
@@ -98,8 +98,8 @@ ALGORITHM_SIZES = (64 << 10, 16 << 20)
 #: 64 MiB 12-13 (int8 about the same at both), and auto chose fp16 two_phase for 16-64
 #: MiB all-reduces on loopback that took 1.5x plain.
 CODEC_SIZES = (16 << 10, 16 << 20)
-#: Timed runs per figure (after one warm-up); the median counts.
-REPEAT = 5
+#: Timed runs of a figure under 1 MiB (after one warm-up); the fastest counts (`_timed`).
+REPEAT = 9
 #: Timed runs of a figure of 1 MiB or more: a large transfer or codec run varies less
 #: than a small one, and these are most of calibration's time (the test suite, which
 #: calibrates afresh many times, took 1140 s on a clean clone with 5, 985 s with 3).
@@ -291,9 +291,18 @@ def codec_times(codecs: list[Codec], dtype: torch.dtype, device: torch.device) -
 
 
 # ----------------------------------------------------------------- link times
-def _median(fn: Callable[[], Any], sync: Callable[[], Any], nbytes: int = 0) -> float:
-    """Median seconds of `REPEAT` timed runs of ``fn`` after a warm-up (`REPEAT_LARGE`
-    for ``nbytes`` of 1 MiB or more)."""
+def _timed(fn: Callable[[], Any], sync: Callable[[], Any], nbytes: int = 0) -> float:
+    """Seconds of ``fn`` after a warm-up: the fastest of `REPEAT` timed runs for ``nbytes``
+    under 1 MiB, the median of `REPEAT_LARGE` from 1 MiB.
+
+    Why the fastest for small figures: on the 2-core VM (2026-12-03) a 4 KiB gloo
+    all-reduce took 0.36 to 7.5 ms from run to run, the slow ones in bursts longer than
+    a figure's runs; the median of 5 (until then) put it at 1.5-3.8 ms in three
+    calibrations in a row, against 0.7 ms median over a loop of 50 calls. From such a
+    figure auto modelled a 64 KiB plain all-reduce at 7.9 ms and chose fp16 for it,
+    which took 2.6x plain's time. Delays only add; the fastest run is the call's own
+    cost, and every option (plain, each codec's probe) is timed the same way.
+    """
     fn()  # warm-up: connections, buffers
     times = []
     for _ in range(_repeats(nbytes)):
@@ -302,7 +311,7 @@ def _median(fn: Callable[[], Any], sync: Callable[[], Any], nbytes: int = 0) -> 
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times) if nbytes < _LARGE else statistics.median(times)
 
 
 def _link_pair(
@@ -315,17 +324,17 @@ def _link_pair(
     out = []
     for nbytes in sizes:
         x = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
-        out.append(_median(lambda x=x: dist.all_reduce(x, group=group), sync, nbytes))
+        out.append(_timed(lambda x=x: dist.all_reduce(x, group=group), sync, nbytes))
     for nbytes in (*sizes, *gather_only):
         x = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         y = torch.empty(world * nbytes, dtype=torch.uint8, device=device)
-        out.append(_median(lambda x=x, y=y: _ALL_GATHER(y, x, group=group), sync, nbytes))
+        out.append(_timed(lambda x=x, y=y: _ALL_GATHER(y, x, group=group), sync, nbytes))
     return out
 
 
 def link_times(group: Any, device: torch.device) -> list[float]:
-    """In-band, on every rank of ``group`` at once, combined over it (`combine`): median
-    seconds of an all-reduce and an all-gather of each of `LINK_SIZES` per rank, and of a
+    """In-band, on every rank of ``group`` at once, combined over it (`combine`):
+    seconds (`_timed`) of an all-reduce and an all-gather of each of `LINK_SIZES` per rank, and of a
     descriptor-sized all-gather; then the large size's bytes (the last figure).
 
     Where the largest `LINK_SIZES` all-reduce took at most `LINK_LARGE_IF_S` (a fast
@@ -346,7 +355,7 @@ def link_times(group: Any, device: torch.device) -> list[float]:
 
 
 def level_times(intra: Any, inter: Any, device: torch.device) -> list[float]:
-    """In-band, on every rank of a two-level group: median seconds of an all-reduce of each
+    """In-band, on every rank of a two-level group: seconds (`_timed`) of an all-reduce of each
     of `LEVEL_SIZES` per rank on this rank's ``intra`` group (its host), then on its
     ``inter`` group (the ranks of its local index, one per host).
 
@@ -360,7 +369,7 @@ def level_times(intra: Any, inter: Any, device: torch.device) -> list[float]:
     for group in (intra, inter):
         for nbytes in LEVEL_SIZES:
             x = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
-            out.append(_median(lambda x=x, g=group: dist.all_reduce(x, group=g), sync, nbytes))
+            out.append(_timed(lambda x=x, g=group: dist.all_reduce(x, group=g), sync, nbytes))
     return out
 
 
@@ -371,7 +380,7 @@ def algorithm_times(
     probes: list[tuple[Algorithm, Codec]],
     engine: Engine,
 ) -> list[float]:
-    """In-band, on every rank of ``group``: median seconds of each probe's compressed
+    """In-band, on every rank of ``group``: seconds (`_timed`) of each probe's compressed
     all-reduce at both `ALGORITHM_SIZES`, the way a call runs it: through the chunked
     driver (`commpress.algorithms.chunked`) with ``engine``'s chunk size and encode
     threads, descriptors included, the result written back into the input.
@@ -403,7 +412,7 @@ def algorithm_times(
         for nbytes in ALGORITHM_SIZES:
             numel = nbytes // torch.empty((), dtype=dtype).element_size()
             x = torch.randn(numel, generator=gen, device=device).to(dtype)
-            out.append(_median(lambda x=x, c=comm, a=algo: call(a, c, x), sync, nbytes))
+            out.append(_timed(lambda x=x, c=comm, a=algo: call(a, c, x), sync, nbytes))
     return out
 
 
