@@ -314,22 +314,37 @@ def _timed(fn: Callable[[], Any], sync: Callable[[], Any], nbytes: int = 0) -> f
     return min(times) if nbytes < _LARGE else statistics.median(times)
 
 
+def _largest_first(sizes: tuple[int, ...], fn: Callable[[int], float]) -> list[float]:
+    """``[fn(n) for n in sizes]``, called for the largest ``n`` first (`_link_pair`)."""
+    got = {n: fn(n) for n in sorted(set(sizes), reverse=True)}
+    return [got[n] for n in sizes]
+
+
 def _link_pair(
     group: Any, device: torch.device, sizes: tuple[int, ...], gather_only: tuple[int, ...] = ()
 ) -> list[float]:
-    """Median seconds of a backend all-reduce of each of ``sizes`` bytes per rank, then
-    of an all-gather of each of ``sizes`` and ``gather_only``."""
+    """Seconds (`_timed`) of a backend all-reduce of each of ``sizes`` bytes per rank, then
+    of an all-gather of each of ``sizes`` and ``gather_only`` (in that layout).
+
+    Each op's largest size is timed first: a shaped link's token bucket (the emulated
+    links: ``tc tbf``, 512 KiB of burst) that the large transfer emptied cannot then let
+    the small ones through at memory speed, which the fastest of their runs would
+    otherwise catch (at 100 Mbit/s a 64 KiB all-reduce took 10 ms once calls kept
+    coming, and auto, modelling it at memory speed, kept it plain at 6.9x int8's time).
+    """
     world = dist.get_world_size(group)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    out = []
-    for nbytes in sizes:
+
+    def reduce(nbytes: int) -> float:
         x = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
-        out.append(_timed(lambda x=x: dist.all_reduce(x, group=group), sync, nbytes))
-    for nbytes in (*sizes, *gather_only):
+        return _timed(lambda: dist.all_reduce(x, group=group), sync, nbytes)
+
+    def gather(nbytes: int) -> float:
         x = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         y = torch.empty(world * nbytes, dtype=torch.uint8, device=device)
-        out.append(_timed(lambda x=x, y=y: _ALL_GATHER(y, x, group=group), sync, nbytes))
-    return out
+        return _timed(lambda: _ALL_GATHER(y, x, group=group), sync, nbytes)
+
+    return _largest_first(sizes, reduce) + _largest_first((*sizes, *gather_only), gather)
 
 
 def link_times(group: Any, device: torch.device) -> list[float]:
@@ -367,9 +382,12 @@ def level_times(intra: Any, inter: Any, device: torch.device) -> list[float]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = []
     for group in (intra, inter):
-        for nbytes in LEVEL_SIZES:
+
+        def reduce(nbytes: int, g: Any = group) -> float:
             x = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
-            out.append(_timed(lambda x=x, g=group: dist.all_reduce(x, group=g), sync, nbytes))
+            return _timed(lambda: dist.all_reduce(x, group=g), sync, nbytes)
+
+        out += _largest_first(LEVEL_SIZES, reduce)
     return out
 
 
