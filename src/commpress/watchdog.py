@@ -26,7 +26,10 @@ How it works:
   calls in the same order). The message names the call, the ranks and what
   each called. Every rank blocked in a commpress call checks the same way,
   so all of them raise within about two slices (10 s by default) of each
-  other's first record.
+  other's first record. The rank that found it first publishes it and waits
+  (two slices at most) until the peers blocked in that call have read it:
+  its abort closes their connections, and if it hosts the store and leaves,
+  a peer woken by the closed connection could not read why.
 - A peer with no record, or blocked in an earlier call (it computes, or it
   is in a call commpress does not see, e.g. an unpatched
   ``torch.distributed`` call), is not an error: a long evaluation on rank 0
@@ -260,9 +263,15 @@ class _Watch:
 
     def fail(self, message: str) -> CollectiveError:
         """Abort the group's backend (its stuck work would block exit until the
-        timeout), then the error to raise."""
+        timeout), then the error to raise. Tells the rank that found the divergence
+        first (`_await_peers`)."""
         with _lock:
             _found[(self.entry.group, self.entry.seq)] = message
+        if self.store is not None:
+            try:
+                self.store.set(self._key(f"seen/{self.me}"), "1")
+            except RuntimeError:  # the store's host (rank 0) has gone
+                pass
         for pg in _groups():
             if str(pg.group_name) == self.entry.group:
                 try:
@@ -294,12 +303,15 @@ class _Watch:
         self.store.set(self._key(self.me), json.dumps(record))
         differ: dict[int, Entry] = {}
         silent = []
+        waiting = []  # peers blocked in a commpress wait of this call or a later one
         for peer in self.peers:
             theirs = _read(self.store, self._key(peer), self.entry.group)
             if theirs is None:
                 silent.append((peer, None))
                 continue
             blocked, log = theirs
+            if blocked >= self.entry.seq:
+                waiting.append(peer)
             for seq, e in sorted(log.items()):
                 if seq in mine and e.what != mine[seq].what:
                     differ[peer] = e
@@ -310,11 +322,28 @@ class _Watch:
         if differ or raw:
             message = self._message(mine, differ, raw)
             self.store.set(self._key("error"), f"rank {self.me} found: {message}")
+            self.store.set(self._key(f"seen/{self.me}"), "1")  # a peer that found it too
+            self._await_peers(waiting)
             raise self.fail(message)
         waited = time.monotonic() - self.since
         if silent and not self.warned and waited >= WARN_AFTER_S:
             self.warned = True
             warnings.warn(self._silence(silent, waited), RuntimeWarning, stacklevel=3)
+
+    def _await_peers(self, peers: list[int]) -> None:
+        """Wait (at most two slices and a second) until ``peers`` have read the error.
+
+        Aborting closes this rank's connections: a peer still in its backend wait then
+        fails with "connection closed", and if this rank hosts the store and has left,
+        it cannot read why. Each peer in a sliced wait reads the error at its next slice
+        and marks it seen (`fail`) before it aborts.
+        """
+        deadline = time.monotonic() + 2 * _slice()[0] + 1.0
+        keys = [self._key(f"seen/{peer}") for peer in peers]
+        while keys and time.monotonic() < deadline:
+            keys = [key for key in keys if _get(self.store, key) is None]
+            if keys:
+                time.sleep(0.02)
 
     def _raw_calls(self, peers: list[int]) -> dict[int, str]:
         """The silent ``peers`` that answered they are in a direct ``torch.distributed``
