@@ -117,7 +117,7 @@ DRIFT_MIN_S = 1e-3
 #: The longest interval the back-off reaches (calls).
 DRIFT_MAX_EVERY = 1 << 16
 _KEEP = 128  # observations kept per key and window (the newest)
-_LINK_FIGURES = 2 * len(calibration.LINK_SIZES) + 2  # `link_times`; `level_times` follow
+_LINK_FIGURES = 4 * len(calibration.LINK_SIZES) + 2  # `link_times`; `level_times` follow
 
 
 @dataclass(frozen=True)
@@ -435,8 +435,9 @@ def _raw(
     """The uncorrected model in two parts, ``(link, codec)`` seconds: ``algo.cost`` with
     an infinitely fast codec plus one descriptor round, and what the codec adds to it
     (``algo.cost`` at the codec's rates, minus that, plus its fixed encode and ``N``
-    fixed decode times). `_corrected` fits a factor to the codec part only: the link
-    figures were measured in-band already, while the codec rates were measured alone.
+    fixed decode times, one for a broadcast). `_corrected` fits a factor to the codec
+    part only: the link figures were measured in-band already, while the codec rates
+    were measured alone.
 
     Every algorithm is modelled for the call's ``family``: a flat reduce-scatter is
     `two_phase`'s first round alone, a hierarchical one `hierarchical_moves`' model of
@@ -454,13 +455,14 @@ def _raw(
         with_codec = algo.cost(size, world, table.levels, cs, family=shape)
         link_only = algo.cost(size, world, table.levels, free, family=shape)
     else:
-        link = table.reduce_link if algo.families & REDUCTIONS else table.gather_link
+        link = table.reduce_link if algo.families & REDUCTIONS else table.link_for(family)
         # An all-to-all of S bytes is transport's model of one piece of S/N: (N-1) pieces
         # out, N decoded (it encodes S/N where the call encodes (N-1)/N of S).
         n = size // world if family == "all_to_all" else size
         with_codec = algo.cost(n, world, link, cs, family=family)
         link_only = algo.cost(n, world, link, free, family=family)
-    codec_s = with_codec - link_only + speed.encode_s + world * speed.decode_s
+    decodes = 1 if family == "broadcast" else world
+    codec_s = with_codec - link_only + speed.encode_s + decodes * speed.decode_s
     return link_only + table.descriptor_s, codec_s
 
 
@@ -506,9 +508,10 @@ def _plain_cost(family: str, size: int, world: int, table: Table) -> float:
         return table.reduce_link.seconds((world - 1) / world * size, world - 1)
     if family == "reduce_scatter":  # gloo all-reduces the whole input, then keeps its block
         return get_algorithm("direct").cost(size, world, table.reduce_link, CodecSpeed.plain())
+    link = table.link_for(family)
     if family == "all_to_all":  # S of input, (N-1)/N of it to the others
-        return table.gather_link.seconds((world - 1) / world * size, world - 1)
-    return table.gather_link.seconds((world - 1) * size, world - 1)
+        return link.seconds((world - 1) / world * size, world - 1)
+    return link.seconds((world - 1) * size, world - 1)
 
 
 def model(

@@ -3,9 +3,10 @@
 Two kinds of figures, measured differently:
 
 - **link times**, in-band on the group, the first time an ``auto`` call on that
-  group needs them: seconds (`_timed`) of a backend ``all_reduce`` and
-  ``all_gather`` of `LINK_SIZES` bytes per rank and of a 16-byte
-  ``all_gather`` (what a compressed call's descriptor exchange costs). Every
+  group needs them: seconds (`_timed`) of a backend ``all_reduce``,
+  ``all_gather``, ``broadcast`` and ``all_to_all`` of `LINK_SIZES` bytes per
+  rank and of a 16-byte ``all_gather`` (what a compressed call's descriptor
+  exchange costs). Every
   rank of the group takes part at the same call: the first ``auto`` call on a
   group is the same call on every rank (program order).
 - **codec times**: median seconds of one encode and one decode of
@@ -19,8 +20,8 @@ holds the identical `Table`, whether it read its codec times from disk or
 measured them, and the slowest rank sets the pace (max of times = min of
 speeds). `fit` turns the sizes of each figure into a fixed cost plus rates: for
 the links ``alpha`` and two bandwidths (below and above the middle size, a
-`Link` bent there) of the ring all-reduce and of the all-gather models
-(``docs/auto.md``), for the codecs ``t(S) = t0 + S/rate``.
+`Link` bent there) of the ring all-reduce, the all-gather, the broadcast and
+the all-to-all models (``docs/auto.md``), for the codecs ``t(S) = t0 + S/rate``.
 """
 
 from __future__ import annotations
@@ -155,6 +156,9 @@ class Table:
             (`level_times`, `fit_levels`): alpha and bandwidth across hosts, per rank
             while every rank of a host crosses at once, and ``local`` and the intra-host
             figures; None for one host or one rank per host (no hierarchical option).
+        broadcast_link, all_to_all_link: fitted to the broadcast model (``N-1``
+            messages of ``S``) and the all-to-all model (``N-1`` of ``S/N``); None:
+            `gather_link` (`link_for`).
     """
 
     reduce_link: Link
@@ -164,6 +168,22 @@ class Table:
     corrections: dict[str, tuple[float, float]] = field(default_factory=dict)
     backend: str = ""
     levels: Link | None = None
+    broadcast_link: Link | None = None
+    all_to_all_link: Link | None = None
+
+    def link_for(self, family: str) -> Link:
+        """The link figures a moving op of ``family`` crosses, plain or compressed.
+
+        Broadcast and all-to-all have their own: on gloo and loopback (2 ranks,
+        2026-12-04) a 4 MiB broadcast took 1.0 ms and an all-to-all 1.0 ms where an
+        all-gather took 3.0 ms; modelled as all-gathers, a plain 1 MiB broadcast was
+        put at 3x its time and auto chose int8 transport, which took 2.7-2.9x plain's.
+        """
+        if family == "broadcast" and self.broadcast_link is not None:
+            return self.broadcast_link
+        if family == "all_to_all" and self.all_to_all_link is not None:
+            return self.all_to_all_link
+        return self.gather_link
 
 
 def candidates(dtype: torch.dtype, device: torch.device) -> list[Codec]:
@@ -324,7 +344,12 @@ def _link_pair(
     group: Any, device: torch.device, sizes: tuple[int, ...], gather_only: tuple[int, ...] = ()
 ) -> list[float]:
     """Seconds (`_timed`) of a backend all-reduce of each of ``sizes`` bytes per rank, then
-    of an all-gather of each of ``sizes`` and ``gather_only`` (in that layout).
+    of an all-gather of each of ``sizes`` and ``gather_only``, then of a broadcast and an
+    all-to-all of each of ``sizes`` (in that layout).
+
+    A broadcast is timed as two, from the group's first rank and then from its last,
+    halved: back to back from one root, a receiver's timer would start while the next
+    message was already on its way (every other figure waits for every rank).
 
     Each op's largest size is timed first: a shaped link's token bucket (the emulated
     links: ``tc tbf``, 512 KiB of burst) that the large transfer emptied cannot then let
@@ -344,27 +369,48 @@ def _link_pair(
         y = torch.empty(world * nbytes, dtype=torch.uint8, device=device)
         return _timed(lambda: _ALL_GATHER(y, x, group=group), sync, nbytes)
 
-    return _largest_first(sizes, reduce) + _largest_first((*sizes, *gather_only), gather)
+    def broadcast(nbytes: int) -> float:
+        x = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+
+        def there_and_back() -> None:
+            dist.broadcast(x, group=group, group_src=0)
+            dist.broadcast(x, group=group, group_src=world - 1)
+
+        return _timed(there_and_back, sync, nbytes) / 2
+
+    def all_to_all(nbytes: int) -> float:
+        x = torch.zeros(nbytes // world * world, dtype=torch.uint8, device=device)
+        y = torch.empty_like(x)
+        return _timed(lambda: dist.all_to_all_single(y, x, group=group), sync, nbytes)
+
+    return (
+        _largest_first(sizes, reduce)
+        + _largest_first((*sizes, *gather_only), gather)
+        + _largest_first(sizes, broadcast)
+        + _largest_first(sizes, all_to_all)
+    )
 
 
 def link_times(group: Any, device: torch.device) -> list[float]:
     """In-band, on every rank of ``group`` at once, combined over it (`combine`):
-    seconds (`_timed`) of an all-reduce and an all-gather of each of `LINK_SIZES` per rank, and of a
-    descriptor-sized all-gather; then the large size's bytes (the last figure).
+    seconds (`_timed`) of an all-reduce, an all-gather, a broadcast and an all-to-all of
+    each of `LINK_SIZES` per rank, and of a descriptor-sized all-gather; then the large
+    size's bytes (the last figure).
 
     Where the largest `LINK_SIZES` all-reduce took at most `LINK_LARGE_IF_S` (a fast
-    link, where caches and memory bend the line above 4 MiB), both large figures are
+    link, where caches and memory bend the line above 4 MiB), the four large figures are
     measured again at `LINK_LARGE` bytes, which then is the large size. Layout: all-reduce
-    x3, all-gather x3, descriptor, large size.
+    x3, all-gather x3, descriptor, broadcast x3, all-to-all x3, large size.
     """
     stats["link_measurements"] += 1
     n = len(LINK_SIZES)
     out = combine(group, device, _link_pair(group, device, LINK_SIZES, (DESCRIPTOR_BYTES,)))
     large = LINK_SIZES[-1]
     if out[n - 1] <= LINK_LARGE_IF_S:  # combined: every rank takes the same branch
-        out[n - 1], out[2 * n - 1] = combine(
-            group, device, _link_pair(group, device, (LINK_LARGE,))
-        )
+        again = combine(group, device, _link_pair(group, device, (LINK_LARGE,)))
+        last = (n - 1, 2 * n - 1, 3 * n, 4 * n)  # each op's largest figure
+        for i, seconds in zip(last, again, strict=True):
+            out[i] = seconds
         large = LINK_LARGE
     return [*out, float(large)]
 
@@ -487,9 +533,11 @@ def _bent(
 def fit(world: int, link: list[float], codecs: list[Codec], codec: list[float]) -> Table:
     """The `Table` from combined figures (`link_times` and `codec_times` layouts)."""
     n = len(LINK_SIZES)
-    sizes = (LINK_SIZES[0], LINK_SIZES[1], int(link[2 * n + 1]))
+    sizes = (LINK_SIZES[0], LINK_SIZES[1], int(link[4 * n + 1]))
     reduce_link = _bent(sizes, link[:n], 2 * (world - 1), 1 / world)  # the ring all-reduce
     gather_link = _bent(sizes, link[n : 2 * n], world - 1, 1.0)  # the all-gather
+    broadcast_link = _bent(sizes, link[2 * n + 1 : 3 * n + 1], world - 1, 1.0)
+    all_to_all_link = _bent(sizes, link[3 * n + 1 : 4 * n + 1], world - 1, 1 / world)
     speeds = {}
     for i, c in enumerate(codecs):
         figures = codec[_CODEC_FIGURES * i : _CODEC_FIGURES * (i + 1)]
@@ -499,4 +547,11 @@ def fit(world: int, link: list[float], codecs: list[Codec], codec: list[float]) 
         enc_s, enc_bps = _line(CODEC_SIZES, (enc_small, enc_large), 1.0)
         dec_s, dec_bps = _line(CODEC_SIZES, (dec_small, dec_large), 1.0)
         speeds[c.spec] = Speed(enc_s, enc_bps, dec_s, dec_bps)
-    return Table(reduce_link, gather_link, link[2 * n], speeds)
+    return Table(
+        reduce_link,
+        gather_link,
+        link[2 * n],
+        speeds,
+        broadcast_link=broadcast_link,
+        all_to_all_link=all_to_all_link,
+    )

@@ -89,11 +89,13 @@ class Transport(Algorithm):
     def cost(
         self, nbytes: int, world: int, link: Link, speed: CodecSpeed, family: str = "all_reduce"
     ) -> float:
-        """An all-gather's: ``S/enc + (N-1) S/r / B + (N-1) alpha + N S/dec``."""
+        """An all-gather's: ``S/enc + (N-1) S/r / B + (N-1) alpha + N S/dec``; a broadcast
+        decodes once (``S/dec``), on every rank at once."""
+        decodes = 1 if family == "broadcast" else world
         return (
             nbytes / speed.encode_Bps
             + link.seconds((world - 1) * nbytes / speed.ratio, world - 1)
-            + world * nbytes / speed.decode_Bps
+            + decodes * nbytes / speed.decode_Bps
         )
 
 

@@ -172,9 +172,14 @@ def override_tables(group_name: str | None = None, **fields: Any) -> None:
 
     For a test that must not depend on timing: it calibrates as usual, then decides
     on a link (or codec speeds, corrections, levels) it states. Call it on every rank
-    with the same fields, so that every rank decides alike.
+    with the same fields, so that every rank decides alike. A ``gather_link`` given
+    without ``broadcast_link`` or ``all_to_all_link`` is the link of every moving op.
     """
     from .. import auto
+
+    if "gather_link" in fields:
+        fields.setdefault("broadcast_link", None)
+        fields.setdefault("all_to_all_link", None)
 
     for key, table in auto.tables().items():
         if group_name is None or key[0] == group_name:
