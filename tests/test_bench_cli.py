@@ -154,6 +154,14 @@ def test_tiny_two_rank_sweep_gives_rows_with_every_column():
         )
 
 
+def test_the_cases_of_one_op_and_size_take_turns():
+    from commpress.bench.collectives import _turns
+
+    assert _turns([2, 2, 2]) == [0, 1, 2, 1, 2, 0]
+    assert _turns([3, 1]) == [0, 1, 0, 0]  # the case with one call is done after round 0
+    assert _turns([]) == []
+
+
 def test_link_unavailable_says_why_in_one_line_and_exits_nonzero(monkeypatch, capsys):
     from commpress.bench import netem
 

@@ -13,7 +13,9 @@ Definitions (nccl-tests' conventions, on UNCOMPRESSED bytes):
   all_to_all ``(n-1)/n``, broadcast 1). A compressed op that moves fewer bytes
   therefore shows a *higher* busbw than the link could carry: that is the point.
 - ``time`` is per iteration the slowest rank's wall time (ranks start together
-  after a barrier); the row gives the median and the 10th/90th percentiles.
+  after a barrier); the row gives the median and the 10th/90th percentiles. The
+  cases of one op and size take turns call by call (`run_cases`), so a burst of
+  delay on the machine does not fall on one of them alone.
 - ``wire_bytes`` is what one rank hands to the backend per call
   (`commpress.stats`' ``bytes_wire``: packed buffers with headers, size
   descriptors, both phases of a two-phase all-reduce; for the baselines, the
@@ -46,11 +48,12 @@ back around the call, and that cast is part of its time.
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -65,6 +68,7 @@ __all__ = [
     "size_range",
     "bus_factor",
     "run_case",
+    "run_cases",
     "sweep",
     "sweep_rows",
     "add_speedups",
@@ -323,19 +327,31 @@ def _auto_pick(name: str, nbytes: int, known: set[int]) -> tuple[str, float | No
     return "plain", None
 
 
-def run_case(
-    rank: int,
-    world_size: int,
-    case: Case,
-    warmup: int,
-    iters: int,
-    budget_s: float | None = None,
-) -> dict[str, Any]:
-    """Measure one case on this rank; every rank must call it (it runs collectives).
+@dataclass
+class _Prepared:
+    """One case set up on this rank: its call, input and timing count (`_prepare`)."""
 
-    Must run inside an initialized gloo process group. Returns the row (the same
-    on every rank) with ``status`` ``"ok"`` or ``"error: ..."``.
-    """
+    case: Case
+    row: dict[str, Any]
+    call: Callable[[torch.Tensor], Any]
+    src: torch.Tensor
+    err: float
+    iters: int
+    known: set[int]  # auto's choices before this case
+    times: list[float] = field(default_factory=list)
+    stat: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.case.codec in BASELINES
+
+
+def _prepare(
+    rank: int, world_size: int, case: Case, iters: int, budget_s: float | None
+) -> _Prepared | dict[str, Any]:
+    """Set up ``case`` and make its untimed first call (checked against plain fp32); the
+    ranks agree on whether it worked and on its timed count. Returns the finished row
+    where it failed on some rank."""
     import torch.distributed as dist
 
     numel = _count(case, world_size)
@@ -366,7 +382,7 @@ def run_case(
         "world_size": world_size,
     }
     error: str | None = None
-    known: set[int] = set()  # auto's choices before this case
+    known: set[int] = set()
     if case.codec == AUTO:
         from commpress import auto
 
@@ -393,17 +409,32 @@ def run_case(
         return row
     if budget_s is not None:
         iters = max(1, min(iters, int(budget_s / max(agreed[1].item(), 1e-9))))
+    return _Prepared(case, row, call, src, err, iters, known)
 
-    for _ in range(warmup):
-        call(src.clone())
-    is_baseline = case.codec in BASELINES
-    before = {} if is_baseline else _stats_snapshot()
-    times = timed_calls(call, src, iters)
-    after = {} if is_baseline else _stats_snapshot()
 
-    stat = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+def _time_one(p: _Prepared) -> None:
+    """One timed call of ``p`` (after a barrier), its stats added to ``p.stat``."""
+    import torch.distributed as dist
+
+    before = {} if p.is_baseline else _stats_snapshot()
+    x = p.src.clone()
+    dist.barrier()
+    t0 = time.perf_counter()
+    p.call(x)
+    p.times.append(time.perf_counter() - t0)
+    if not p.is_baseline:
+        for k, v in _stats_snapshot().items():
+            p.stat[k] = p.stat.get(k, 0.0) + v - before.get(k, 0.0)
+
+
+def _finish(p: _Prepared, world_size: int) -> dict[str, Any]:
+    """``p``'s row from its timed calls, the slowest rank's time of each."""
+    import torch.distributed as dist
+
+    case, stat, iters = p.case, p.stat, p.iters
     gathered = torch.tensor(
-        times + [err, stat.get("encode_s", 0.0), stat.get("decode_s", 0.0)], dtype=torch.float64
+        p.times + [p.err, stat.get("encode_s", 0.0), stat.get("decode_s", 0.0)],
+        dtype=torch.float64,
     )
     dist.all_reduce(gathered, op=dist.ReduceOp.MAX)
     times = sorted(gathered[:iters].tolist())
@@ -411,8 +442,8 @@ def run_case(
 
     median = statistics.median(times)
     element = 2 if case.codec == "plain-bf16" else 4
-    if is_baseline:
-        wire = _plain_wire_bytes(src.numel(), element)
+    if p.is_baseline:
+        wire = _plain_wire_bytes(p.src.numel(), element)
         ratio = 4 / element
     elif stat.get("bytes_wire"):
         wire = int(stat["bytes_wire"] / iters)
@@ -420,6 +451,7 @@ def run_case(
     else:
         wire, ratio = None, None
     algbw = case.size / median / 1e9
+    row = p.row
     row.update(
         time_us=median * 1e6,
         time_p10_us=_percentile(times, 0.1) * 1e6,
@@ -428,17 +460,72 @@ def run_case(
         busbw_GBps=algbw * bus_factor(case.op, world_size),
         wire_bytes=wire,
         ratio=ratio,
-        encode_share=None if is_baseline else enc_s / iters / median,
-        decode_share=None if is_baseline else dec_s / iters / median,
+        encode_share=None if p.is_baseline else enc_s / iters / median,
+        decode_share=None if p.is_baseline else dec_s / iters / median,
         rel_err=err,
-        compressed=None if is_baseline else bool(stat.get("compressed")),
+        compressed=None if p.is_baseline else bool(stat.get("compressed")),
         iters=iters,
         status="ok",
     )
     if case.codec == AUTO:
-        pick, modelled = _auto_pick(call.op_name, src.numel() * src.element_size(), known)
+        nbytes = p.src.numel() * p.src.element_size()
+        pick, modelled = _auto_pick(p.call.op_name, nbytes, p.known)  # type: ignore[attr-defined]
         row.update(pick=pick, modelled_us=None if modelled is None else modelled * 1e6)
     return row
+
+
+def run_cases(
+    rank: int,
+    world_size: int,
+    cases: list[Case],
+    warmup: int,
+    iters: int,
+    budget_s: float | None = None,
+) -> list[dict[str, Any]]:
+    """Measure ``cases`` (one op and size, typically) on this rank, their timed calls
+    interleaved; every rank must call it (it runs collectives).
+
+    Each case is set up and called once untimed, in order, then warmed up; then round
+    ``i`` times one call of every case that has an ``i``-th, starting from case ``i mod
+    k`` (the same order on every rank): a burst of delay on the machine falls on all
+    of them alike, not on whichever case ran then. Until 2026-12-04 each case ran its
+    calls alone, one after another, and 11 of the 30 cells of the auto grid where
+    auto missed 5% of the best were auto's plain path against plain itself, 1.13-2.47x
+    apart.
+
+    Must run inside an initialized gloo process group. Returns one row per case (the
+    same on every rank) with ``status`` ``"ok"`` or ``"error: ..."``.
+    """
+    made = [_prepare(rank, world_size, case, iters, budget_s) for case in cases]
+    ready = [p for p in made if isinstance(p, _Prepared)]
+    for p in ready:
+        for _ in range(warmup):
+            p.call(p.src.clone())
+    for j in _turns([p.iters for p in ready]):
+        _time_one(ready[j])
+    return [_finish(p, world_size) if isinstance(p, _Prepared) else p for p in made]
+
+
+def _turns(iters: list[int]) -> list[int]:
+    """The order of `run_cases`' timed calls: case indices, round ``i`` from case ``i mod
+    k`` on, each case while it has calls left (``iters[j]`` in all)."""
+    out = []
+    for i in range(max(iters, default=0)):
+        k = i % len(iters)
+        out += [j for j in [*range(k, len(iters)), *range(k)] if i < iters[j]]
+    return out
+
+
+def run_case(
+    rank: int,
+    world_size: int,
+    case: Case,
+    warmup: int,
+    iters: int,
+    budget_s: float | None = None,
+) -> dict[str, Any]:
+    """Measure one case on this rank (`run_cases` of one case)."""
+    return run_cases(rank, world_size, [case], warmup, iters, budget_s)[0]
 
 
 def auto_eligible(spec: str) -> bool:
@@ -486,28 +573,33 @@ def sweep(
 ) -> Iterator[dict[str, Any]]:
     """Run every case of ``config`` on ``config.world_size`` local gloo ranks; yield rows.
 
-    Ranks are started once (`commpress.testing.DistPool`) and run the cases one
-    after another. ``progress(done, total, case)`` is called before each case.
+    Ranks are started once (`commpress.testing.DistPool`) and run the cases of one op
+    and size together, their timed calls interleaved (`run_cases`).
+    ``progress(done, total, case)`` is called before each op and size.
     Speedups are not filled in here (they need the whole sweep): see `add_speedups`.
     """
     from commpress.testing.dist import DistPool
 
     cases = config.cases()
+    groups = [list(g) for _, g in itertools.groupby(cases, lambda c: (c.op, c.size, c.shape))]
     per_case_timeout = 600.0
+    done = 0
     with DistPool(config.world_size, pg_timeout=per_case_timeout) as pool:
-        for i, case in enumerate(cases):
+        for group in groups:
             if progress is not None:
-                progress(i, len(cases), case)
-            row = pool.run(
-                run_case,
-                case,
+                progress(done, len(cases), group[0])
+            rows = pool.run(
+                run_cases,
+                group,
                 config.warmup,
                 config.iters,
                 config.budget_s,
-                timeout=per_case_timeout,
+                timeout=per_case_timeout * len(group),
             )[0]
-            row["link"] = config.link
-            yield row
+            done += len(group)
+            for row in rows:
+                row["link"] = config.link
+                yield row
     if progress is not None and cases:
         progress(len(cases), len(cases), cases[-1])
 
