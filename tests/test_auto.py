@@ -165,7 +165,8 @@ def test_the_link_fit_goes_through_all_three_measured_sizes():
     broadcast_times = [sent.seconds((world - 1) * s, world - 1) for s in sizes]
     swapped = Link(2e-4, 1.5e8, knee_bytes=middle / world, small_bandwidth_Bps=3e9)
     a2a_times = [swapped.seconds((world - 1) / world * s, world - 1) for s in sizes]
-    figures = [*reduce_times, *gather_times, 2e-4, *broadcast_times, *a2a_times, large]
+    lasts = [t[-1] for t in (reduce_times, gather_times, broadcast_times, a2a_times)]
+    figures = [*reduce_times, *gather_times, 2e-4, *broadcast_times, *a2a_times, *lasts, large]
     table = calibration.fit(world, figures, [], [])
     astuple = dataclasses.astuple
     assert astuple(table.reduce_link) == pytest.approx(astuple(true))
@@ -210,6 +211,32 @@ def test_a_broadcast_is_modelled_on_its_own_link():
         1 << 20, 3, link, cs, "broadcast"
     )
     assert gap == pytest.approx(2 * (1 << 20) / 5e9)
+
+
+def test_a_fourth_link_size_bends_the_line_again():
+    """Where calibration times a fourth, larger size (a fast link), the line bends at the
+    third too: each of the four times comes back, and sizes between the second and
+    the third are priced on their own line, not on the one to the fourth."""
+    world, sizes = 2, (*calibration.LINK_SIZES, calibration.LINK_LARGE)
+    true = Link(
+        1e-4,
+        3e8,
+        knee_bytes=sizes[1],
+        small_bandwidth_Bps=2e9,
+        large_knee_bytes=sizes[2],
+        mid_bandwidth_Bps=1.5e9,
+    )
+    times = [true.seconds((world - 1) * s, world - 1) for s in sizes]
+    n = len(calibration.LINK_SIZES)
+    flat = [1e-3] * n  # the other ops: one line, no bend that matters here
+    figures = [*flat, *times[:n], 2e-4, *flat, *flat, 1e-3, times[n], 1e-3, 1e-3, sizes[-1]]
+    gather = calibration.fit(world, figures, [], []).gather_link
+    assert dataclasses.astuple(gather) == pytest.approx(dataclasses.astuple(true))
+    for s, t in zip(sizes, times, strict=True):
+        assert gather.seconds((world - 1) * s, world - 1) == pytest.approx(t)
+    middle = 1 << 20
+    straight = times[1] + (times[3] - times[1]) * (middle - sizes[1]) / (sizes[3] - sizes[1])
+    assert gather.seconds(middle, 1) < 0.5 * straight
 
 
 def test_a_reduce_scatter_is_modelled_as_its_own_round():

@@ -117,7 +117,7 @@ DRIFT_MIN_S = 1e-3
 #: The longest interval the back-off reaches (calls).
 DRIFT_MAX_EVERY = 1 << 16
 _KEEP = 128  # observations kept per key and window (the newest)
-_LINK_FIGURES = 4 * len(calibration.LINK_SIZES) + 2  # `link_times`; `level_times` follow
+_LINK_FIGURES = 4 * len(calibration.LINK_SIZES) + 6  # `link_times`; `level_times` follow
 
 
 @dataclass(frozen=True)

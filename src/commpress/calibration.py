@@ -78,13 +78,17 @@ CACHE_ENV = "COMMPRESS_CACHE_DIR"
 #: them through at memory speed, so the line from 4 KiB to 4 MiB modelled a 64 KiB plain
 #: all-reduce at 100 Mbit/s at 10x its time, and auto compressed it at 3-9x plain.
 LINK_SIZES = (4 << 10, 64 << 10, 4 << 20)
-#: The large link size where the link is fast (`link_times`): a 16 MiB all-reduce on
+#: The fourth link size where the link is fast (`link_times`): a 16 MiB all-reduce on
 #: loopback took 1.5-2x what the line through 64 KiB and 4 MiB said (caches, then
 #: memory), so plain was modelled faster than it is next to the codecs' 16 MiB probes.
+#: It bends the line a second time (`Link.large_knee_bytes`): until 2026-12-04 it
+#: replaced the 4 MiB figure, and the line from 64 KiB to 16 MiB put a 512 KiB-a-rank
+#: all-gather (16 MiB: 10x the time of 4 MiB on gloo) at twice its time, where auto
+#: chose int8 transport at 2.4-2.7x plain's.
 LINK_LARGE = 16 << 20
 #: The largest `LINK_SIZES` all-reduce at most this long (seconds) takes `LINK_LARGE`
-#: too (an all-reduce and an all-gather: about 0.5 s more calibration at most); a
-#: 1 Gbit/s link (70 ms at 4 MiB) does not.
+#: too (each op once more: about 0.5 s more calibration at most); a 1 Gbit/s link (70
+#: ms at 4 MiB) does not.
 LINK_LARGE_IF_S = 0.01
 #: Bytes per rank of the two timed transfers of each level of a two-level group.
 LEVEL_SIZES = (4 << 10, 4 << 20)
@@ -407,21 +411,20 @@ def link_times(group: Any, device: torch.device) -> list[float]:
     size's bytes (the last figure).
 
     Where the largest `LINK_SIZES` all-reduce took at most `LINK_LARGE_IF_S` (a fast
-    link, where caches and memory bend the line above 4 MiB), the four large figures are
-    measured again at `LINK_LARGE` bytes, which then is the large size. Layout: all-reduce
-    x3, all-gather x3, descriptor, broadcast x3, all-to-all x3, large size.
+    link, where caches and memory bend the line above 4 MiB), each op is timed once more
+    at `LINK_LARGE` bytes, which then is the large size (else the large figures repeat
+    the 4 MiB ones). Layout: all-reduce x3, all-gather x3, descriptor, broadcast x3,
+    all-to-all x3, the four large figures (the same order), large size.
     """
     stats["link_measurements"] += 1
     n = len(LINK_SIZES)
     out = combine(group, device, _link_pair(group, device, LINK_SIZES, (DESCRIPTOR_BYTES,)))
     large = LINK_SIZES[-1]
+    last = [out[i] for i in (n - 1, 2 * n - 1, 3 * n, 4 * n)]  # each op's largest figure
     if out[n - 1] <= LINK_LARGE_IF_S:  # combined: every rank takes the same branch
-        again = combine(group, device, _link_pair(group, device, (LINK_LARGE,)))
-        last = (n - 1, 2 * n - 1, 3 * n, 4 * n)  # each op's largest figure
-        for i, seconds in zip(last, again, strict=True):
-            out[i] = seconds
+        last = combine(group, device, _link_pair(group, device, (LINK_LARGE,)))
         large = LINK_LARGE
-    return [*out, float(large)]
+    return [*out, *last, float(large)]
 
 
 def level_times(intra: Any, inter: Any, device: torch.device) -> list[float]:
@@ -526,28 +529,43 @@ def fit_levels(hosts: int, local: int, times: list[float]) -> Link:
     return Link(max(fixed / ring, 1e-7), inter_bw, local, intra_alpha, intra_bw)
 
 
-def _bent(
-    sizes: tuple[int, int, int], times: list[float], messages: int, per_message: float
-) -> Link:
-    """The `Link` through three ``times`` of ``sizes``: ``messages`` messages of
-    ``per_message * size`` bytes each, a line through the first two sizes (alpha and
-    ``small_bandwidth_Bps`` up to the middle size's message, `Link.knee_bytes`) and one
-    through the last two (``bandwidth_Bps`` beyond it)."""
+def _bent(sizes: tuple[int, ...], times: list[float], messages: int, per_message: float) -> Link:
+    """The `Link` through the ``times`` of three or four ``sizes``: ``messages`` messages
+    of ``per_message * size`` bytes each, a line through the first two sizes (alpha and
+    ``small_bandwidth_Bps`` up to the second size's message, `Link.knee_bytes`), one
+    through the next two (``bandwidth_Bps`` beyond it) and, with a fourth size, one
+    through the last two (the third size's message is `Link.large_knee_bytes`, the
+    middle line's rate ``mid_bandwidth_Bps``)."""
     scale = messages * per_message
     fixed, small_bw = _line(sizes[:2], (times[0], times[1]), scale)
-    _, bw = _line(sizes[1:], (times[1], times[2]), scale)
+    _, bw = _line(sizes[1:3], (times[1], times[2]), scale)
     knee = per_message * sizes[1]
-    return Link(max(fixed / messages, 1e-7), bw, knee_bytes=knee, small_bandwidth_Bps=small_bw)
+    if len(sizes) < 4 or sizes[3] <= sizes[2]:
+        return Link(max(fixed / messages, 1e-7), bw, knee_bytes=knee, small_bandwidth_Bps=small_bw)
+    _, large_bw = _line(sizes[2:], (times[2], times[3]), scale)
+    return Link(
+        max(fixed / messages, 1e-7),
+        large_bw,
+        knee_bytes=knee,
+        small_bandwidth_Bps=small_bw,
+        large_knee_bytes=per_message * sizes[2],
+        mid_bandwidth_Bps=bw,
+    )
 
 
 def fit(world: int, link: list[float], codecs: list[Codec], codec: list[float]) -> Table:
     """The `Table` from combined figures (`link_times` and `codec_times` layouts)."""
     n = len(LINK_SIZES)
-    sizes = (LINK_SIZES[0], LINK_SIZES[1], int(link[4 * n + 1]))
-    reduce_link = _bent(sizes, link[:n], 2 * (world - 1), 1 / world)  # the ring all-reduce
-    gather_link = _bent(sizes, link[n : 2 * n], world - 1, 1.0)  # the all-gather
-    broadcast_link = _bent(sizes, link[2 * n + 1 : 3 * n + 1], world - 1, 1.0)
-    all_to_all_link = _bent(sizes, link[3 * n + 1 : 4 * n + 1], world - 1, 1 / world)
+    sizes = (*LINK_SIZES, int(link[4 * n + 5]))
+    large = link[4 * n + 1 : 4 * n + 5]
+
+    def op(first: int, messages: int, per_message: float, i: int) -> Link:
+        return _bent(sizes, [*link[first : first + n], large[i]], messages, per_message)
+
+    reduce_link = op(0, 2 * (world - 1), 1 / world, 0)  # the ring all-reduce
+    gather_link = op(n, world - 1, 1.0, 1)  # the all-gather
+    broadcast_link = op(2 * n + 1, world - 1, 1.0, 2)
+    all_to_all_link = op(3 * n + 1, world - 1, 1 / world, 3)
     speeds = {}
     for i, c in enumerate(codecs):
         figures = codec[_CODEC_FIGURES * i : _CODEC_FIGURES * (i + 1)]
