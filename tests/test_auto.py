@@ -239,6 +239,31 @@ def test_a_fourth_link_size_bends_the_line_again():
     assert gather.seconds(middle, 1) < 0.5 * straight
 
 
+def test_a_broadcast_takes_the_transport_probes_correction():
+    """Transport is probed as a broadcast of its own (at sizes past the descriptor's
+    inline packet); a broadcast takes that correction, the other moving ops gather's."""
+    codecs = [get_codec(s) for s in ("bf16", "int8")]
+    probes = auto._probes(codecs, torch.float32)
+    assert ("transport", "int8") in [(a.name, c.spec) for a, c in probes]
+    assert (
+        calibration.probe_sizes(commpress.algorithms.get_algorithm("transport"))[0]
+        > (calibration.ALGORITHM_SIZES[0])
+    )
+    speed = Speed(1e-5, 5e9, 1e-5, 5e9)
+    slow_gather = {"gather": (0.0, 20.0)}
+    table = Table(Link(1e-4, 1e8), Link(1e-4, 1e8), 1e-4, {"int8": speed}, slow_gather, "gloo")
+    policy = Policy(codec="auto", min_bytes=0)
+
+    def chosen(t: Table, family: str) -> str | None:
+        _, decision = auto.model(t, family, torch.float32, 16 << 20, 2, False, 1e-2, policy)
+        return None if decision.codec is None else decision.codec.spec
+
+    assert chosen(table, "broadcast") is None  # gather's factor of 20: plain
+    probed = dataclasses.replace(table, corrections={**slow_gather, "transport": (0.0, 1.0)})
+    assert chosen(probed, "broadcast") == "int8"
+    assert chosen(probed, "all_gather") is None  # still gather's
+
+
 def test_a_reduce_scatter_is_modelled_as_its_own_round():
     """`two_phase` reduce-scatters with its first round only: one round of pieces, half
     the wire bytes of its all-reduce, and less codec work."""

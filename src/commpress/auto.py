@@ -402,7 +402,14 @@ def _probes(
 ) -> list[tuple[Algorithm, Codec]]:
     """One codec per reduction algorithm to time it with: the eligible candidate that
     saves the most (ties: the spec); an algorithm no candidate can run has none.
-    ``hierarchical`` is timed only on a two-level group."""
+    ``hierarchical`` is timed only on a two-level group; ``transport`` as a broadcast
+    (its correction is the broadcasts'; the other moving ops take ``gather``'s).
+
+    Until 2026-12-04 a broadcast took ``gather``'s correction: fitted on an all-reduce
+    that decodes and sums every rank's packet, its factor (4-8 on loopback and 10
+    Gbit/s) modelled an int8 16 MiB broadcast at 10 Gbit/s at 15.9 ms where it took 5-6
+    ms, and auto kept it plain at 10 ms.
+    """
     out = []
     algos = _movers("all_reduce") + ([get_algorithm("hierarchical")] if two_levels else [])
     for algo in algos:
@@ -411,6 +418,10 @@ def _probes(
         ]
         if fits:
             out.append((algo, max(fits, key=lambda c: (_ratio(c, dtype, 1 << 20), c.spec))))
+    moving = [c for c in codecs if _ratio(c, dtype, 1 << 20) > 1]
+    if moving:
+        best = max(moving, key=lambda c: (_ratio(c, dtype, 1 << 20), c.spec))
+        out.append((get_algorithm("transport"), best))
     return out
 
 
@@ -484,14 +495,15 @@ def _corrected(
     modelled a 16 MiB int8 all-reduce at 252 ms against plain's 187 ms (measured: 65-90
     ms), and a DDP job under auto stayed plain where int8 was 1.2x faster.
     """
-    small, large = calibration.ALGORITHM_SIZES
     corrections = {}
     for i, (algo, codec) in enumerate(probes):
         if codec.spec not in base.speeds:
             continue
+        small, large = calibration.probe_sizes(algo)
         t_small, t_large = timed[2 * i], timed[2 * i + 1]
-        link_small, codec_small = _raw(base, algo, codec, small, world, dtype)
-        link_large, codec_large = _raw(base, algo, codec, large, world, dtype)
+        family = "broadcast" if algo.name == "transport" else "all_reduce"
+        link_small, codec_small = _raw(base, algo, codec, small, world, dtype, family)
+        link_large, codec_large = _raw(base, algo, codec, large, world, dtype, family)
         rest_small, rest_large = t_small - link_small, t_large - link_large
         factor = 1.0
         if codec_large > codec_small:
@@ -563,10 +575,13 @@ def model(
                 and (reduction or forced == "hierarchical")
             ):
                 continue
-            # The moving ops' transport is timed as the gather all-reduce (one round of
-            # whole packets, decoded N times): the closest probed shape; hierarchical's
-            # moves take its all-reduce's correction (the same levels and steps).
+            # A broadcast takes transport's own probe (a broadcast); the other moving
+            # ops the gather all-reduce's (one round of whole packets, decoded N times),
+            # the closest probed shape; hierarchical's moves take its all-reduce's
+            # correction (the same levels and steps).
             probed = algo.name if reduction or hier else "gather"
+            if probed == "gather" and family == "broadcast" and "transport" in table.corrections:
+                probed = "transport"
             fixed, factor = table.corrections.get(probed, (0, 0))
             if factor == 0:
                 continue  # never timed on this group: not trusted

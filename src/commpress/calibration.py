@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .algorithms import Algorithm, Link, chunked
+from .algorithms import Algorithm, Link, chunked, transport
 from .algorithms.comm import Comm
 from .cli_codecs import measure_codec
 from .codec import Codec
@@ -55,6 +55,9 @@ __all__ = [
     "LINK_SIZES",
     "LEVEL_SIZES",
     "LINK_LARGE",
+    "ALGORITHM_SIZES",
+    "TRANSPORT_SIZES",
+    "probe_sizes",
     "CODEC_SIZES",
     "Speed",
     "Table",
@@ -98,6 +101,18 @@ LEVEL_SIZES = (4 << 10, 4 << 20)
 #: chunk) auto preferred gather to two_phase for 64 MiB on 2 ranks at 1 Gbit/s, where
 #: a DDP step took 391 ms with gather and 334 ms with two_phase.
 ALGORITHM_SIZES = (64 << 10, 16 << 20)
+#: Bytes of the two timed compressed broadcasts of the ``transport`` probe. The small
+#: one is past the size whose packet rides with the descriptor (one round, not two):
+#: fitted through 64 KiB, the line put a 1 MiB int8 broadcast at 10 Gbit/s at 0.73 ms
+#: against plain's 0.87 (measured: 1.2-1.5 ms and 0.45-0.6).
+TRANSPORT_SIZES = (1 << 20, 16 << 20)
+
+
+def probe_sizes(algo: Algorithm) -> tuple[int, int]:
+    """The two sizes an algorithm's probe is timed at (`algorithm_times`)."""
+    return TRANSPORT_SIZES if algo.name == "transport" else ALGORITHM_SIZES
+
+
 #: Bytes of the two timed codec runs. The large one is where the calls that can pay are:
 #: past the caches, at memory speed. At 1 MiB (until 2026-12-03) fp16 ran 16-28 GB/s, at
 #: 64 MiB 12-13 (int8 about the same at both), and auto chose fp16 two_phase for 16-64
@@ -457,9 +472,12 @@ def algorithm_times(
     engine: Engine,
 ) -> list[float]:
     """In-band, on every rank of ``group``: seconds (`_timed`) of each probe's compressed
-    all-reduce at both `ALGORITHM_SIZES`, the way a call runs it: through the chunked
-    driver (`commpress.algorithms.chunked`) with ``engine``'s chunk size and encode
-    threads, descriptors included, the result written back into the input.
+    all-reduce at both `ALGORITHM_SIZES` (`probe_sizes`), the way a call runs it: through
+    the chunked driver (`commpress.algorithms.chunked`) with ``engine``'s chunk size and
+    encode threads, descriptors included, the result written back into the input. A
+    ``transport`` probe is a compressed broadcast from the group's first rank instead
+    (`transport.broadcast`, descriptors included, decoded in place on every rank), at
+    `TRANSPORT_SIZES`.
 
     What the codec and link models leave out (allocation, the engine, the encode
     threads competing with the transfers for the cores, Python, cache misses at size)
@@ -483,12 +501,17 @@ def algorithm_times(
         if result.data_ptr() != x.data_ptr():
             x.copy_(result)  # what the call does with a result in another dtype
 
+    def broadcast(algo: Algorithm, comm: Comm, x: torch.Tensor) -> None:
+        transport.broadcast(comm, x, 0)
+
     for algo, codec in probes:
-        comm = Comm("all_reduce", group, rank, world, device, codec)
-        for nbytes in ALGORITHM_SIZES:
+        op = "broadcast" if algo.name == "transport" else "all_reduce"
+        comm = Comm(op, group, rank, world, device, codec)
+        run_one = broadcast if op == "broadcast" else call
+        for nbytes in probe_sizes(algo):
             numel = nbytes // torch.empty((), dtype=dtype).element_size()
             x = torch.randn(numel, generator=gen, device=device).to(dtype)
-            run = lambda x=x, c=comm, a=algo: call(a, c, x)  # noqa: E731
+            run = lambda x=x, c=comm, a=algo, f=run_one: f(a, c, x)  # noqa: E731
             out.append(_timed(run, sync, nbytes, typical=True))
     return out
 
