@@ -501,7 +501,7 @@ def _corrected(
             continue
         small, large = calibration.probe_sizes(algo)
         t_small, t_large = timed[2 * i], timed[2 * i + 1]
-        family = "broadcast" if algo.name == "transport" else "all_reduce"
+        family = calibration.probe_op(algo)
         link_small, codec_small = _raw(base, algo, codec, small, world, dtype, family)
         link_large, codec_large = _raw(base, algo, codec, large, world, dtype, family)
         rest_small, rest_large = t_small - link_small, t_large - link_large

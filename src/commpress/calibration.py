@@ -26,6 +26,7 @@ the all-to-all models (``docs/auto.md``), for the codecs ``t(S) = t0 + S/rate``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -57,6 +58,7 @@ __all__ = [
     "LINK_LARGE",
     "ALGORITHM_SIZES",
     "TRANSPORT_SIZES",
+    "probe_op",
     "probe_sizes",
     "CODEC_SIZES",
     "Speed",
@@ -108,9 +110,15 @@ ALGORITHM_SIZES = (64 << 10, 16 << 20)
 TRANSPORT_SIZES = (1 << 20, 16 << 20)
 
 
+def probe_op(algo: Algorithm) -> str:
+    """The op an algorithm's probe runs (`algorithm_times`): ``transport``'s is a
+    broadcast, every other one an all-reduce."""
+    return "broadcast" if algo.name == "transport" else "all_reduce"
+
+
 def probe_sizes(algo: Algorithm) -> tuple[int, int]:
     """The two sizes an algorithm's probe is timed at (`algorithm_times`)."""
-    return TRANSPORT_SIZES if algo.name == "transport" else ALGORITHM_SIZES
+    return TRANSPORT_SIZES if probe_op(algo) == "broadcast" else ALGORITHM_SIZES
 
 
 #: Bytes of the two timed codec runs. The large one is where the calls that can pay are:
@@ -501,17 +509,16 @@ def algorithm_times(
         if result.data_ptr() != x.data_ptr():
             x.copy_(result)  # what the call does with a result in another dtype
 
-    def broadcast(algo: Algorithm, comm: Comm, x: torch.Tensor) -> None:
-        transport.broadcast(comm, x, 0)
-
     for algo, codec in probes:
-        op = "broadcast" if algo.name == "transport" else "all_reduce"
+        op = probe_op(algo)
         comm = Comm(op, group, rank, world, device, codec)
-        run_one = broadcast if op == "broadcast" else call
         for nbytes in probe_sizes(algo):
             numel = nbytes // torch.empty((), dtype=dtype).element_size()
             x = torch.randn(numel, generator=gen, device=device).to(dtype)
-            run = lambda x=x, c=comm, a=algo, f=run_one: f(a, c, x)  # noqa: E731
+            if op == "broadcast":
+                run = functools.partial(transport.broadcast, comm, x, 0)
+            else:
+                run = functools.partial(call, algo, comm, x)
             out.append(_timed(run, sync, nbytes, typical=True))
     return out
 
@@ -552,18 +559,21 @@ def fit_levels(hosts: int, local: int, times: list[float]) -> Link:
     return Link(max(fixed / ring, 1e-7), inter_bw, local, intra_alpha, intra_bw)
 
 
-def _bent(sizes: tuple[int, ...], times: list[float], messages: int, per_message: float) -> Link:
-    """The `Link` through the ``times`` of three or four ``sizes``: ``messages`` messages
-    of ``per_message * size`` bytes each, a line through the first two sizes (alpha and
+def _bent(
+    sizes: tuple[int, int, int, int], times: list[float], messages: int, per_message: float
+) -> Link:
+    """The `Link` through the ``times`` of four ``sizes``: ``messages`` messages of
+    ``per_message * size`` bytes each, a line through the first two sizes (alpha and
     ``small_bandwidth_Bps`` up to the second size's message, `Link.knee_bytes`), one
-    through the next two (``bandwidth_Bps`` beyond it) and, with a fourth size, one
-    through the last two (the third size's message is `Link.large_knee_bytes`, the
-    middle line's rate ``mid_bandwidth_Bps``)."""
+    through the next two (``bandwidth_Bps`` beyond it) and, where the fourth size is
+    larger than the third (a fast link, `link_times`), one through the last two (the
+    third size's message is `Link.large_knee_bytes`, the middle line's rate
+    ``mid_bandwidth_Bps``)."""
     scale = messages * per_message
     fixed, small_bw = _line(sizes[:2], (times[0], times[1]), scale)
     _, bw = _line(sizes[1:3], (times[1], times[2]), scale)
     knee = per_message * sizes[1]
-    if len(sizes) < 4 or sizes[3] <= sizes[2]:
+    if sizes[3] <= sizes[2]:
         return Link(max(fixed / messages, 1e-7), bw, knee_bytes=knee, small_bandwidth_Bps=small_bw)
     _, large_bw = _line(sizes[2:], (times[2], times[3]), scale)
     return Link(

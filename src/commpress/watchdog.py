@@ -269,7 +269,7 @@ class _Watch:
             _found[(self.entry.group, self.entry.seq)] = message
         if self.store is not None:
             try:
-                self.store.set(self._key(f"seen/{self.me}"), "1")
+                self.store.set(self._seen_key(self.me), "1")
             except RuntimeError:  # the store's host (rank 0) has gone
                 pass
         for pg in _groups():
@@ -322,7 +322,7 @@ class _Watch:
         if differ or raw:
             message = self._message(mine, differ, raw)
             self.store.set(self._key("error"), f"rank {self.me} found: {message}")
-            self.store.set(self._key(f"seen/{self.me}"), "1")  # a peer that found it too
+            self.store.set(self._seen_key(self.me), "1")  # for a peer that found it too
             self._await_peers(waiting)
             raise self.fail(message)
         waited = time.monotonic() - self.since
@@ -339,7 +339,7 @@ class _Watch:
         and marks it seen (`fail`) before it aborts.
         """
         deadline = time.monotonic() + 2 * _slice()[0] + 1.0
-        keys = [self._key(f"seen/{peer}") for peer in peers]
+        keys = [self._seen_key(peer) for peer in peers]
         while keys and time.monotonic() < deadline:
             keys = [key for key in keys if _get(self.store, key) is None]
             if keys:
@@ -362,6 +362,10 @@ class _Watch:
 
     def _key(self, rank: int | str) -> str:
         return f"{_PREFIX}{self.incarnation}/{self.entry.group}/{rank}"
+
+    def _seen_key(self, rank: int) -> str:
+        """Where ``rank`` marks that it read this call's error (`_await_peers`)."""
+        return self._key(f"seen/{rank}")
 
     def _message(
         self, mine: dict[int, Entry], differ: dict[int, Entry], raw: dict[int, str]
